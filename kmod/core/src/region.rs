@@ -1,0 +1,304 @@
+// SPDX-License-Identifier: GPL-2.0-only
+//! The region map and the copy protocol.
+//!
+//! The device is cut into regions of `1 << shift` bytes (the last one may be
+//! short). Each region has one 64-bit word:
+//!
+//! ```text
+//!  63                         21 20                 1   0
+//! +-----------------------------+--------------------+---+
+//! |            epoch            | writes in flight   | S |
+//! +-----------------------------+--------------------+---+
+//! ```
+//!
+//! `S` (SYNCED) means the target holds the region's data and every write to
+//! it is mirrored. Every write submission adds one to the epoch and one to the
+//! in-flight count of each region it touches; its completion takes one off
+//! the in-flight count. The copier commits a region only if its word is
+//! exactly what it was when the copy began: no write was in flight then, and
+//! none was submitted since, so the bytes it read from the source are the
+//! bytes the source still holds.
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// SYNCED bit.
+pub const SYNCED: u64 = 1;
+/// One write in flight.
+pub const INFLIGHT_ONE: u64 = 1 << 1;
+/// Mask of the in-flight count (bits 1..=20).
+pub const INFLIGHT_MASK: u64 = ((1 << 20) - 1) << 1;
+/// One epoch step.
+pub const EPOCH_ONE: u64 = 1 << 21;
+/// Added to a word by every write submission.
+pub const WRITE_SUBMIT: u64 = EPOCH_ONE + INFLIGHT_ONE;
+
+/// Number of writes in flight encoded in `word`.
+pub const fn inflight(word: u64) -> u64 {
+    (word & INFLIGHT_MASK) >> 1
+}
+
+/// Whether `word` has SYNCED set.
+pub const fn is_synced(word: u64) -> bool {
+    word & SYNCED != 0
+}
+
+/// Epoch encoded in `word`.
+pub const fn epoch(word: u64) -> u64 {
+    word >> 21
+}
+
+/// Bytes in a 512-byte sector, the unit of bio addresses.
+pub const SECTOR_SHIFT: u32 = 9;
+
+/// A half-open range of region indices, `start..end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Regions {
+    /// First region.
+    pub start: u64,
+    /// One past the last region.
+    pub end: u64,
+}
+
+impl Regions {
+    /// Number of regions in the range.
+    pub const fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether the range is empty.
+    pub const fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+}
+
+/// Geometry of a region map: how a device of `sectors` is cut into regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    sectors: u64,
+    shift: u32,
+}
+
+/// Why a [`Geometry`] cannot be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeometryError {
+    /// The region size is not within 4 KiB..=1 GiB.
+    RegionSize,
+    /// The device has no sectors.
+    Empty,
+}
+
+impl Geometry {
+    /// Geometry for a device of `sectors` 512-byte sectors and regions of
+    /// `1 << shift` bytes.
+    pub const fn new(sectors: u64, shift: u32) -> Result<Self, GeometryError> {
+        if shift < crate::abi::REGION_SHIFT_MIN || shift > crate::abi::REGION_SHIFT_MAX {
+            return Err(GeometryError::RegionSize);
+        }
+        if sectors == 0 {
+            return Err(GeometryError::Empty);
+        }
+        Ok(Self { sectors, shift })
+    }
+
+    /// log2 of the region size in bytes.
+    pub const fn shift(&self) -> u32 {
+        self.shift
+    }
+
+    /// Device size in sectors.
+    pub const fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Device size in bytes.
+    pub const fn bytes(&self) -> u64 {
+        self.sectors << SECTOR_SHIFT
+    }
+
+    /// Region size in bytes (the last region may be shorter).
+    pub const fn region_bytes(&self) -> u64 {
+        1 << self.shift
+    }
+
+    const fn sector_shift(&self) -> u32 {
+        self.shift - SECTOR_SHIFT
+    }
+
+    /// Number of regions, counting a short last one.
+    pub const fn regions(&self) -> u64 {
+        let per = 1u64 << self.sector_shift();
+        self.sectors.div_ceil(per)
+    }
+
+    /// Byte range `(offset, len)` of region `r` on the device, or `None`
+    /// past the end. The last region is cut at the device end.
+    pub const fn region_span(&self, r: u64) -> Option<(u64, u64)> {
+        if r >= self.regions() {
+            return None;
+        }
+        let start = r << self.shift;
+        let end = start + self.region_bytes();
+        let dev = self.bytes();
+        let end = if end > dev { dev } else { end };
+        Some((start, end - start))
+    }
+
+    /// Regions touched by `nr_sectors` sectors starting at `sector`, clamped
+    /// to the device. An empty or out-of-device range touches no region.
+    pub const fn regions_of(&self, sector: u64, nr_sectors: u64) -> Regions {
+        if nr_sectors == 0 || sector >= self.sectors {
+            return Regions { start: 0, end: 0 };
+        }
+        let last = match sector.checked_add(nr_sectors) {
+            Some(end) if end <= self.sectors => end - 1,
+            _ => self.sectors - 1,
+        };
+        Regions {
+            start: sector >> self.sector_shift(),
+            end: (last >> self.sector_shift()) + 1,
+        }
+    }
+}
+
+/// Outcome of [`RegionMap::copy_begin`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Begin {
+    /// Copy now; commit with this word.
+    Copy(u64),
+    /// A write is in flight: try later.
+    Busy,
+    /// Already in sync; nothing to copy.
+    Synced,
+}
+
+/// Outcome of [`RegionMap::copy_end`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The region is in sync from now on.
+    Committed,
+    /// A write was submitted during the copy: copy again.
+    Conflict,
+}
+
+/// The per-region words, over storage the caller owns (a kernel allocation
+/// in the module, a `Vec` in userspace).
+pub struct RegionMap<'a> {
+    words: &'a [AtomicU64],
+}
+
+impl<'a> RegionMap<'a> {
+    /// A map over `words`, which must hold one word per region, all zero
+    /// (nothing synced, nothing in flight).
+    pub const fn new(words: &'a [AtomicU64]) -> Self {
+        Self { words }
+    }
+
+    /// Number of regions.
+    pub fn len(&self) -> u64 {
+        self.words.len() as u64
+    }
+
+    /// Whether the map has no regions.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    fn word(&self, r: u64) -> Option<&AtomicU64> {
+        self.words.get(usize::try_from(r).ok()?)
+    }
+
+    /// The current word of region `r` (0 past the end).
+    pub fn load(&self, r: u64) -> u64 {
+        match self.word(r) {
+            Some(w) => w.load(Ordering::Acquire),
+            None => 0,
+        }
+    }
+
+    /// A write to `regions` is being submitted. Returns whether it must be
+    /// mirrored to the target (some touched region was SYNCED).
+    ///
+    /// Every call must be matched by one [`RegionMap::write_complete`] on the
+    /// same range once the write (all its legs) has completed.
+    pub fn write_submit(&self, regions: Regions) -> bool {
+        let mut mirror = false;
+        let mut r = regions.start;
+        while r < regions.end {
+            if let Some(w) = self.word(r) {
+                // AcqRel: the copier's commit (Release) of SYNCED must be seen
+                // by this submission if it came first, and the copier's
+                // compare-exchange must see this bump if it came first.
+                let old = w.fetch_add(WRITE_SUBMIT, Ordering::AcqRel);
+                mirror |= is_synced(old);
+            }
+            r += 1;
+        }
+        mirror
+    }
+
+    /// The write submitted with [`RegionMap::write_submit`] on `regions` has
+    /// completed on every leg.
+    pub fn write_complete(&self, regions: Regions) {
+        let mut r = regions.start;
+        while r < regions.end {
+            if let Some(w) = self.word(r) {
+                w.fetch_sub(INFLIGHT_ONE, Ordering::Release);
+            }
+            r += 1;
+        }
+    }
+
+    /// The copier wants to copy region `r`.
+    pub fn copy_begin(&self, r: u64) -> Option<Begin> {
+        let word = self.word(r)?.load(Ordering::Acquire);
+        Some(if is_synced(word) {
+            Begin::Synced
+        } else if inflight(word) != 0 {
+            Begin::Busy
+        } else {
+            Begin::Copy(word)
+        })
+    }
+
+    /// The copier has written region `r` to the target (and the write has
+    /// completed); `begin` is the word [`RegionMap::copy_begin`] returned.
+    pub fn copy_end(&self, r: u64, begin: u64) -> Option<End> {
+        let w = self.word(r)?;
+        if is_synced(begin) || inflight(begin) != 0 {
+            // Not a word copy_begin hands out: never commit on it.
+            return Some(End::Conflict);
+        }
+        Some(
+            match w.compare_exchange(begin, begin | SYNCED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => End::Committed,
+                Err(_) => End::Conflict,
+            },
+        )
+    }
+
+    /// Region `r` no longer tracks the source (a discard the target could
+    /// not do): it must be copied again.
+    pub fn unsync(&self, r: u64) {
+        if let Some(w) = self.word(r) {
+            w.fetch_and(!SYNCED, Ordering::AcqRel);
+        }
+    }
+
+    /// Writes in flight over the whole device.
+    pub fn inflight_total(&self) -> u64 {
+        self.words.iter().map(|w| inflight(w.load(Ordering::Acquire))).sum()
+    }
+
+    /// Number of SYNCED regions.
+    pub fn synced_count(&self) -> u64 {
+        self.words
+            .iter()
+            .filter(|w| is_synced(w.load(Ordering::Acquire)))
+            .count() as u64
+    }
+
+    /// Whether every region is SYNCED.
+    pub fn all_synced(&self) -> bool {
+        self.words.iter().all(|w| is_synced(w.load(Ordering::Acquire)))
+    }
+}

@@ -1,0 +1,300 @@
+//! The pipelined region copier.
+//!
+//! `queue_depth` workers each own one aligned buffer and take regions from a
+//! shared cursor; each region is read from the source and written to the
+//! target on tokio's blocking pool, so while one worker reads another
+//! writes. A rate limit (bytes per second) paces region starts.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use blkmig_core::region::Geometry;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::buffer::AlignedBuf;
+use crate::device::Device;
+use crate::error::{Error, Refusal, Result};
+
+use crate::progress::Progress;
+use crate::units::Bytes;
+
+/// How to copy.
+#[derive(Clone, Debug)]
+pub struct CopyOptions {
+    /// Region size: the unit of copying, checksums and (later) tracking.
+    pub region_size: Bytes,
+    /// Regions in flight at once.
+    pub queue_depth: usize,
+    /// Limit in bytes per second, if any.
+    pub rate_limit: Option<Bytes>,
+    /// Leave all-zero source regions as holes / write-zeroes on the target.
+    pub sparse: bool,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            region_size: Bytes(1 << 20),
+            queue_depth: 8,
+            rate_limit: None,
+            sparse: false,
+        }
+    }
+}
+
+/// What a copy did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CopyReport {
+    /// Bytes of the source.
+    pub bytes_total: u64,
+    /// Bytes read from the source and written to the target.
+    pub bytes_written: u64,
+    /// Bytes of all-zero regions zeroed on the target instead of written.
+    pub bytes_zeroed: u64,
+    /// Number of regions.
+    pub regions: u64,
+    /// Seconds the copy took, including the final flush.
+    pub seconds: f64,
+    /// crc32 of each source region, in order.
+    #[serde(skip)]
+    pub checksums: Vec<u32>,
+}
+
+/// Checks the region size against both devices and builds the geometry.
+pub fn geometry(src: &Device, tgt: &Device, region_size: Bytes) -> Result<Geometry> {
+    let block = src.block_size().max(tgt.block_size());
+    let bad = || Error::RegionSize {
+        region: region_size,
+        block,
+    };
+    if !region_size.0.is_power_of_two() || region_size.0 % u64::from(block) != 0 {
+        return Err(bad());
+    }
+    Geometry::new(src.size().sectors().0, region_size.0.trailing_zeros()).map_err(|_| bad())
+}
+
+/// Checks that `tgt` can receive a copy of `src`.
+pub fn check_target_size(src: &Device, tgt: &Device) -> Result<()> {
+    if tgt.size() < src.size() {
+        return Err(Error::refused(
+            tgt.path(),
+            Refusal::TooSmall {
+                target_size: tgt.size(),
+                source_size: src.size(),
+            },
+        ));
+    }
+    Ok(())
+}
+
+fn limiter(rate: Option<Bytes>, region: u64) -> Option<Arc<DefaultDirectRateLimiter>> {
+    // Cells are KiB so that rates up to 4 TiB/s fit governor's u32 counts.
+    let kib = |b: u64| u32::try_from(b.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let rate = rate?;
+    let per_sec = NonZeroU32::new(kib(rate.0))?;
+    // A burst of one region: the limit holds from the first second on.
+    let burst = NonZeroU32::new(kib(region))?;
+    Some(Arc::new(RateLimiter::direct(
+        Quota::per_second(per_sec).allow_burst(burst),
+    )))
+}
+
+/// Work done on one region by a worker, on the blocking pool: given the
+/// buffer, region index, byte offset and length, returns the region's crc32
+/// and how many bytes were written (as opposed to zeroed).
+pub type RegionFn = dyn Fn(&mut AlignedBuf, u64, u64, usize) -> Result<(u32, u64)> + Send + Sync;
+
+/// Runs `f` over every region of `geo` with `depth` workers, pacing by
+/// `rate`, counting bytes into `progress`. Stops at the first error or when
+/// `cancel` is set. Returns the crc32 of every region and the bytes written.
+pub async fn for_each_region(
+    geo: Geometry,
+    depth: usize,
+    align: usize,
+    rate: Option<Bytes>,
+    progress: Arc<Progress>,
+    cancel: Arc<AtomicBool>,
+    f: Arc<RegionFn>,
+) -> Result<(Vec<u32>, u64)> {
+    let n = geo.regions();
+    let next = Arc::new(AtomicU64::new(0));
+    let limit = limiter(rate, geo.region_bytes());
+    // At most 1 GiB: Geometry bounds the region shift.
+    let region_len = geo.region_bytes() as usize;
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..depth.max(1) {
+        let (next, limit, progress, cancel, f) = (
+            next.clone(),
+            limit.clone(),
+            progress.clone(),
+            cancel.clone(),
+            f.clone(),
+        );
+        workers.spawn(async move {
+            let mut buf = Some(AlignedBuf::new(align, region_len));
+            let mut out: Vec<(u64, u32)> = Vec::new();
+            let mut written = 0u64;
+            loop {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
+                let r = next.fetch_add(1, Ordering::Relaxed);
+                let Some((off, len)) = geo.region_span(r) else {
+                    break;
+                };
+                if let Some(l) = &limit {
+                    let cells = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
+                    if let Some(c) = NonZeroU32::new(cells) {
+                        let _ = l.until_n_ready(c).await;
+                    }
+                }
+                let mut b = buf.take().ok_or(Error::Interrupted)?;
+                let f = f.clone();
+                let len_us = len as usize;
+                let (b, res) = tokio::task::spawn_blocking(move || {
+                    let res = f(&mut b, r, off, len_us);
+                    (b, res)
+                })
+                .await
+                .map_err(|_| Error::Interrupted)?;
+                buf = Some(b);
+                match res {
+                    Ok((crc, w)) => {
+                        out.push((r, crc));
+                        written += w;
+                        progress.add(len);
+                    }
+                    Err(e) => {
+                        // Stop the other workers too.
+                        next.store(u64::MAX / 2, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok((out, written))
+        });
+    }
+    let mut crcs = vec![0u32; usize::try_from(n).unwrap_or(0)];
+    let mut written = 0;
+    let mut first_err = None;
+    while let Some(res) = workers.join_next().await {
+        match res {
+            Ok(Ok((out, w))) => {
+                written += w;
+                for (r, c) in out {
+                    crcs[r as usize] = c;
+                }
+            }
+            Ok(Err(e)) => {
+                // Keep the most informative error: an I/O error beats the
+                // Interrupted of workers that were stopped because of it.
+                if first_err.is_none() || matches!(first_err, Some(Error::Interrupted)) {
+                    first_err = Some(e);
+                }
+            }
+            Err(_) => first_err = first_err.or(Some(Error::Interrupted)),
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok((crcs, written)),
+    }
+}
+
+/// Copies `src` to `tgt` region by region, then flushes the target.
+pub async fn copy(
+    src: Arc<Device>,
+    tgt: Arc<Device>,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<AtomicBool>,
+) -> Result<CopyReport> {
+    check_target_size(&src, &tgt)?;
+    let geo = geometry(&src, &tgt, opts.region_size)?;
+    let started = Instant::now();
+    let align = src.mem_align().max(tgt.mem_align());
+    let sparse = opts.sparse;
+    let (s, t) = (src.clone(), tgt.clone());
+    let f: Arc<RegionFn> = Arc::new(move |buf: &mut AlignedBuf, _r, off, len| {
+        let data = &mut buf[..len];
+        s.read_exact_at(data, off)?;
+        let crc = crc32fast::hash(data);
+        if sparse && buf.is_zero(len) {
+            t.zero_range(off, len as u64)?;
+            Ok((crc, 0))
+        } else {
+            t.write_all_at(&buf[..len], off)?;
+            Ok((crc, len as u64))
+        }
+    });
+    let (checksums, written) = for_each_region(
+        geo,
+        opts.queue_depth,
+        align,
+        opts.rate_limit,
+        progress,
+        cancel,
+        f,
+    )
+    .await?;
+    let t = tgt.clone();
+    tokio::task::spawn_blocking(move || t.flush())
+        .await
+        .map_err(|_| Error::Interrupted)??;
+    Ok(CopyReport {
+        bytes_total: src.size().0,
+        bytes_written: written,
+        bytes_zeroed: src.size().0 - written,
+        regions: geo.regions(),
+        seconds: started.elapsed().as_secs_f64(),
+        checksums,
+    })
+}
+
+/// What a verification found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerifyReport {
+    /// Regions compared.
+    pub regions: u64,
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+/// Reads the target back and compares each region's crc32 with `expected`
+/// (the source's, from the copy). The first mismatch is an error.
+pub async fn verify(
+    src: Arc<Device>,
+    tgt: Arc<Device>,
+    region_size: Bytes,
+    expected: Arc<Vec<u32>>,
+    depth: usize,
+    progress: Arc<Progress>,
+    cancel: Arc<AtomicBool>,
+) -> Result<VerifyReport> {
+    let geo = geometry(&src, &tgt, region_size)?;
+    let started = Instant::now();
+    let align = src.mem_align().max(tgt.mem_align());
+    let (s, t) = (src.clone(), tgt.clone());
+    let f: Arc<RegionFn> = Arc::new(move |buf: &mut AlignedBuf, r, off, len| {
+        let data = &mut buf[..len];
+        t.read_exact_at(data, off)?;
+        let crc = crc32fast::hash(data);
+        if expected.get(r as usize) != Some(&crc) {
+            return Err(Error::Mismatch {
+                region: r,
+                offset: off,
+                len: len as u64,
+                source_path: s.path().to_owned(),
+                target_path: t.path().to_owned(),
+            });
+        }
+        Ok((crc, 0))
+    });
+    for_each_region(geo, depth, align, None, progress, cancel, f).await?;
+    Ok(VerifyReport {
+        regions: geo.regions(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

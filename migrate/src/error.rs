@@ -1,0 +1,191 @@
+//! One error type for device work: what failed, on which path, at which
+//! offset. `Display` never repeats the underlying OS error; callers print the
+//! source chain.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::units::Bytes;
+
+/// The operation that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Looking the path up.
+    Stat,
+    /// Opening it.
+    Open,
+    /// Asking its size or block size.
+    Geometry,
+    /// Reading.
+    Read,
+    /// Writing.
+    Write,
+    /// Zeroing or punching a hole.
+    Zero,
+    /// Flushing.
+    Flush,
+    /// A block-device filter ioctl.
+    Filter,
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Op::Stat => "cannot look up",
+            Op::Open => "cannot open",
+            Op::Geometry => "cannot read the size of",
+            Op::Read => "read failed on",
+            Op::Write => "write failed on",
+            Op::Zero => "zeroing failed on",
+            Op::Flush => "flush failed on",
+            Op::Filter => "filter request failed on",
+        })
+    }
+}
+
+/// Why blkmig refuses to work on a device, before touching anything.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Neither a block device nor a regular file.
+    #[error("is not a block device or a regular file")]
+    NotADevice,
+    /// Mounted (we know where).
+    #[error("is mounted on {0}")]
+    Mounted(String),
+    /// Opened exclusively by someone else (a mount, dm, md, another tool).
+    #[error("is in use: mounted or held open exclusively by another program")]
+    Busy,
+    /// An image file backs a loop device.
+    #[error("backs loop device {0}; detach it first")]
+    LoopBacking(String),
+    /// Source and target are the same device or file.
+    #[error("is the same device as {0}")]
+    SameDevice(PathBuf),
+    /// One is a partition of the other.
+    #[error("overlaps {0} (one is a partition of the other)")]
+    Overlaps(PathBuf),
+    /// Target smaller than the source.
+    #[error("is too small: {target_size} ({target_bytes} bytes) is less than the source's {source_size} ({source_bytes} bytes)",
+        target_bytes = .target_size.0, source_bytes = .source_size.0)]
+    TooSmall {
+        /// Target size.
+        target_size: Bytes,
+        /// Source size.
+        source_size: Bytes,
+    },
+    /// Size not a whole number of logical blocks.
+    #[error("has a size of {size} bytes, not a multiple of its {block}-byte blocks")]
+    UnalignedSize {
+        /// Size in bytes.
+        size: u64,
+        /// Logical block size.
+        block: u32,
+    },
+    /// Empty device.
+    #[error("is empty")]
+    Empty,
+}
+
+/// An error of device work.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O or system call failed.
+    #[error("{op} {path}{at}", path = .path.display(), at = at_offset(*.op, *.offset))]
+    Io {
+        /// What was being done.
+        op: Op,
+        /// On which device or file.
+        path: PathBuf,
+        /// At which byte offset (0 where it does not apply).
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A refusal: nothing was changed.
+    #[error("{path} {reason}", path = .path.display())]
+    Refused {
+        /// The device refused.
+        path: PathBuf,
+        /// Why.
+        reason: Refusal,
+    },
+    /// Region size not usable with these devices.
+    #[error("cannot use a region size of {region}: it must be a power of two from 4 KiB to 1 GiB and a multiple of the {block}-byte logical block size")]
+    RegionSize {
+        /// Requested region size.
+        region: Bytes,
+        /// Largest logical block size of the two devices.
+        block: u32,
+    },
+    /// Short read or write (the device shrank, or the file was truncated).
+    #[error("{op} {path} at offset {offset}: transferred {done} of {wanted} bytes", path = .path.display())]
+    Short {
+        /// Read or write.
+        op: Op,
+        /// Device or file.
+        path: PathBuf,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes transferred.
+        done: usize,
+        /// Bytes asked for.
+        wanted: usize,
+    },
+    /// Verification found a region that differs.
+    #[error("verification failed: region {region} (bytes {offset}..{end}) differs between {source_path} and {target_path}",
+        end = .offset + .len, source_path = .source_path.display(), target_path = .target_path.display())]
+    Mismatch {
+        /// Region index.
+        region: u64,
+        /// Byte offset of the region.
+        offset: u64,
+        /// Region length.
+        len: u64,
+        /// Source path.
+        source_path: PathBuf,
+        /// Target path.
+        target_path: PathBuf,
+    },
+    /// The operation was interrupted (Ctrl-C).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl Error {
+    /// An I/O error with its context.
+    pub fn io(op: Op, path: &Path, offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.to_owned(),
+            offset,
+            source,
+        }
+    }
+
+    /// A refusal for `path`.
+    pub fn refused(path: &Path, reason: Refusal) -> Self {
+        Error::Refused {
+            path: path.to_owned(),
+            reason,
+        }
+    }
+
+    /// The OS error number behind this error, if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+fn at_offset(op: Op, offset: u64) -> String {
+    match op {
+        Op::Read | Op::Write | Op::Zero => format!(" at offset {offset}"),
+        _ => String::new(),
+    }
+}
+
+/// Result of device work.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

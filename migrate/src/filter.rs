@@ -1,0 +1,189 @@
+//! The blkmig filter's ioctls: attach, detach, control.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use blkmig_core::abi::{self, AttachOptions, BlkfilterAttach, BlkfilterCtl, BlkfilterDetach, CtlCmd, Status};
+use rustix::ioctl::{self, opcode, Updater};
+
+use crate::device::{DevId, Probe};
+
+const ATTACH: ioctl::Opcode = opcode::write::<BlkfilterAttach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_ATTACH_NR);
+const DETACH: ioctl::Opcode = opcode::write::<BlkfilterDetach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_DETACH_NR);
+const CTL: ioctl::Opcode = opcode::read_write::<BlkfilterCtl>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_CTL_NR);
+
+// The opcodes rustix computes are the ones the ABI crate states.
+const _: () = assert!(ATTACH as u64 == abi::BLKFILTER_ATTACH as u64);
+const _: () = assert!(DETACH as u64 == abi::BLKFILTER_DETACH as u64);
+const _: () = assert!(CTL as u64 == abi::BLKFILTER_CTL as u64);
+
+/// A filter request the kernel refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {what}: {meaning} ({name})", path = .path.display(), name = errno_name(.errno))]
+pub struct FilterError {
+    /// The filtered (source) device.
+    pub path: PathBuf,
+    /// What was asked: "cannot attach blkmig", ...
+    pub what: &'static str,
+    /// What the errno means here.
+    pub meaning: String,
+    /// Positive errno.
+    pub errno: i32,
+}
+
+/// The symbolic name of an errno, for messages an operator can search for.
+pub fn errno_name(e: &i32) -> &'static str {
+    match *e {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::ENXIO => "ENXIO",
+        libc::EBADF => "EBADF",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::EXDEV => "EXDEV",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::ENOTTY => "ENOTTY",
+        libc::EFBIG => "EFBIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EROFS => "EROFS",
+        libc::ERANGE => "ERANGE",
+        libc::ENOSYS => "ENOSYS",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EALREADY => "EALREADY",
+        libc::ECANCELED => "ECANCELED",
+        libc::ENOPKG => "ENOPKG",
+        _ => "errno",
+    }
+}
+
+fn name() -> [u8; abi::BLKFILTER_NAME_LENGTH] {
+    let mut n = [0u8; abi::BLKFILTER_NAME_LENGTH];
+    n[..abi::FILTER_NAME.len()].copy_from_slice(abi::FILTER_NAME);
+    n
+}
+
+/// A handle on a block device for filter ioctls (opened read-only, not
+/// exclusively: the device is in use).
+pub struct Filtered {
+    path: PathBuf,
+    file: File,
+}
+
+impl Filtered {
+    /// Opens `path` for filter requests.
+    pub fn open(path: &Path) -> Result<Self, crate::error::Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| crate::error::Error::io(crate::error::Op::Open, path, 0, e))?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+        })
+    }
+
+    fn err(&self, what: &'static str, e: rustix::io::Errno, meaning: impl FnOnce(i32) -> Option<String>) -> FilterError {
+        let errno = e.raw_os_error();
+        let meaning = meaning(errno).unwrap_or_else(|| match errno {
+            libc::ENOTTY => "this kernel has no block-device filter support (boot a kernel with the blkmig patch)".to_owned(),
+            libc::EPERM => "permission denied: filter requests need CAP_SYS_ADMIN".to_owned(),
+            libc::ENOENT => "no blkmig filter is attached to this device".to_owned(),
+            libc::ENODEV => "the blkmig module is not loaded".to_owned(),
+            _ => std::io::Error::from_raw_os_error(errno).to_string(),
+        });
+        FilterError {
+            path: self.path.clone(),
+            what,
+            meaning,
+            errno,
+        }
+    }
+
+    /// Attaches blkmig, migrating to `target`.
+    pub fn attach(&self, target: &Probe, opts: AttachOptions) -> Result<(), FilterError> {
+        let DevId::Block { major, minor } = target.id else {
+            return Err(FilterError {
+                path: self.path.clone(),
+                what: "cannot attach blkmig",
+                meaning: format!("the target {} is not a block device", target.path.display()),
+                errno: libc::ENOTBLK,
+            });
+        };
+        let opts = AttachOptions {
+            target_major: major,
+            target_minor: minor,
+            ..opts
+        };
+        let mut arg = BlkfilterAttach {
+            name: name(),
+            opt: std::ptr::from_ref(&opts) as u64,
+            optlen: size_of::<AttachOptions>() as u32,
+            reserved: 0,
+        };
+        // SAFETY: BLKFILTER_ATTACH reads one `BlkfilterAttach` (`arg`, alive
+        // for the call) and `optlen` bytes at `opt`, which points at `opts`,
+        // also alive for the call and exactly that long.
+        unsafe { ioctl::ioctl(&self.file, Updater::<ATTACH, BlkfilterAttach>::new(&mut arg)) }.map_err(|e| {
+            self.err("cannot attach blkmig", e, |errno| {
+                Some(match errno {
+                    libc::EBUSY => "the device already has a block-device filter attached".to_owned(),
+                    libc::EALREADY => "blkmig is already attached to this device".to_owned(),
+                    libc::ENOSPC => format!("the target {} is smaller than the source", target.path.display()),
+                    libc::EXDEV => format!("the target {} is the source itself or overlaps it", target.path.display()),
+                    libc::EINVAL => "the kernel refused the options (region size, block size or version)".to_owned(),
+                    libc::ENOENT => "the blkmig filter is not registered (load blkmig.ko)".to_owned(),
+                    _ => return None,
+                })
+            })
+        })
+    }
+
+    /// Detaches blkmig.
+    pub fn detach(&self) -> Result<(), FilterError> {
+        let mut arg = BlkfilterDetach { name: name() };
+        // SAFETY: BLKFILTER_DETACH reads one `BlkfilterDetach`, `arg`, alive
+        // for the call.
+        unsafe { ioctl::ioctl(&self.file, Updater::<DETACH, BlkfilterDetach>::new(&mut arg)) }.map_err(|e| {
+            self.err("cannot detach blkmig", e, |errno| {
+                (errno == libc::EBUSY)
+                    .then(|| "the device is in REDIRECT mode and still open: unmount it first".to_owned())
+            })
+        })
+    }
+
+    /// Sends `cmd` with `buf` (in and out); returns the bytes written back.
+    pub fn ctl(&self, cmd: CtlCmd, buf: &mut [u8]) -> Result<usize, FilterError> {
+        let mut arg = BlkfilterCtl {
+            name: name(),
+            cmd: cmd as u32,
+            optlen: u32::try_from(buf.len()).unwrap_or(u32::MAX),
+            opt: buf.as_mut_ptr() as u64,
+        };
+        // SAFETY: BLKFILTER_CTL reads and writes one `BlkfilterCtl` (`arg`,
+        // alive for the call) and at most `optlen` bytes at `opt`, which is
+        // `buf`, exclusively borrowed for the call and that long.
+        unsafe { ioctl::ioctl(&self.file, Updater::<CTL, BlkfilterCtl>::new(&mut arg)) }
+            .map_err(|e| self.err("blkmig request failed", e, |_| None))?;
+        Ok((arg.optlen as usize).min(buf.len()))
+    }
+
+    /// The filter's status.
+    pub fn status(&self) -> Result<Status, FilterError> {
+        let mut st = Status::default();
+        // SAFETY: Status is a plain-old-data #[repr(C)] struct of integers
+        // without padding: any byte pattern is a valid value, so viewing it
+        // as bytes for the kernel to fill in is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut st).cast::<u8>(), size_of::<Status>())
+        };
+        self.ctl(CtlCmd::Status, bytes)?;
+        Ok(st)
+    }
+}

@@ -1,0 +1,12 @@
+//! blkmig userspace: devices, the pipelined copier, progress, and the
+//! kernel filter's ioctls. The `migrate` binary is a thin front end.
+
+pub mod buffer;
+pub mod copy;
+pub mod device;
+pub mod error;
+pub mod filter;
+pub mod progress;
+pub mod units;
+
+pub use blkmig_core as core;

@@ -1,0 +1,251 @@
+//! Progress for operators and for automation.
+//!
+//! On a terminal: an indicatif bar on stderr (bytes, percent, rate, time to
+//! go). Off a terminal: a plain line every interval, with newlines instead of
+//! carriage returns. With `--json`: one JSON object per line on stdout, with
+//! stable field names and integer bytes.
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::units::Bytes;
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Style {
+    /// A bar if stderr is a terminal, plain lines otherwise.
+    Auto,
+    /// Plain lines on stderr.
+    Plain,
+    /// JSON lines on stdout.
+    Json,
+    /// Nothing.
+    Quiet,
+}
+
+/// Shared progress counters of one operation.
+pub struct Progress {
+    what: &'static str,
+    total: u64,
+    done: AtomicU64,
+    started: Instant,
+}
+
+/// One progress sample, as printed in JSON.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Sample {
+    /// `"progress"`.
+    pub event: &'static str,
+    /// What is in progress: `"copy"`, `"verify"`.
+    pub phase: &'static str,
+    /// Bytes done.
+    pub bytes_done: u64,
+    /// Bytes in all.
+    pub bytes_total: u64,
+    /// Percent done, 0..=100.
+    pub percent: f64,
+    /// Average rate so far, bytes per second.
+    pub rate_bytes_per_sec: u64,
+    /// Estimated seconds to go, `null` when there is no estimate yet.
+    pub eta_seconds: Option<u64>,
+    /// Seconds since the start.
+    pub elapsed_seconds: f64,
+}
+
+impl Progress {
+    /// Counters for `total` bytes of `what`.
+    pub fn new(what: &'static str, total: u64) -> Arc<Self> {
+        Arc::new(Self {
+            what,
+            total,
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    /// `n` more bytes done.
+    pub fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes done so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// A sample of the counters now.
+    pub fn sample(&self) -> Sample {
+        let done = self.done();
+        let secs = self.started.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+        let left = self.total.saturating_sub(done);
+        let eta = (rate >= 1.0 && done > 0).then(|| (left as f64 / rate).ceil() as u64);
+        Sample {
+            event: "progress",
+            phase: self.what,
+            bytes_done: done,
+            bytes_total: self.total,
+            percent: if self.total == 0 {
+                100.0
+            } else {
+                (done as f64 * 1000.0 / self.total as f64).floor() / 10.0
+            },
+            rate_bytes_per_sec: rate as u64,
+            eta_seconds: eta,
+            elapsed_seconds: (secs * 1000.0).round() / 1000.0,
+        }
+    }
+}
+
+impl Sample {
+    /// The plain-text line: `copy: 512.0 MiB / 2.0 GiB (25.0%), 310.2 MiB/s, 5s to go`.
+    pub fn line(&self) -> String {
+        let eta = match self.eta_seconds {
+            Some(s) => format!("{s}s to go"),
+            None => "no estimate yet".to_owned(),
+        };
+        format!(
+            "{}: {} / {} ({:.1}%), {}/s, {}",
+            self.phase,
+            Bytes(self.bytes_done),
+            Bytes(self.bytes_total),
+            self.percent,
+            Bytes(self.rate_bytes_per_sec),
+            eta
+        )
+    }
+}
+
+/// Shows `progress` until the returned guard is finished or dropped.
+pub struct Reporter {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Reporter {
+    /// Starts showing `progress` in `style`, plain and JSON lines every
+    /// `interval`.
+    pub fn start(progress: Arc<Progress>, style: Style, interval: Duration) -> Self {
+        let style = match style {
+            Style::Auto if std::io::stderr().is_terminal() => Style::Auto,
+            Style::Auto => Style::Plain,
+            s => s,
+        };
+        if style == Style::Quiet {
+            return Self {
+                stop: None,
+                task: None,
+            };
+        }
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let bar = (style == Style::Auto).then(|| {
+                let bar = ProgressBar::with_draw_target(Some(progress.total), ProgressDrawTarget::stderr());
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {percent}% {binary_bytes_per_sec} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(progress.what);
+                bar
+            });
+            let tick = if bar.is_some() {
+                Duration::from_millis(100)
+            } else {
+                interval
+            };
+            let emit = |final_: bool| {
+                let s = progress.sample();
+                match (&bar, style) {
+                    (Some(bar), _) => {
+                        bar.set_position(s.bytes_done);
+                        bar.set_message(match s.eta_seconds {
+                            Some(e) => format!("{e}s to go"),
+                            None => "no estimate".to_owned(),
+                        });
+                        if final_ {
+                            bar.finish_with_message("done");
+                        }
+                    }
+                    (None, Style::Json) => {
+                        if let Ok(j) = serde_json::to_string(&s) {
+                            let mut out = std::io::stdout().lock();
+                            let _ = writeln!(out, "{j}");
+                        }
+                    }
+                    _ => eprintln!("{}", s.line()),
+                }
+            };
+            let mut ticker = tokio::time::interval(tick);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => emit(false),
+                    _ = &mut rx => { emit(true); break; }
+                }
+            }
+        });
+        Self {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Prints the final state and stops.
+    pub async fn finish(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_reports_percent_and_no_estimate_at_start() {
+        let p = Progress::new("copy", 4 << 20);
+        let s = p.sample();
+        assert_eq!(s.bytes_done, 0);
+        assert_eq!(s.percent, 0.0);
+        assert_eq!(s.eta_seconds, None);
+        assert!(s.line().contains("no estimate yet"), "{}", s.line());
+        p.add(1 << 20);
+        let s = p.sample();
+        assert_eq!(s.bytes_done, 1 << 20);
+        assert_eq!(s.percent, 25.0);
+        assert!(s.line().starts_with("copy: 1.0 MiB / 4.0 MiB (25.0%)"), "{}", s.line());
+    }
+
+    #[test]
+    fn json_fields_are_stable() {
+        let p = Progress::new("verify", 100);
+        p.add(100);
+        let v: serde_json::Value = serde_json::to_value(p.sample()).unwrap_or_default();
+        for k in [
+            "event",
+            "phase",
+            "bytes_done",
+            "bytes_total",
+            "percent",
+            "rate_bytes_per_sec",
+            "eta_seconds",
+            "elapsed_seconds",
+        ] {
+            assert!(v.get(k).is_some(), "missing {k} in {v}");
+        }
+        assert_eq!(v["bytes_done"], 100);
+        assert_eq!(v["percent"], 100.0);
+    }
+}
