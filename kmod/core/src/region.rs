@@ -302,3 +302,70 @@ impl<'a> RegionMap<'a> {
         self.words.iter().all(|w| is_synced(w.load(Ordering::Acquire)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_cuts_a_short_last_region() {
+        // 10 MiB + 4 KiB with 1 MiB regions: 10 full regions and a 4 KiB one.
+        let g = Geometry::new((10 << 11) + 8, 20).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(g.regions(), 11);
+        assert_eq!(g.region_span(0), Some((0, 1 << 20)));
+        assert_eq!(g.region_span(10), Some((10 << 20, 4096)));
+        assert_eq!(g.region_span(11), None);
+        assert_eq!(g.regions_of(0, 1), Regions { start: 0, end: 1 });
+        assert_eq!(g.regions_of(2047, 2), Regions { start: 0, end: 2 });
+        assert_eq!(g.regions_of(10 << 11, 100), Regions { start: 10, end: 11 });
+        assert!(g.regions_of(0, 0).is_empty());
+        assert!(g.regions_of(g.sectors(), 8).is_empty());
+        assert_eq!(g.regions_of(u64::MAX - 1, 8), Regions { start: 0, end: 0 });
+    }
+
+    #[test]
+    fn geometry_refuses_bad_shapes() {
+        assert_eq!(Geometry::new(100, 11), Err(GeometryError::RegionSize));
+        assert_eq!(Geometry::new(100, 31), Err(GeometryError::RegionSize));
+        assert_eq!(Geometry::new(0, 20), Err(GeometryError::Empty));
+    }
+
+    #[test]
+    fn word_fields() {
+        let w = 3 * EPOCH_ONE + 5 * INFLIGHT_ONE + SYNCED;
+        assert_eq!((epoch(w), inflight(w), is_synced(w)), (3, 5, true));
+    }
+
+    #[test]
+    fn protocol_steps_on_one_region() {
+        let words = [AtomicU64::new(0)];
+        let m = RegionMap::new(&words);
+        let r = Regions { start: 0, end: 1 };
+        // A write in flight makes the region busy, and a commit fails.
+        assert!(!m.write_submit(r));
+        assert_eq!(m.copy_begin(0), Some(Begin::Busy));
+        m.write_complete(r);
+        let Some(Begin::Copy(w)) = m.copy_begin(0) else {
+            panic!("region should be copyable");
+        };
+        // A write that starts and ends inside the copy window is seen.
+        assert!(!m.write_submit(r));
+        m.write_complete(r);
+        assert_eq!(m.copy_end(0, w), Some(End::Conflict));
+        let Some(Begin::Copy(w)) = m.copy_begin(0) else {
+            panic!("region should be copyable");
+        };
+        assert_eq!(m.copy_end(0, w), Some(End::Committed));
+        assert_eq!(m.copy_begin(0), Some(Begin::Synced));
+        assert!(m.all_synced());
+        // From now on writes are mirrored; an unsync makes it copyable again.
+        assert!(m.write_submit(r));
+        m.write_complete(r);
+        m.unsync(0);
+        assert!(!m.all_synced());
+        assert!(matches!(m.copy_begin(0), Some(Begin::Copy(_))));
+        // Out of range.
+        assert_eq!(m.copy_begin(1), None);
+        assert_eq!(m.copy_end(1, 0), None);
+    }
+}
