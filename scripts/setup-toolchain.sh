@@ -26,7 +26,7 @@ fi
 
 pkgs=()
 if [ $need_user = 1 ]; then
-	pkgs+=(e2fsprogs util-linux fdisk coreutils)
+	pkgs+=(e2fsprogs util-linux fdisk coreutils bc)
 fi
 if [ $need_kernel = 1 ]; then
 	pkgs+=(

@@ -17,7 +17,10 @@ impl AlignedBuf {
     /// If `align` is not a power of two (a programming error: device
     /// alignments are checked when the device is opened).
     pub fn new(align: usize, len: usize) -> Self {
-        assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
+        assert!(
+            align.is_power_of_two(),
+            "alignment {align} is not a power of two"
+        );
         let mut v = AVec::<u8, RuntimeAlign>::new(align);
         v.resize(len, 0);
         Self {

@@ -87,11 +87,17 @@ impl Probe {
     /// a partition of it, or its whole disk.
     pub fn check_distinct(&self, other: &Probe) -> Result<()> {
         if self.id == other.id {
-            return Err(Error::refused(&other.path, Refusal::SameDevice(self.path.clone())));
+            return Err(Error::refused(
+                &other.path,
+                Refusal::SameDevice(self.path.clone()),
+            ));
         }
         if let (DevId::Block { .. }, DevId::Block { .. }) = (self.id, other.id) {
             if parent_disk(self.id) == Some(other.id) || parent_disk(other.id) == Some(self.id) {
-                return Err(Error::refused(&other.path, Refusal::Overlaps(self.path.clone())));
+                return Err(Error::refused(
+                    &other.path,
+                    Refusal::Overlaps(self.path.clone()),
+                ));
             }
         }
         Ok(())
@@ -139,7 +145,8 @@ pub fn mount_point(major: u32, minor: u32) -> Option<String> {
     let want = format!("{major}:{minor}");
     info.lines().find_map(|line| {
         let mut f = line.split(' ');
-        let (_id, _parent, dev, _root, mnt) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+        let (_id, _parent, dev, _root, mnt) =
+            (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
         (dev == want).then(|| mnt.replace("\\040", " "))
     })
 }
@@ -238,11 +245,16 @@ impl Device {
                     .metadata()
                     .map_err(|e| Error::io(Op::Geometry, path, 0, e))?
                     .len();
-                let (bs, mem) = rustix::fs::statx(&file, "", rustix::fs::AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN)
-                    .ok()
-                    .filter(|s| s.stx_dio_offset_align != 0)
-                    .map(|s| (s.stx_dio_offset_align, s.stx_dio_mem_align as usize))
-                    .unwrap_or((512, 4096));
+                let (bs, mem) = rustix::fs::statx(
+                    &file,
+                    "",
+                    rustix::fs::AtFlags::EMPTY_PATH,
+                    StatxFlags::DIOALIGN,
+                )
+                .ok()
+                .filter(|s| s.stx_dio_offset_align != 0)
+                .map(|s| (s.stx_dio_offset_align, s.stx_dio_mem_align as usize))
+                .unwrap_or((512, 4096));
                 (size, bs, mem)
             }
         };
@@ -251,7 +263,9 @@ impl Device {
                 Op::Geometry,
                 path,
                 0,
-                io::Error::other(format!("odd block size {block_size} / alignment {mem_align}")),
+                io::Error::other(format!(
+                    "odd block size {block_size} / alignment {mem_align}"
+                )),
             ));
         }
         if size == 0 {

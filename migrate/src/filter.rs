@@ -3,14 +3,19 @@
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use blkmig_core::abi::{self, AttachOptions, BlkfilterAttach, BlkfilterCtl, BlkfilterDetach, CtlCmd, Status};
+use blkmig_core::abi::{
+    self, AttachOptions, BlkfilterAttach, BlkfilterCtl, BlkfilterDetach, CtlCmd, Status,
+};
 use rustix::ioctl::{self, opcode, Updater};
 
 use crate::device::{DevId, Probe};
 
-const ATTACH: ioctl::Opcode = opcode::write::<BlkfilterAttach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_ATTACH_NR);
-const DETACH: ioctl::Opcode = opcode::write::<BlkfilterDetach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_DETACH_NR);
-const CTL: ioctl::Opcode = opcode::read_write::<BlkfilterCtl>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_CTL_NR);
+const ATTACH: ioctl::Opcode =
+    opcode::write::<BlkfilterAttach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_ATTACH_NR);
+const DETACH: ioctl::Opcode =
+    opcode::write::<BlkfilterDetach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_DETACH_NR);
+const CTL: ioctl::Opcode =
+    opcode::read_write::<BlkfilterCtl>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_CTL_NR);
 
 // The opcodes rustix computes are the ones the ABI crate states.
 const _: () = assert!(ATTACH as u64 == abi::BLKFILTER_ATTACH as u64);
@@ -89,7 +94,12 @@ impl Filtered {
         })
     }
 
-    fn err(&self, what: &'static str, e: rustix::io::Errno, meaning: impl FnOnce(i32) -> Option<String>) -> FilterError {
+    fn err(
+        &self,
+        what: &'static str,
+        e: rustix::io::Errno,
+        meaning: impl FnOnce(i32) -> Option<String>,
+    ) -> FilterError {
         let errno = e.raw_os_error();
         let meaning = meaning(errno).unwrap_or_else(|| match errno {
             libc::ENOTTY => "this kernel has no block-device filter support (boot a kernel with the blkmig patch)".to_owned(),
@@ -130,15 +140,34 @@ impl Filtered {
         // SAFETY: BLKFILTER_ATTACH reads one `BlkfilterAttach` (`arg`, alive
         // for the call) and `optlen` bytes at `opt`, which points at `opts`,
         // also alive for the call and exactly that long.
-        unsafe { ioctl::ioctl(&self.file, Updater::<ATTACH, BlkfilterAttach>::new(&mut arg)) }.map_err(|e| {
+        unsafe {
+            ioctl::ioctl(
+                &self.file,
+                Updater::<ATTACH, BlkfilterAttach>::new(&mut arg),
+            )
+        }
+        .map_err(|e| {
             self.err("cannot attach blkmig", e, |errno| {
                 Some(match errno {
-                    libc::EBUSY => "the device already has a block-device filter attached".to_owned(),
+                    libc::EBUSY => {
+                        "the device already has a block-device filter attached".to_owned()
+                    }
                     libc::EALREADY => "blkmig is already attached to this device".to_owned(),
-                    libc::ENOSPC => format!("the target {} is smaller than the source", target.path.display()),
-                    libc::EXDEV => format!("the target {} is the source itself or overlaps it", target.path.display()),
-                    libc::EINVAL => "the kernel refused the options (region size, block size or version)".to_owned(),
-                    libc::ENOENT => "the blkmig filter is not registered (load blkmig.ko)".to_owned(),
+                    libc::ENOSPC => format!(
+                        "the target {} is smaller than the source",
+                        target.path.display()
+                    ),
+                    libc::EXDEV => format!(
+                        "the target {} is the source itself or overlaps it",
+                        target.path.display()
+                    ),
+                    libc::EINVAL => {
+                        "the kernel refused the options (region size, block size or version)"
+                            .to_owned()
+                    }
+                    libc::ENOENT => {
+                        "the blkmig filter is not registered (load blkmig.ko)".to_owned()
+                    }
                     _ => return None,
                 })
             })
@@ -150,10 +179,17 @@ impl Filtered {
         let mut arg = BlkfilterDetach { name: name() };
         // SAFETY: BLKFILTER_DETACH reads one `BlkfilterDetach`, `arg`, alive
         // for the call.
-        unsafe { ioctl::ioctl(&self.file, Updater::<DETACH, BlkfilterDetach>::new(&mut arg)) }.map_err(|e| {
+        unsafe {
+            ioctl::ioctl(
+                &self.file,
+                Updater::<DETACH, BlkfilterDetach>::new(&mut arg),
+            )
+        }
+        .map_err(|e| {
             self.err("cannot detach blkmig", e, |errno| {
-                (errno == libc::EBUSY)
-                    .then(|| "the device is in REDIRECT mode and still open: unmount it first".to_owned())
+                (errno == libc::EBUSY).then(|| {
+                    "the device is in REDIRECT mode and still open: unmount it first".to_owned()
+                })
             })
         })
     }
@@ -181,7 +217,10 @@ impl Filtered {
         // without padding: any byte pattern is a valid value, so viewing it
         // as bytes for the kernel to fill in is sound.
         let bytes = unsafe {
-            std::slice::from_raw_parts_mut(std::ptr::from_mut(&mut st).cast::<u8>(), size_of::<Status>())
+            std::slice::from_raw_parts_mut(
+                std::ptr::from_mut(&mut st).cast::<u8>(),
+                size_of::<Status>(),
+            )
         };
         self.ctl(CtlCmd::Status, bytes)?;
         Ok(st)

@@ -17,7 +17,11 @@ use blkmig::units::Bytes;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "migrate", version, about = "Move a live block device to another one, with no downtime")]
+#[command(
+    name = "migrate",
+    version,
+    about = "Move a live block device to another one, with no downtime"
+)]
 struct Cli {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -114,7 +118,12 @@ fn interval(p: &ProgressArgs) -> Result<Duration> {
     Duration::try_from_secs_f64(p.interval)
         .ok()
         .filter(|d| !d.is_zero())
-        .with_context(|| format!("invalid --interval {}: must be a positive number of seconds", p.interval))
+        .with_context(|| {
+            format!(
+                "invalid --interval {}: must be a positive number of seconds",
+                p.interval
+            )
+        })
 }
 
 fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
@@ -218,8 +227,9 @@ fn cmd_attach(a: AttachArgs) -> Result<()> {
     let (sp, tp) = probe_pair(&a.source, &a.target)?;
     for p in [&sp, &tp] {
         if p.kind != Kind::Block {
-            return Err(Error::refused(&p.path, Refusal::NotADevice))
-                .context("live migration works on block devices; use `migrate copy` for image files");
+            return Err(Error::refused(&p.path, Refusal::NotADevice)).context(
+                "live migration works on block devices; use `migrate copy` for image files",
+            );
         }
     }
     // The target must be unused: blkmig will own it. The source is live.
@@ -300,12 +310,40 @@ fn cmd_status(source: &Path, json: bool) -> Result<()> {
         } else {
             st.regions_synced as f64 * 100.0 / st.regions_total as f64
         };
-        println!("source:  {} ({})", source.display(), Bytes(st.source_sectors << 9));
-        println!("target:  {}:{} ({})", st.target_major, st.target_minor, Bytes(st.target_sectors << 9));
-        println!("mode:    {}{}", mode_name(st.mode), if st.flags & abi::STATUS_HOLDING != 0 { " (writes held)" } else { "" });
-        println!("synced:  {} of {} regions of {} ({pct:.1}%)", st.regions_synced, st.regions_total, Bytes(1 << st.region_shift));
-        println!("writes:  {} seen, {} mirrored, {} held", st.writes_seen, st.writes_mirrored, st.writes_held);
-        println!("copies:  {} conflicts, {} busy", st.copy_conflicts, st.copy_busy);
+        println!(
+            "source:  {} ({})",
+            source.display(),
+            Bytes(st.source_sectors << 9)
+        );
+        println!(
+            "target:  {}:{} ({})",
+            st.target_major,
+            st.target_minor,
+            Bytes(st.target_sectors << 9)
+        );
+        println!(
+            "mode:    {}{}",
+            mode_name(st.mode),
+            if st.flags & abi::STATUS_HOLDING != 0 {
+                " (writes held)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "synced:  {} of {} regions of {} ({pct:.1}%)",
+            st.regions_synced,
+            st.regions_total,
+            Bytes(1 << st.region_shift)
+        );
+        println!(
+            "writes:  {} seen, {} mirrored, {} held",
+            st.writes_seen, st.writes_mirrored, st.writes_held
+        );
+        println!(
+            "copies:  {} conflicts, {} busy",
+            st.copy_conflicts, st.copy_busy
+        );
         if st.failure != 0 {
             println!("failure: {} (errno {})", st.failure, st.failure_errno);
         }
@@ -330,7 +368,10 @@ fn init_tracing(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("migrate: cannot start the runtime: {e}");

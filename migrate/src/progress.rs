@@ -225,7 +225,11 @@ mod tests {
         let s = p.sample();
         assert_eq!(s.bytes_done, 1 << 20);
         assert_eq!(s.percent, 25.0);
-        assert!(s.line().starts_with("copy: 1.0 MiB / 4.0 MiB (25.0%)"), "{}", s.line());
+        assert!(
+            s.line().starts_with("copy: 1.0 MiB / 4.0 MiB (25.0%)"),
+            "{}",
+            s.line()
+        );
     }
 
     #[test]

@@ -27,7 +27,9 @@ impl Bytes {
 
 /// A byte count could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid size {input:?}: expected a number with an optional unit (K, M, G, T, KiB, MB, ...)")]
+#[error(
+    "invalid size {input:?}: expected a number with an optional unit (K, M, G, T, KiB, MB, ...)"
+)]
 pub struct ParseSizeError {
     input: String,
 }
@@ -38,7 +40,9 @@ impl FromStr for Bytes {
     /// Parses `4096`, `4K`, `4KiB` (×1024), `4KB`/`4kB` (×1000), up to T;
     /// a trailing `/s` is accepted so rates read naturally (`100M/s`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseSizeError { input: s.to_owned() };
+        let err = || ParseSizeError {
+            input: s.to_owned(),
+        };
         let t = s.trim();
         let t = t.strip_suffix("/s").unwrap_or(t);
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());

@@ -19,7 +19,8 @@ fn migrate(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     for a in args {
         c.arg(a);
     }
-    c.output().unwrap_or_else(|e| panic!("cannot run migrate: {e}"))
+    c.output()
+        .unwrap_or_else(|e| panic!("cannot run migrate: {e}"))
 }
 
 fn stderr(o: &Output) -> String {
@@ -60,7 +61,11 @@ fn copies_exactly_with_odd_sizes_and_a_short_last_region() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = read(&tgt);
     assert_eq!(&out[..data.len()], &data[..], "copied bytes differ");
-    assert_eq!(out[data.len()..], pattern(4 << 20, 2)[data.len()..], "bytes past the source's end changed");
+    assert_eq!(
+        out[data.len()..],
+        pattern(4 << 20, 2)[data.len()..],
+        "bytes past the source's end changed"
+    );
     assert!(stderr(&o).contains("verified 4 regions"), "{}", stderr(&o));
 }
 
@@ -71,9 +76,21 @@ fn every_region_size_and_depth_copies_exactly() {
     let src = image(dir.path(), "src.img", &data);
     for (region, depth) in [("4K", "1"), ("64K", "8"), ("1M", "2"), ("8M", "4")] {
         let tgt = image(dir.path(), "tgt.img", &vec![0xAA; 1 << 20]);
-        let o = migrate(&[&"copy", &src, &tgt, &"--region-size", &region, &"--queue-depth", &depth, &"-q"]);
+        let o = migrate(&[
+            &"copy",
+            &src,
+            &tgt,
+            &"--region-size",
+            &region,
+            &"--queue-depth",
+            &depth,
+            &"-q",
+        ]);
         assert!(o.status.success(), "region {region}: {}", stderr(&o));
-        assert!(read(&tgt) == data, "region {region} depth {depth}: copy differs");
+        assert!(
+            read(&tgt) == data,
+            "region {region} depth {depth}: copy differs"
+        );
     }
 }
 
@@ -97,21 +114,46 @@ fn refusals_change_nothing() {
         (vec![&"copy", &src, &link], "is the same device as"),
         (vec![&"copy", &missing, &tgt], "No such file or directory"),
         (vec![&"copy", &src, &missing], "No such file or directory"),
-        (vec![&"copy", &src, &dirpath], "is not a block device or a regular file"),
-        (vec![&"copy", &"/dev/null", &tgt], "is not a block device or a regular file"),
+        (
+            vec![&"copy", &src, &dirpath],
+            "is not a block device or a regular file",
+        ),
+        (
+            vec![&"copy", &"/dev/null", &tgt],
+            "is not a block device or a regular file",
+        ),
         (vec![&"copy", &odd, &tgt], "not a multiple of its"),
-        (vec![&"copy", &src, &tgt, &"--region-size", &"3000"], "cannot use a region size"),
-        (vec![&"copy", &src, &tgt, &"--region-size", &"2G"], "cannot use a region size"),
-        (vec![&"copy", &src, &tgt, &"--rate-limit", &"fast"], "invalid size"),
-        (vec![&"copy", &src, &tgt, &"--queue-depth", &"0"], "queue-depth"),
+        (
+            vec![&"copy", &src, &tgt, &"--region-size", &"3000"],
+            "cannot use a region size",
+        ),
+        (
+            vec![&"copy", &src, &tgt, &"--region-size", &"2G"],
+            "cannot use a region size",
+        ),
+        (
+            vec![&"copy", &src, &tgt, &"--rate-limit", &"fast"],
+            "invalid size",
+        ),
+        (
+            vec![&"copy", &src, &tgt, &"--queue-depth", &"0"],
+            "queue-depth",
+        ),
     ];
     for (args, want) in cases {
         let o = migrate(&args);
         assert!(!o.status.success(), "{want}: exit status was success");
-        assert!(stderr(&o).contains(want), "expected {want:?} in: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(want),
+            "expected {want:?} in: {}",
+            stderr(&o)
+        );
         assert!(!missing.exists(), "a missing path was created");
     }
-    assert!((read(&src), read(&small), read(&tgt)) == before, "a refused copy changed a file");
+    assert!(
+        (read(&src), read(&small), read(&tgt)) == before,
+        "a refused copy changed a file"
+    );
 }
 
 #[test]
@@ -135,7 +177,9 @@ fn sparse_copy_punches_holes_and_reads_back_exactly() {
     assert_eq!(done["bytes_zeroed"], 6 << 20);
     assert_eq!(done["verified"], true);
     // The zeroed regions are holes: far fewer blocks allocated than 8 MiB.
-    let blocks = fs::metadata(&tgt).unwrap_or_else(|e| panic!("{e}")).blocks();
+    let blocks = fs::metadata(&tgt)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .blocks();
     assert!(blocks * 512 <= 3 << 20, "{} bytes allocated", blocks * 512);
 }
 
@@ -144,18 +188,42 @@ fn json_progress_is_one_object_per_line() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let src = image(dir.path(), "src.img", &pattern(4 << 20, 11));
     let tgt = image(dir.path(), "tgt.img", &vec![0; 4 << 20]);
-    let o = migrate(&[&"copy", &src, &tgt, &"--json", &"--rate-limit", &"8M", &"-i", &"0.1"]);
+    let o = migrate(&[
+        &"copy",
+        &src,
+        &tgt,
+        &"--json",
+        &"--rate-limit",
+        &"8M",
+        &"-i",
+        &"0.1",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
         .collect();
     let progress: Vec<_> = events.iter().filter(|e| e["event"] == "progress").collect();
-    assert!(progress.len() >= 2, "expected several progress lines, got {events:?}");
-    let done: Vec<u64> = progress.iter().map(|e| e["bytes_done"].as_u64().unwrap_or(0)).collect();
-    assert!(done.windows(2).all(|w| w[0] <= w[1]), "progress went backwards: {done:?}");
-    assert_eq!(progress.last().map(|e| e["bytes_done"].clone()), Some((4u64 << 20).into()));
-    assert_eq!(events.last().map(|e| e["event"].clone()), Some("done".into()));
+    assert!(
+        progress.len() >= 2,
+        "expected several progress lines, got {events:?}"
+    );
+    let done: Vec<u64> = progress
+        .iter()
+        .map(|e| e["bytes_done"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        done.windows(2).all(|w| w[0] <= w[1]),
+        "progress went backwards: {done:?}"
+    );
+    assert_eq!(
+        progress.last().map(|e| e["bytes_done"].clone()),
+        Some((4u64 << 20).into())
+    );
+    assert_eq!(
+        events.last().map(|e| e["event"].clone()),
+        Some("done".into())
+    );
 }
 
 #[test]
@@ -166,8 +234,15 @@ fn plain_progress_off_a_terminal_uses_newlines() {
     let o = migrate(&[&"copy", &src, &tgt, &"--rate-limit", &"8M", &"-i", &"0.1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(!err.contains('\r'), "carriage return off a terminal: {err:?}");
-    assert!(err.lines().any(|l| l.starts_with("copy: 2.0 MiB / 2.0 MiB (100.0%)")), "{err}");
+    assert!(
+        !err.contains('\r'),
+        "carriage return off a terminal: {err:?}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("copy: 2.0 MiB / 2.0 MiB (100.0%)")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -178,24 +253,48 @@ async fn verify_reports_the_region_that_differs() {
     let open = |p: &Path, write| {
         let probe = Probe::new(p).unwrap_or_else(|e| panic!("{e}"));
         Arc::new(
-            Device::open(&probe, Access { write, direct: true, exclusive: true })
-                .unwrap_or_else(|e| panic!("{e}")),
+            Device::open(
+                &probe,
+                Access {
+                    write,
+                    direct: true,
+                    exclusive: true,
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
         )
     };
     let (s, t) = (open(&src, false), open(&tgt, true));
     let cancel = Arc::new(AtomicBool::new(false));
     let opts = CopyOptions::default();
-    let report = copy::copy(s.clone(), t.clone(), &opts, Progress::new("copy", 4 << 20), cancel.clone())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let report = copy::copy(
+        s.clone(),
+        t.clone(),
+        &opts,
+        Progress::new("copy", 4 << 20),
+        cancel.clone(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.checksums.len(), 4);
     // Corrupt one byte of region 2 behind the copier's back.
     let mut bad = read(&tgt);
     bad[(2 << 20) + 17] ^= 1;
     fs::write(&tgt, &bad).unwrap_or_else(|e| panic!("{e}"));
-    let res = copy::verify(s, t, Bytes(1 << 20), Arc::new(report.checksums), 4, Progress::new("verify", 4 << 20), cancel).await;
+    let res = copy::verify(
+        s,
+        t,
+        Bytes(1 << 20),
+        Arc::new(report.checksums),
+        4,
+        Progress::new("verify", 4 << 20),
+        cancel,
+    )
+    .await;
     match res {
-        Err(Error::Mismatch { region: 2, offset, .. }) => assert_eq!(offset, 2 << 20),
+        Err(Error::Mismatch {
+            region: 2, offset, ..
+        }) => assert_eq!(offset, 2 << 20),
         other => panic!("expected a mismatch in region 2, got {other:?}"),
     }
 }

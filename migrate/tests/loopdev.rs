@@ -14,13 +14,23 @@ fn enabled() -> bool {
         eprintln!("skipped: root tier (set BLKMIG_ROOT_TESTS=1, as root)");
         return false;
     }
-    assert!(rustix::process::geteuid().is_root(), "BLKMIG_ROOT_TESTS=1 needs root");
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "BLKMIG_ROOT_TESTS=1 needs root"
+    );
     true
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
 
@@ -62,7 +72,11 @@ impl Loop {
         }
         args.push(&f);
         let dev = run("losetup", &args);
-        Self { dev, file, _dir: dir }
+        Self {
+            dev,
+            file,
+            _dir: dir,
+        }
     }
 
     fn read(&self) -> Vec<u8> {
@@ -112,7 +126,10 @@ fn copies_between_block_devices_exactly() {
     assert!(o.status.success(), "{}", err(&o));
     let out = tgt.read();
     assert!(out[..data.len()] == data[..], "target differs from source");
-    assert!(out[data.len()..] == pattern(32 << 20, 2)[data.len()..], "bytes past the source changed");
+    assert!(
+        out[data.len()..] == pattern(32 << 20, 2)[data.len()..],
+        "bytes past the source changed"
+    );
 }
 
 #[test]
@@ -126,7 +143,10 @@ fn sparse_copy_zeroes_regions_on_a_block_device() {
     let tgt = Loop::new(&pattern(8 << 20, 4), false);
     let o = migrate(&["copy", &src.dev, &tgt.dev, "--sparse", "--verify", "--json"]);
     assert!(o.status.success(), "{}", err(&o));
-    assert!(tgt.read() == data, "zeroed regions do not read back as zeros");
+    assert!(
+        tgt.read() == data,
+        "zeroed regions do not read back as zeros"
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains("\"bytes_zeroed\":7340032"));
 }
 
@@ -143,7 +163,10 @@ fn refuses_mounted_devices_and_changes_nothing() {
     assert!(!o.status.success());
     let want = format!("{} is mounted on {}", tgt.dev, m.dir.path().display());
     assert!(err(&o).contains(&want), "expected {want:?} in {}", err(&o));
-    assert!(tgt.read() == before, "a refused copy changed the mounted target");
+    assert!(
+        tgt.read() == before,
+        "a refused copy changed the mounted target"
+    );
     // A mounted source is refused too (its contents are moving).
     let o = migrate(&["copy", &tgt.dev, &src.dev]);
     assert!(!o.status.success());
@@ -181,7 +204,9 @@ fn refuses_a_partition_of_the_other_device() {
         .spawn()
         .and_then(|mut c| {
             use std::io::Write;
-            c.stdin.take().map(|mut i| i.write_all(b"label: dos\n,4M\n,4M\n"));
+            c.stdin
+                .take()
+                .map(|mut i| i.write_all(b"label: dos\n,4M\n,4M\n"));
             c.wait_with_output()
         })
         .unwrap_or_else(|e| panic!("sfdisk: {e}"));
@@ -199,9 +224,17 @@ fn refuses_a_partition_of_the_other_device() {
     let before = disk.read();
     let o = migrate(&["copy", &part, &disk.dev]);
     assert!(!o.status.success());
-    assert!(err(&o).contains("one is a partition of the other"), "{}", err(&o));
+    assert!(
+        err(&o).contains("one is a partition of the other"),
+        "{}",
+        err(&o)
+    );
     let o = migrate(&["copy", &disk.dev, &part]);
-    assert!(err(&o).contains("one is a partition of the other"), "{}", err(&o));
+    assert!(
+        err(&o).contains("one is a partition of the other"),
+        "{}",
+        err(&o)
+    );
     assert!(disk.read() == before);
 }
 
@@ -216,5 +249,9 @@ fn refuses_an_image_file_that_backs_a_loop_device() {
     fs::write(&other, pattern(4 << 20, 10)).unwrap_or_else(|e| panic!("{e}"));
     let o = migrate(&["copy", &other.to_string_lossy(), &l.file.to_string_lossy()]);
     assert!(!o.status.success());
-    assert!(err(&o).contains(&format!("backs loop device {}", l.dev)), "{}", err(&o));
+    assert!(
+        err(&o).contains(&format!("backs loop device {}", l.dev)),
+        "{}",
+        err(&o)
+    );
 }

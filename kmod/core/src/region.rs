@@ -286,7 +286,10 @@ impl<'a> RegionMap<'a> {
 
     /// Writes in flight over the whole device.
     pub fn inflight_total(&self) -> u64 {
-        self.words.iter().map(|w| inflight(w.load(Ordering::Acquire))).sum()
+        self.words
+            .iter()
+            .map(|w| inflight(w.load(Ordering::Acquire)))
+            .sum()
     }
 
     /// Number of SYNCED regions.
@@ -299,7 +302,9 @@ impl<'a> RegionMap<'a> {
 
     /// Whether every region is SYNCED.
     pub fn all_synced(&self) -> bool {
-        self.words.iter().all(|w| is_synced(w.load(Ordering::Acquire)))
+        self.words
+            .iter()
+            .all(|w| is_synced(w.load(Ordering::Acquire)))
     }
 }
 

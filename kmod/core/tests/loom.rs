@@ -30,7 +30,9 @@ impl Disk {
     fn new(regions: usize) -> Self {
         Self {
             s: (0..regions * BLOCKS).map(|_| AtomicU64::new(0)).collect(),
-            t: (0..regions * BLOCKS).map(|_| AtomicU64::new(GARBAGE)).collect(),
+            t: (0..regions * BLOCKS)
+                .map(|_| AtomicU64::new(GARBAGE))
+                .collect(),
         }
     }
 }
@@ -54,7 +56,9 @@ fn copy(p: &Proto, d: &Disk, r: u64, tries: usize) {
             Begin::Busy => thread::yield_now(),
             Begin::Copy(w) => {
                 let base = r as usize * BLOCKS;
-                let data: Vec<u64> = (0..BLOCKS).map(|i| d.s[base + i].load(Ordering::Acquire)).collect();
+                let data: Vec<u64> = (0..BLOCKS)
+                    .map(|i| d.s[base + i].load(Ordering::Acquire))
+                    .collect();
                 for (i, v) in data.into_iter().enumerate() {
                     d.t[base + i].store(v, Ordering::Release);
                 }
@@ -73,7 +77,10 @@ fn check(p: &Proto, d: &Disk, regions: usize, violation: &AtomicBool) {
             continue;
         }
         for b in r * BLOCKS..(r + 1) * BLOCKS {
-            let (s, t) = (d.s[b].load(Ordering::Acquire), d.t[b].load(Ordering::Acquire));
+            let (s, t) = (
+                d.s[b].load(Ordering::Acquire),
+                d.t[b].load(Ordering::Acquire),
+            );
             if s != t {
                 violation.store(true, std::sync::atomic::Ordering::SeqCst);
             }
@@ -155,15 +162,24 @@ fn correct_protocol_two_regions() {
 
 #[test]
 fn catches_copy_begin_ignoring_writes_in_flight() {
-    assert!(one_region(Variant::NoInflightCheck), "loom did not catch the broken variant");
+    assert!(
+        one_region(Variant::NoInflightCheck),
+        "loom did not catch the broken variant"
+    );
 }
 
 #[test]
 fn catches_missing_epoch() {
-    assert!(one_region(Variant::NoEpoch), "loom did not catch the broken variant");
+    assert!(
+        one_region(Variant::NoEpoch),
+        "loom did not catch the broken variant"
+    );
 }
 
 #[test]
 fn catches_missing_epoch_two_regions() {
-    assert!(two_regions(Variant::NoEpoch), "loom did not catch the broken variant");
+    assert!(
+        two_regions(Variant::NoEpoch),
+        "loom did not catch the broken variant"
+    );
 }

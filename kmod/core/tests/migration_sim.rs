@@ -43,7 +43,14 @@ struct Req {
 enum WState {
     Idle,
     /// Legs in progress: next source and target sector, whether mirrored.
-    Legs { id: u32, req: Req, regions: Regions, mirror: bool, s: u64, t: u64 },
+    Legs {
+        id: u32,
+        req: Req,
+        regions: Regions,
+        mirror: bool,
+        s: u64,
+        t: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -55,8 +62,18 @@ struct Writer {
 #[derive(Clone, Debug)]
 enum CState {
     Pick,
-    Read { r: u64, word: u64, pos: u64, buf: Vec<u32> },
-    Write { r: u64, word: u64, pos: u64, buf: Vec<u32> },
+    Read {
+        r: u64,
+        word: u64,
+        pos: u64,
+        buf: Vec<u32>,
+    },
+    Write {
+        r: u64,
+        word: u64,
+        pos: u64,
+        buf: Vec<u32>,
+    },
     Done,
 }
 
@@ -103,12 +120,15 @@ impl Sim {
     }
 
     fn overlaps_inflight(&self, me: usize, req: Req) -> bool {
-        self.writers.iter().enumerate().any(|(i, w)| match &w.state {
-            WState::Legs { req: o, .. } if i != me => {
-                req.start < o.start + o.len && o.start < req.start + req.len
-            }
-            _ => false,
-        })
+        self.writers
+            .iter()
+            .enumerate()
+            .any(|(i, w)| match &w.state {
+                WState::Legs { req: o, .. } if i != me => {
+                    req.start < o.start + o.len && o.start < req.start + req.len
+                }
+                _ => false,
+            })
     }
 
     /// Which actors can step: writers 0..n, then the copier at n.
@@ -166,17 +186,38 @@ impl Sim {
                     t: req.start,
                 };
             }
-            WState::Legs { id, req, regions, mirror, s, t } => {
+            WState::Legs {
+                id,
+                req,
+                regions,
+                mirror,
+                s,
+                t,
+            } => {
                 let end = req.start + req.len;
                 // Advance whichever leg is behind; legs are independent, so
                 // alternate by parity of the id to vary the order.
                 let t_pending = mirror && t < end;
                 if s < end && (!t_pending || (id + s as u32) % 2 == 0) {
                     self.s[s as usize] = id;
-                    self.writers[i].state = WState::Legs { id, req, regions, mirror, s: s + 1, t };
+                    self.writers[i].state = WState::Legs {
+                        id,
+                        req,
+                        regions,
+                        mirror,
+                        s: s + 1,
+                        t,
+                    };
                 } else if t_pending {
                     self.t[t as usize] = id;
-                    self.writers[i].state = WState::Legs { id, req, regions, mirror, s, t: t + 1 };
+                    self.writers[i].state = WState::Legs {
+                        id,
+                        req,
+                        regions,
+                        mirror,
+                        s,
+                        t: t + 1,
+                    };
                 } else {
                     self.proto.write_complete(regions);
                     self.writers[i].state = WState::Idle;
@@ -186,7 +227,9 @@ impl Sim {
     }
 
     fn writes_in_flight(&self) -> bool {
-        self.writers.iter().any(|w| matches!(w.state, WState::Legs { .. }))
+        self.writers
+            .iter()
+            .any(|w| matches!(w.state, WState::Legs { .. }))
     }
 
     fn step_copier(&mut self) -> Result<(), TestCaseError> {
@@ -194,7 +237,12 @@ impl Sim {
         self.copier = match state {
             CState::Pick => match self.queue.pop_front() {
                 Some(r) => match self.proto.copy_begin(r) {
-                    Begin::Copy(word) => CState::Read { r, word, pos: 0, buf: Vec::new() },
+                    Begin::Copy(word) => CState::Read {
+                        r,
+                        word,
+                        pos: 0,
+                        buf: Vec::new(),
+                    },
                     Begin::Synced => CState::Pick,
                     Begin::Busy => {
                         self.queue.push_back(r);
@@ -205,17 +253,24 @@ impl Sim {
                     // Everything synced at least once: hold writes for the
                     // switch (in-flight ones keep draining).
                     self.holding = true;
-                    self.queue = (0..self.geo.regions()).filter(|&r| !self.proto.synced(r)).collect();
+                    self.queue = (0..self.geo.regions())
+                        .filter(|&r| !self.proto.synced(r))
+                        .collect();
                     CState::Pick
                 }
                 None if self.writes_in_flight() => CState::Pick,
                 None => {
                     // Drained: copy what is still unsynced, then switch.
-                    let left: VecDeque<u64> =
-                        (0..self.geo.regions()).filter(|&r| !self.proto.synced(r)).collect();
+                    let left: VecDeque<u64> = (0..self.geo.regions())
+                        .filter(|&r| !self.proto.synced(r))
+                        .collect();
                     if left.is_empty() {
                         prop_assert!(self.proto.all_synced());
-                        prop_assert_eq!(&self.t, &self.s, "target differs from source at the switch");
+                        prop_assert_eq!(
+                            &self.t,
+                            &self.s,
+                            "target differs from source at the switch"
+                        );
                         self.switched = true;
                         self.holding = false;
                         CState::Done
@@ -225,20 +280,40 @@ impl Sim {
                     }
                 }
             },
-            CState::Read { r, word, pos, mut buf } => {
+            CState::Read {
+                r,
+                word,
+                pos,
+                mut buf,
+            } => {
                 let (first, len) = self.span(r);
                 buf.push(self.s[(first + pos) as usize]);
                 if pos + 1 == len {
-                    CState::Write { r, word, pos: 0, buf }
+                    CState::Write {
+                        r,
+                        word,
+                        pos: 0,
+                        buf,
+                    }
                 } else {
-                    CState::Read { r, word, pos: pos + 1, buf }
+                    CState::Read {
+                        r,
+                        word,
+                        pos: pos + 1,
+                        buf,
+                    }
                 }
             }
             CState::Write { r, word, pos, buf } => {
                 let (first, len) = self.span(r);
                 self.t[(first + pos) as usize] = buf[pos as usize];
                 if pos + 1 < len {
-                    CState::Write { r, word, pos: pos + 1, buf }
+                    CState::Write {
+                        r,
+                        word,
+                        pos: pos + 1,
+                        buf,
+                    }
                 } else {
                     // The copy's target write has completed: commit.
                     if self.proto.copy_end(r, word) == End::Conflict {
@@ -261,7 +336,12 @@ impl Sim {
             if self.proto.synced(r) && self.proto.inflight(r) == 0 {
                 let (first, len) = self.span(r);
                 let range = first as usize..(first + len) as usize;
-                prop_assert_eq!(&self.t[range.clone()], &self.s[range], "region {} is SYNCED but stale", r);
+                prop_assert_eq!(
+                    &self.t[range.clone()],
+                    &self.s[range],
+                    "region {} is SYNCED but stale",
+                    r
+                );
             }
         }
         Ok(())
@@ -290,7 +370,11 @@ impl Sim {
             self.check_invariant()?;
         }
         prop_assert!(self.switched, "the migration never switched");
-        prop_assert_eq!(&self.t, &self.s, "target differs from the device's contents after the switch");
+        prop_assert_eq!(
+            &self.t,
+            &self.s,
+            "target differs from the device's contents after the switch"
+        );
         Ok(())
     }
 }
@@ -308,14 +392,19 @@ fn schedule() -> impl Strategy<Value = Vec<u16>> {
     prop::collection::vec(any::<u16>(), 50..600)
 }
 
+/// One generated case: each writer's requests, and the schedule.
+type Case = (Vec<Vec<Req>>, Vec<u16>);
+
 /// Runs `cases` random migrations; returns the first failure, if any.
-fn migrations(variant: Variant, cases: u32) -> Result<(), TestError<(Vec<Vec<Req>>, Vec<u16>)>> {
+fn migrations(variant: Variant, cases: u32) -> Result<(), TestError<Case>> {
     let mut runner = TestRunner::new(Config {
         cases,
         failure_persistence: None,
         ..Config::default()
     });
-    runner.run(&(ops(), schedule()), |(ops, sched)| Sim::new(variant, ops).run(&sched))
+    runner.run(&(ops(), schedule()), |(ops, sched)| {
+        Sim::new(variant, ops).run(&sched)
+    })
 }
 
 /// The failure is stale data on the target, not some other symptom.
@@ -344,7 +433,9 @@ fn catches_copy_begin_ignoring_writes_in_flight() {
 #[test]
 fn catches_missing_epoch() {
     match migrations(Variant::NoEpoch, 2_000) {
-        Err(TestError::Fail(why, _)) if caught_by_data_check(&why) => eprintln!("caught as expected: {why}"),
+        Err(TestError::Fail(why, _)) if caught_by_data_check(&why) => {
+            eprintln!("caught as expected: {why}")
+        }
         other => panic!("the broken variant was not caught: {other:?}"),
     }
 }
@@ -430,12 +521,18 @@ fn threaded_migration_converges() {
             }
         }
         for r in 0..geo.regions() {
-            assert!(copy_region(r), "round {round}: region {r} cannot be copied with writes held");
+            assert!(
+                copy_region(r),
+                "round {round}: region {r} cannot be copied with writes held"
+            );
         }
         assert!(proto.all_synced());
         let sv: Vec<u32> = s.iter().map(|a| a.load(Ordering::Acquire)).collect();
         let tv: Vec<u32> = t.iter().map(|a| a.load(Ordering::Acquire)).collect();
-        assert_eq!(tv, sv, "round {round}: target differs from source at the switch");
+        assert_eq!(
+            tv, sv,
+            "round {round}: target differs from source at the switch"
+        );
         {
             let (m, cv) = &*gate;
             m.lock().unwrap_or_else(|e| e.into_inner()).1 = false;

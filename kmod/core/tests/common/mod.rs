@@ -45,7 +45,8 @@ impl Proto {
             Variant::NoEpoch => {
                 let mut mirror = false;
                 for i in r.start..r.end {
-                    let old = self.words[i as usize].fetch_add(region::INFLIGHT_ONE, Ordering::AcqRel);
+                    let old =
+                        self.words[i as usize].fetch_add(region::INFLIGHT_ONE, Ordering::AcqRel);
                     mirror |= region::is_synced(old);
                 }
                 mirror
