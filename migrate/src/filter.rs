@@ -4,11 +4,13 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use blkmig_core::abi::{
-    self, AttachOptions, BlkfilterAttach, BlkfilterCtl, BlkfilterDetach, CtlCmd, Status,
+    self, AttachOptions, BlkfilterAttach, BlkfilterCtl, BlkfilterDetach, CtlCmd, HoldRequest,
+    RegionOp, Status, SyncedQuery,
 };
 use rustix::ioctl::{self, opcode, Updater};
 
 use crate::device::{DevId, Probe};
+use crate::tracker::{Tracker, TrackerError};
 
 const ATTACH: ioctl::Opcode =
     opcode::write::<BlkfilterAttach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_ATTACH_NR);
@@ -210,19 +212,110 @@ impl Filtered {
         Ok((arg.optlen as usize).min(buf.len()))
     }
 
-    /// The filter's status.
-    pub fn status(&self) -> Result<Status, FilterError> {
-        let mut st = Status::default();
-        // SAFETY: Status is a plain-old-data #[repr(C)] struct of integers
-        // without padding: any byte pattern is a valid value, so viewing it
-        // as bytes for the kernel to fill in is sound.
+    /// Sends `cmd` with a slice of plain-old-data values as its buffer.
+    fn ctl_slice<T: Pod>(&self, cmd: CtlCmd, items: &mut [T]) -> Result<usize, FilterError> {
+        // SAFETY: `T: Pod` is only implemented for #[repr(C)] structs of
+        // integers without padding (see the trait), for which every byte
+        // pattern is a valid value; the byte view covers exactly `items`,
+        // which is exclusively borrowed for as long as the view lives.
         let bytes = unsafe {
             std::slice::from_raw_parts_mut(
-                std::ptr::from_mut(&mut st).cast::<u8>(),
-                size_of::<Status>(),
+                items.as_mut_ptr().cast::<u8>(),
+                std::mem::size_of_val(items),
             )
         };
-        self.ctl(CtlCmd::Status, bytes)?;
-        Ok(st)
+        self.ctl(cmd, bytes)
+    }
+
+    /// The filter's status.
+    pub fn status(&self) -> Result<Status, FilterError> {
+        let mut st = [Status::default()];
+        self.ctl_slice(CtlCmd::Status, &mut st)?;
+        Ok(st[0])
+    }
+
+    /// A command without payload.
+    fn ctl_none(&self, cmd: CtlCmd) -> Result<(), FilterError> {
+        self.ctl(cmd, &mut []).map(|_| ())
+    }
+}
+
+/// Plain old data: `#[repr(C)]` structs of integers with no padding, which
+/// may be viewed as bytes and filled in by the kernel.
+///
+/// # Safety
+/// Only for types where every byte pattern is a valid value and that have
+/// no padding bytes.
+unsafe trait Pod: Copy {}
+// SAFETY: all four are #[repr(C)] structs of u32/u64/i32 fields whose
+// layout without padding is asserted in blkmig_core::abi.
+unsafe impl Pod for Status {}
+// SAFETY: as above.
+unsafe impl Pod for RegionOp {}
+// SAFETY: as above.
+unsafe impl Pod for HoldRequest {}
+// SAFETY: as above.
+unsafe impl Pod for SyncedQuery {}
+// SAFETY: a byte is plain old data.
+unsafe impl Pod for u8 {}
+
+impl Tracker for Filtered {
+    fn status(&self) -> Result<Status, TrackerError> {
+        Ok(Filtered::status(self)?)
+    }
+
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
+            self.ctl_slice(CtlCmd::CopyBegin, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
+            self.ctl_slice(CtlCmd::CopyEnd, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, TrackerError> {
+        const HEAD: usize = size_of::<SyncedQuery>();
+        let mut out = Vec::with_capacity(count as usize);
+        let mut at = first;
+        while at < first + count {
+            let want = (first + count - at).min(64 * 1024);
+            let mut buf = vec![0u8; HEAD + want.div_ceil(8) as usize];
+            let q = SyncedQuery {
+                first: at,
+                count: want,
+            };
+            buf[..8].copy_from_slice(&q.first.to_ne_bytes());
+            buf[8..16].copy_from_slice(&q.count.to_ne_bytes());
+            self.ctl_slice(CtlCmd::SyncedMap, &mut buf)?;
+            let got = u64::from_ne_bytes(buf[8..16].try_into().unwrap_or([0; 8])).min(want);
+            if got == 0 {
+                break;
+            }
+            out.extend((0..got).map(|i| buf[HEAD + (i / 8) as usize] & (1 << (i % 8)) != 0));
+            at += got;
+        }
+        Ok(out)
+    }
+
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), TrackerError> {
+        let mut req = [HoldRequest {
+            timeout_ms,
+            reserved: 0,
+        }];
+        self.ctl_slice(CtlCmd::HoldWrites, &mut req)?;
+        Ok(())
+    }
+
+    fn switch(&self) -> Result<(), TrackerError> {
+        Ok(self.ctl_none(CtlCmd::Switch)?)
+    }
+
+    fn release(&self) -> Result<(), TrackerError> {
+        Ok(self.ctl_none(CtlCmd::Release)?)
     }
 }

@@ -6,7 +6,9 @@ pub mod copy;
 pub mod device;
 pub mod error;
 pub mod filter;
+pub mod migration;
 pub mod progress;
+pub mod tracker;
 pub mod units;
 
 pub use blkmig_core as core;

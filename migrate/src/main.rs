@@ -12,7 +12,9 @@ use blkmig::core::abi::{self, AttachOptions, Mode, Status};
 use blkmig::device::{Access, Device, Kind, Probe};
 use blkmig::error::{Error, Refusal};
 use blkmig::filter::Filtered;
+use blkmig::migration::{self, MigrateError, MigrateOptions, Migration};
 use blkmig::progress::{Progress, Reporter, Style};
+use blkmig::tracker::Tracker;
 use blkmig::units::Bytes;
 use clap::{Args, Parser, Subcommand};
 
@@ -34,6 +36,15 @@ struct Cli {
 enum Cmd {
     /// Copy an unmounted device or image file to another one.
     Copy(CopyArgs),
+    /// Live-migrate SOURCE to TARGET: attach, copy, switch (resumes a
+    /// migration that is already attached).
+    Start(StartArgs),
+    /// Abandon the migration of SOURCE (CLONE mode only): detach the
+    /// filter; the source stays as it is.
+    Abort {
+        /// The filtered source device.
+        source: PathBuf,
+    },
     /// Attach the blkmig filter to a live source, with TARGET as its target.
     Attach(AttachArgs),
     /// Detach the blkmig filter (in CLONE mode: abandons the migration).
@@ -85,6 +96,29 @@ struct CopyArgs {
     /// Turn all-zero regions into holes (files) or write-zeroes (devices).
     #[arg(long)]
     sparse: bool,
+    #[command(flatten)]
+    progress: ProgressArgs,
+}
+
+#[derive(Args)]
+struct StartArgs {
+    #[command(flatten)]
+    attach: AttachArgs,
+    /// Regions copied at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    queue_depth: u16,
+    /// Limit the background copy to this many bytes per second (e.g. 200M).
+    #[arg(long)]
+    rate_limit: Option<Bytes>,
+    /// Switch only when the estimated pause of writes fits this budget.
+    #[arg(long, default_value = "100ms", value_parser = blkmig::units::parse_duration)]
+    max_pause: Duration,
+    /// Copy and keep mirroring, but do not switch (rerun without it to switch).
+    #[arg(long)]
+    no_switch: bool,
+    /// Where the source's first region is saved before it is retired.
+    #[arg(long, default_value = "/var/lib/blkmig")]
+    state_dir: PathBuf,
     #[command(flatten)]
     progress: ProgressArgs,
 }
@@ -223,7 +257,8 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_attach(a: AttachArgs) -> Result<()> {
+/// Checks SOURCE and TARGET for a live migration and attaches blkmig.
+fn attach(a: &AttachArgs) -> Result<Probe> {
     let (sp, tp) = probe_pair(&a.source, &a.target)?;
     for p in [&sp, &tp] {
         if p.kind != Kind::Block {
@@ -267,17 +302,167 @@ fn cmd_attach(a: AttachArgs) -> Result<()> {
         geo.regions(),
         Bytes(geo.region_bytes())
     );
+    Ok(tp)
+}
+
+fn cmd_attach(a: AttachArgs) -> Result<()> {
+    attach(&a).map(|_| ())
+}
+
+async fn cmd_start(a: StartArgs) -> Result<()> {
+    let f = Filtered::open(&a.attach.source)?;
+    let tp = match f.status() {
+        Ok(st) => {
+            // Already attached: resume, if it is ours and still cloning.
+            let tp = Probe::new(&a.attach.target)?;
+            let DevIdBlock(maj, min) = DevIdBlock::of(&tp);
+            if (st.target_major, st.target_minor) != (maj, min) {
+                anyhow::bail!(
+                    "{} is already being migrated to device {}:{}, not to {}",
+                    a.attach.source.display(),
+                    st.target_major,
+                    st.target_minor,
+                    a.attach.target.display()
+                );
+            }
+            match Mode::from_raw(st.mode) {
+                Some(Mode::Redirect) => {
+                    eprintln!(
+                        "{} has already switched to {}: nothing to do",
+                        a.attach.source.display(),
+                        a.attach.target.display()
+                    );
+                    return Ok(());
+                }
+                Some(Mode::Failed) => anyhow::bail!(
+                    "the migration of {} failed: {}; run `migrate abort {}`",
+                    a.attach.source.display(),
+                    migration::failure_text(&st),
+                    a.attach.source.display()
+                ),
+                _ => eprintln!(
+                    "resuming the migration of {}: {} of {} regions in sync",
+                    a.attach.source.display(),
+                    st.regions_synced,
+                    st.regions_total
+                ),
+            }
+            tp
+        }
+        Err(e) if e.errno == libc::ENOENT => attach(&a.attach)?,
+        Err(e) => return Err(e.into()),
+    };
+    let direct = |write| Access {
+        write,
+        direct: true,
+        exclusive: false,
+    };
+    let sp = Probe::new(&a.attach.source)?;
+    let src = Arc::new(Device::open(&sp, direct(false))?);
+    let tgt = Arc::new(Device::open(&tp, direct(true))?);
+    let st = f.status()?;
+    let tracker: Arc<dyn Tracker> = Arc::new(f);
+    let cancel = cancel_on_ctrl_c();
+    let progress = Progress::migration(st.source_sectors << 9, st.regions_total);
+    let style = style(&a.progress);
+    let rep = Reporter::start(progress.clone(), style, interval(&a.progress)?);
+    let opts = MigrateOptions {
+        queue_depth: a.queue_depth.into(),
+        rate_limit: a.rate_limit,
+        max_pause: a.max_pause,
+        no_switch: a.no_switch,
+        hold_timeout_ms: a.attach.hold_timeout_ms,
+        state_dir: a.state_dir.clone(),
+    };
+    let res = match Migration::new(tracker.clone(), src, tgt, &st, opts, progress, cancel) {
+        Ok(m) => m.run().await,
+        Err(e) => Err(e),
+    };
+    rep.finish().await;
+    let summary = match res {
+        Ok(s) => s,
+        Err(MigrateError::Interrupted) => {
+            Filtered::open(&a.attach.source)?.detach()?;
+            anyhow::bail!(
+                "interrupted: the migration was abandoned, blkmig detached; {} is untouched and in use as before",
+                a.attach.source.display()
+            );
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if style == Style::Json {
+        let mut j = serde_json::to_value(&summary)?;
+        j["event"] = "done".into();
+        println!("{j}");
+    }
+    if style != Style::Quiet {
+        let pause = summary
+            .pause_ms
+            .map(|p| format!("{p:.1} ms"))
+            .unwrap_or_else(|| "no switch".into());
+        eprintln!(
+            "copied {} in {:.1}s ({} re-copies, {} busy, {} rounds); writes paused {}{}",
+            Bytes(summary.bytes_copied),
+            summary.seconds,
+            summary.recopies,
+            summary.busy,
+            summary.rounds,
+            pause,
+            if summary.failed_switches > 0 {
+                format!(" after {} failed switch attempts", summary.failed_switches)
+            } else {
+                String::new()
+            }
+        );
+        if summary.switched {
+            eprintln!(
+                "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its first region is saved in {saved}).\n\
+                 Remount from {tgt} when convenient, then run `migrate detach {src}`.",
+                src = a.attach.source.display(),
+                tgt = a.attach.target.display(),
+                saved = summary.saved_head.as_deref().unwrap_or(Path::new("?")).display(),
+            );
+        } else {
+            eprintln!(
+                "in sync and mirroring; run `migrate start {} {}` again to switch",
+                a.attach.source.display(),
+                a.attach.target.display()
+            );
+        }
+    }
     Ok(())
 }
 
-fn mode_name(m: u32) -> &'static str {
-    match Mode::from_raw(m) {
-        Some(Mode::Clone) => "clone",
-        Some(Mode::Redirect) => "redirect",
-        Some(Mode::Failed) => "failed",
-        None => "unknown",
+fn cmd_abort(source: &Path) -> Result<()> {
+    let f = Filtered::open(source)?;
+    let st = f.status()?;
+    if Mode::from_raw(st.mode) == Some(Mode::Redirect) {
+        anyhow::bail!(
+            "{} has already switched to its target: there is nothing to abort (unmount it, then `migrate detach`)",
+            source.display()
+        );
+    }
+    f.detach()?;
+    eprintln!(
+        "migration of {} abandoned; blkmig detached, the source is untouched",
+        source.display()
+    );
+    Ok(())
+}
+
+/// Major and minor of a block device probe.
+struct DevIdBlock(u32, u32);
+
+impl DevIdBlock {
+    fn of(p: &Probe) -> Self {
+        match p.id {
+            blkmig::device::DevId::Block { major, minor } => Self(major, minor),
+            blkmig::device::DevId::File { .. } => Self(u32::MAX, u32::MAX),
+        }
     }
 }
+
+use migration::mode_name;
 
 fn status_json(st: &Status) -> serde_json::Value {
     serde_json::json!({
@@ -295,6 +480,7 @@ fn status_json(st: &Status) -> serde_json::Value {
         "writes_held": st.writes_held,
         "bios_redirected": st.bios_redirected,
         "failure": st.failure,
+        "failure_text": migration::failure_text(st),
         "failure_errno": st.failure_errno,
         "target_dev": format!("{}:{}", st.target_major, st.target_minor),
     })
@@ -345,7 +531,7 @@ fn cmd_status(source: &Path, json: bool) -> Result<()> {
             st.copy_conflicts, st.copy_busy
         );
         if st.failure != 0 {
-            println!("failure: {} (errno {})", st.failure, st.failure_errno);
+            println!("failure: {}", migration::failure_text(&st));
         }
     }
     Ok(())
@@ -381,6 +567,8 @@ fn main() -> ExitCode {
     let res = rt.block_on(async {
         match cli.cmd {
             Cmd::Copy(a) => cmd_copy(a).await,
+            Cmd::Start(a) => cmd_start(a).await,
+            Cmd::Abort { source } => cmd_abort(&source),
             Cmd::Attach(a) => cmd_attach(a),
             Cmd::Detach { source } => {
                 Filtered::open(&source)?.detach()?;

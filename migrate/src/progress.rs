@@ -32,7 +32,13 @@ pub enum Style {
 pub struct Progress {
     what: &'static str,
     total: u64,
+    /// Bytes done (copied, or in sync).
     done: AtomicU64,
+    /// Bytes of copy work, for the rate (equal to `done` for a plain copy;
+    /// more than it for a live migration, which copies some regions twice).
+    work: AtomicU64,
+    /// Live migration: regions not in sync, and copies redone.
+    regions: Option<(AtomicU64, AtomicU64)>,
     started: Instant,
 }
 
@@ -53,6 +59,12 @@ pub struct Sample {
     pub rate_bytes_per_sec: u64,
     /// Estimated seconds to go, `null` when there is no estimate yet.
     pub eta_seconds: Option<u64>,
+    /// Live migration only: regions not yet in sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unsynced_regions: Option<u64>,
+    /// Live migration only: region copies thrown away because a write raced them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recopies: Option<u64>,
     /// Seconds since the start.
     pub elapsed_seconds: f64,
 }
@@ -64,13 +76,52 @@ impl Progress {
             what,
             total,
             done: AtomicU64::new(0),
+            work: AtomicU64::new(0),
+            regions: None,
             started: Instant::now(),
         })
     }
 
-    /// `n` more bytes done.
+    /// Counters for a live migration of `total` bytes in `regions` regions.
+    pub fn migration(total: u64, regions: u64) -> Arc<Self> {
+        Arc::new(Self {
+            what: "migrate",
+            total,
+            done: AtomicU64::new(0),
+            work: AtomicU64::new(0),
+            regions: Some((AtomicU64::new(regions), AtomicU64::new(0))),
+            started: Instant::now(),
+        })
+    }
+
+    /// `n` more bytes copied and done.
     pub fn add(&self, n: u64) {
         self.done.fetch_add(n, Ordering::Relaxed);
+        self.work.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` more bytes copied (not necessarily done: a copy may be redone).
+    pub fn add_work(&self, n: u64) {
+        self.work.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` bytes are done in all.
+    pub fn set(&self, n: u64) {
+        self.done.store(n, Ordering::Relaxed);
+    }
+
+    /// Regions not in sync now.
+    pub fn set_unsynced(&self, n: u64) {
+        if let Some((u, _)) = &self.regions {
+            u.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// One more copy redone.
+    pub fn add_recopy(&self) {
+        if let Some((_, r)) = &self.regions {
+            r.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Bytes done so far.
@@ -81,8 +132,9 @@ impl Progress {
     /// A sample of the counters now.
     pub fn sample(&self) -> Sample {
         let done = self.done();
+        let work = self.work.load(Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64();
-        let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+        let rate = if secs > 0.0 { work as f64 / secs } else { 0.0 };
         let left = self.total.saturating_sub(done);
         let eta = (rate >= 1.0 && done > 0).then(|| (left as f64 / rate).ceil() as u64);
         Sample {
@@ -97,6 +149,14 @@ impl Progress {
             },
             rate_bytes_per_sec: rate as u64,
             eta_seconds: eta,
+            unsynced_regions: self
+                .regions
+                .as_ref()
+                .map(|(u, _)| u.load(Ordering::Relaxed)),
+            recopies: self
+                .regions
+                .as_ref()
+                .map(|(_, r)| r.load(Ordering::Relaxed)),
             elapsed_seconds: (secs * 1000.0).round() / 1000.0,
         }
     }
@@ -109,14 +169,19 @@ impl Sample {
             Some(s) => format!("{s}s to go"),
             None => "no estimate yet".to_owned(),
         };
+        let regions = match (self.unsynced_regions, self.recopies) {
+            (Some(u), Some(r)) => format!(", {u} regions unsynced, {r} re-copies"),
+            _ => String::new(),
+        };
         format!(
-            "{}: {} / {} ({:.1}%), {}/s, {}",
+            "{}: {} / {} ({:.1}%), {}/s, {}{}",
             self.phase,
             Bytes(self.bytes_done),
             Bytes(self.bytes_total),
             self.percent,
             Bytes(self.rate_bytes_per_sec),
-            eta
+            eta,
+            regions
         )
     }
 }
@@ -166,9 +231,13 @@ impl Reporter {
                 match (&bar, style) {
                     (Some(bar), _) => {
                         bar.set_position(s.bytes_done);
-                        bar.set_message(match s.eta_seconds {
+                        let eta = match s.eta_seconds {
                             Some(e) => format!("{e}s to go"),
                             None => "no estimate".to_owned(),
+                        };
+                        bar.set_message(match (s.unsynced_regions, s.recopies) {
+                            (Some(u), Some(r)) => format!("{eta}, {u} unsynced, {r} re-copies"),
+                            _ => eta,
                         });
                         if final_ {
                             bar.finish_with_message("done");

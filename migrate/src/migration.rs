@@ -1,0 +1,550 @@
+//! Live migration: the copier that drives the filter's region protocol,
+//! converges under any write load, and switches when the estimated pause
+//! fits the operator's budget.
+//!
+//! Rounds: each round asks the filter which regions are not yet synced,
+//! decides whether to switch, and otherwise copies them in batches:
+//! COPY_BEGIN for a batch, read the source and write the target for every
+//! region the filter let us copy (`queue_depth` at a time, on the blocking
+//! pool), COPY_END for the batch. Regions that were busy or raced a write
+//! stay unsynced and come back in the next round.
+//!
+//! The first and last regions (superblocks, partition tables, labels) are
+//! wiped on the target at the start and copied only inside the switch
+//! window, so a half-copied target is never recognisable as the filesystem.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blkmig_core::abi::{self, Mode, RegionOp, Status};
+use blkmig_core::region::Geometry;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use crate::buffer::AlignedBuf;
+use crate::device::Device;
+use crate::error::Error;
+use crate::progress::Progress;
+use crate::tracker::{Tracker, TrackerError};
+use crate::units::Bytes;
+
+/// How to run a migration.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    /// Regions copied at once.
+    pub queue_depth: usize,
+    /// Copier limit in bytes per second.
+    pub rate_limit: Option<Bytes>,
+    /// Switch only when the estimated pause is at most this.
+    pub max_pause: Duration,
+    /// Copy and keep mirroring, but do not switch.
+    pub no_switch: bool,
+    /// How long the filter may hold writes for one switch attempt, in ms.
+    pub hold_timeout_ms: u32,
+    /// Where the source's first region is saved before the switch.
+    pub state_dir: PathBuf,
+}
+
+/// What a migration did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Summary {
+    /// Bytes the copier read and wrote.
+    pub bytes_copied: u64,
+    /// Regions in all.
+    pub regions: u64,
+    /// Copies thrown away because a write raced them.
+    pub recopies: u64,
+    /// Copy attempts refused because a write was in flight.
+    pub busy: u64,
+    /// Rounds over the unsynced regions.
+    pub rounds: u64,
+    /// Switch attempts that did not complete.
+    pub failed_switches: u64,
+    /// How long writes were held for the switch that completed (ms).
+    pub pause_ms: Option<f64>,
+    /// Estimated pause when the switch was decided (ms).
+    pub estimated_pause_ms: Option<f64>,
+    /// Whether the filter is now in REDIRECT mode.
+    pub switched: bool,
+    /// Seconds from start to end.
+    pub seconds: f64,
+    /// Where the source's first region was saved.
+    pub saved_head: Option<PathBuf>,
+}
+
+/// Why a migration stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Device I/O.
+    #[error(transparent)]
+    Device(#[from] Error),
+    /// The filter refused a request.
+    #[error(transparent)]
+    Filter(#[from] TrackerError),
+    /// The filter reports FAILED.
+    #[error(
+        "the migration failed in the kernel: {0}; the source is intact, abort with `migrate abort`"
+    )]
+    Failed(String),
+    /// The filter is not in CLONE mode when it should be.
+    #[error("the filter is in {0} mode")]
+    WrongMode(&'static str),
+    /// The state directory could not be written.
+    #[error("cannot save the source's first region to {path}", path = .path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Cancelled (Ctrl-C).
+    #[error("interrupted")]
+    Interrupted,
+}
+
+/// A mode number as a word.
+pub fn mode_name(m: u32) -> &'static str {
+    match Mode::from_raw(m) {
+        Some(Mode::Clone) => "clone",
+        Some(Mode::Redirect) => "redirect",
+        Some(Mode::Failed) => "failed",
+        None => "unknown",
+    }
+}
+
+/// The failure a status reports, in words.
+pub fn failure_text(st: &Status) -> String {
+    let what = match abi::Failure::from_raw(st.failure) {
+        Some(abi::Failure::None) => "no failure",
+        Some(abi::Failure::TargetWrite) => "a write to the target failed",
+        Some(abi::Failure::TargetFlush) => "a flush of the target failed",
+        Some(abi::Failure::TargetGone) => "the target went away",
+        None => "unknown failure",
+    };
+    if st.failure_errno != 0 {
+        format!(
+            "{what} ({})",
+            std::io::Error::from_raw_os_error(st.failure_errno)
+        )
+    } else {
+        what.to_owned()
+    }
+}
+
+/// The file the source's first region is saved in.
+pub fn head_path(state_dir: &Path, src: &Device) -> PathBuf {
+    let id = match src.id() {
+        crate::device::DevId::Block { major, minor } => format!("{major}-{minor}"),
+        crate::device::DevId::File { dev, ino } => format!("file-{dev}-{ino}"),
+    };
+    state_dir.join(id).join("source-head.bin")
+}
+
+/// One live migration, from CLONE to REDIRECT.
+pub struct Migration {
+    tracker: Arc<dyn Tracker>,
+    src: Arc<Device>,
+    tgt: Arc<Device>,
+    geo: Geometry,
+    opts: MigrateOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<AtomicBool>,
+    limit: Option<Arc<DefaultDirectRateLimiter>>,
+    align: usize,
+    summary: Summary,
+    /// Bytes copied and seconds spent copying, for the rate estimate.
+    copy_bytes: u64,
+    copy_secs: f64,
+}
+
+struct Batch {
+    ops: Vec<RegionOp>,
+}
+
+impl Migration {
+    /// A migration over an attached filter; `status` is its current status.
+    pub fn new(
+        tracker: Arc<dyn Tracker>,
+        src: Arc<Device>,
+        tgt: Arc<Device>,
+        status: &Status,
+        opts: MigrateOptions,
+        progress: Arc<Progress>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<Self, MigrateError> {
+        let geo = Geometry::new(status.source_sectors, status.region_shift).map_err(|_| {
+            Error::RegionSize {
+                region: Bytes(1u64 << status.region_shift.min(63)),
+                block: src.block_size(),
+            }
+        })?;
+        let limit = opts.rate_limit.and_then(|r| {
+            let kib = |b: u64| u32::try_from(b.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+            let per = std::num::NonZeroU32::new(kib(r.0))?;
+            let burst = std::num::NonZeroU32::new(kib(geo.region_bytes()))?;
+            Some(Arc::new(RateLimiter::direct(
+                Quota::per_second(per).allow_burst(burst),
+            )))
+        });
+        let align = src.mem_align().max(tgt.mem_align());
+        Ok(Self {
+            tracker,
+            src,
+            tgt,
+            geo,
+            summary: Summary {
+                regions: geo.regions(),
+                ..Summary::default()
+            },
+            opts,
+            progress,
+            cancel,
+            limit,
+            align,
+            copy_bytes: 0,
+            copy_secs: 0.0,
+        })
+    }
+
+    fn boundary(&self, r: u64) -> bool {
+        r == 0 || r + 1 == self.geo.regions()
+    }
+
+    fn check_mode(&self) -> Result<Status, MigrateError> {
+        let st = self.tracker.status()?;
+        match Mode::from_raw(st.mode) {
+            Some(Mode::Clone) => Ok(st),
+            Some(Mode::Failed) => Err(MigrateError::Failed(failure_text(&st))),
+            Some(Mode::Redirect) => Err(MigrateError::WrongMode("redirect")),
+            None => Err(MigrateError::WrongMode("unknown")),
+        }
+    }
+
+    /// Regions not yet synced.
+    fn unsynced(&self) -> Result<Vec<u64>, MigrateError> {
+        let bits = self.tracker.synced(0, self.geo.regions())?;
+        let list: Vec<u64> = (0..self.geo.regions())
+            .filter(|&r| !bits.get(r as usize).copied().unwrap_or(false))
+            .collect();
+        self.progress.set_unsynced(list.len() as u64);
+        let synced = self.geo.regions() - list.len() as u64;
+        self.progress
+            .set((synced * self.geo.region_bytes()).min(self.geo.bytes()));
+        Ok(list)
+    }
+
+    fn bytes_of(&self, regions: &[u64]) -> u64 {
+        regions
+            .iter()
+            .filter_map(|&r| self.geo.region_span(r))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Copier throughput so far, bytes per second (None before any copy).
+    fn rate(&self) -> Option<f64> {
+        (self.copy_secs > 0.0 && self.copy_bytes > 0)
+            .then(|| self.copy_bytes as f64 / self.copy_secs)
+    }
+
+    /// Zeroes the target's first and last regions.
+    pub async fn wipe_boundaries(&self) -> Result<(), MigrateError> {
+        let mut rs = vec![0];
+        if self.geo.regions() > 1 {
+            rs.push(self.geo.regions() - 1);
+        }
+        for r in rs {
+            let Some((off, len)) = self.geo.region_span(r) else {
+                continue;
+            };
+            let tgt = self.tgt.clone();
+            let align = self.align;
+            tokio::task::spawn_blocking(move || {
+                let zeros = AlignedBuf::new(align, len as usize);
+                tgt.write_all_at(&zeros, off)
+            })
+            .await
+            .map_err(|_| MigrateError::Interrupted)??;
+        }
+        Ok(())
+    }
+
+    /// Copies `regions`: begin, read and write, end. Returns the ops with
+    /// their results.
+    async fn copy_batch(&mut self, regions: &[u64]) -> Result<Batch, MigrateError> {
+        let mut ops: Vec<RegionOp> = regions
+            .iter()
+            .map(|&r| RegionOp {
+                region: r,
+                ..RegionOp::default()
+            })
+            .collect();
+        self.tracker.copy_begin(&mut ops)?;
+        let started = Instant::now();
+        let mut bytes = 0;
+        let mut set = tokio::task::JoinSet::new();
+        let mut bufs: Vec<AlignedBuf> = Vec::new();
+        let mut copied: Vec<usize> = Vec::new();
+        let mut failed: Option<MigrateError> = None;
+        let todo: Vec<usize> = (0..ops.len())
+            .filter(|&i| ops[i].result == abi::REGION_OK)
+            .collect();
+        for &i in &todo {
+            let r = ops[i].region;
+            let Some((off, len)) = self.geo.region_span(r) else {
+                continue;
+            };
+            if set.len() >= self.opts.queue_depth.max(1) {
+                if let Some(res) = set.join_next().await {
+                    Self::collect(res, &mut bufs, &mut copied, &mut failed);
+                }
+            }
+            if let Some(l) = &self.limit {
+                if let Some(c) =
+                    std::num::NonZeroU32::new(u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX))
+                {
+                    let _ = l.until_n_ready(c).await;
+                }
+            }
+            let mut buf = bufs
+                .pop()
+                .unwrap_or_else(|| AlignedBuf::new(self.align, self.geo.region_bytes() as usize));
+            let (src, tgt) = (self.src.clone(), self.tgt.clone());
+            set.spawn_blocking(move || {
+                let n = len as usize;
+                let res = src
+                    .read_exact_at(&mut buf[..n], off)
+                    .and_then(|()| tgt.write_all_at(&buf[..n], off));
+                (i, buf, res)
+            });
+            bytes += len;
+        }
+        while let Some(res) = set.join_next().await {
+            Self::collect(res, &mut bufs, &mut copied, &mut failed);
+        }
+        if let Some(e) = failed {
+            // Nothing is committed: the regions stay unsynced.
+            return Err(e);
+        }
+        self.copy_bytes += bytes;
+        self.copy_secs += started.elapsed().as_secs_f64();
+        self.summary.bytes_copied += bytes;
+        self.progress.add_work(bytes);
+        let mut ends: Vec<RegionOp> = copied.iter().map(|&i| ops[i]).collect();
+        if !ends.is_empty() {
+            self.tracker.copy_end(&mut ends)?;
+        }
+        for e in &ends {
+            if e.result == abi::REGION_CONFLICT {
+                self.summary.recopies += 1;
+                self.progress.add_recopy();
+            }
+        }
+        for o in &ops {
+            if o.result == abi::REGION_BUSY {
+                self.summary.busy += 1;
+            } else if o.result == abi::REGION_NOT_CLONING {
+                return Err(MigrateError::WrongMode("not clone"));
+            }
+        }
+        // Report each op with its final result.
+        let mut out = ops;
+        for (k, &i) in copied.iter().enumerate() {
+            out[i].result = ends[k].result;
+        }
+        Ok(Batch { ops: out })
+    }
+
+    fn collect(
+        res: Result<(usize, AlignedBuf, Result<(), Error>), tokio::task::JoinError>,
+        bufs: &mut Vec<AlignedBuf>,
+        copied: &mut Vec<usize>,
+        failed: &mut Option<MigrateError>,
+    ) {
+        match res {
+            Ok((i, buf, Ok(()))) => {
+                bufs.push(buf);
+                copied.push(i);
+            }
+            Ok((_, buf, Err(e))) => {
+                bufs.push(buf);
+                failed.get_or_insert(MigrateError::Device(e));
+            }
+            Err(_) => {
+                failed.get_or_insert(MigrateError::Interrupted);
+            }
+        }
+    }
+
+    /// Copies every region in `regions` in batches; returns how many committed.
+    async fn copy_all(&mut self, regions: &[u64]) -> Result<u64, MigrateError> {
+        let batch = (self.opts.queue_depth.max(1) * 4).min(abi::REGION_OPS_MAX as usize);
+        let mut committed = 0;
+        for chunk in regions.chunks(batch) {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(MigrateError::Interrupted);
+            }
+            let b = self.copy_batch(chunk).await?;
+            committed += b.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
+        }
+        Ok(committed)
+    }
+
+    /// Saves the source's first region (read now: writes are held) where
+    /// `migrate` can restore it from, durably.
+    async fn save_head(&self) -> Result<PathBuf, MigrateError> {
+        let path = head_path(&self.opts.state_dir, &self.src);
+        let (off, len) = self.geo.region_span(0).unwrap_or((0, 0));
+        let (src, align, p) = (self.src.clone(), self.align, path.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), MigrateError> {
+            let mut buf = AlignedBuf::new(align, len as usize);
+            src.read_exact_at(&mut buf, off)?;
+            let state = |source| MigrateError::State {
+                path: p.clone(),
+                source,
+            };
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).map_err(state)?;
+            }
+            let tmp = p.with_extension("tmp");
+            {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp).map_err(state)?;
+                f.write_all(&buf).map_err(state)?;
+                f.sync_all().map_err(state)?;
+            }
+            std::fs::rename(&tmp, &p).map_err(state)?;
+            if let Some(dir) = p.parent() {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(state)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| MigrateError::Interrupted)??;
+        Ok(path)
+    }
+
+    /// One switch attempt: hold, copy the rest, save the head, switch.
+    /// Returns whether it switched.
+    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
+        let t0 = Instant::now();
+        if let Err(e) = self.tracker.hold_writes(self.opts.hold_timeout_ms) {
+            tracing::warn!(error = %e, "could not hold writes for the switch");
+            self.summary.failed_switches += 1;
+            return Ok(false);
+        }
+        let res: Result<bool, MigrateError> = async {
+            let left = self.unsynced()?;
+            let committed = self.copy_all(&left).await?;
+            if committed != left.len() as u64 {
+                tracing::warn!(
+                    left = left.len(),
+                    committed,
+                    "regions did not commit with writes held"
+                );
+                return Ok(false);
+            }
+            self.summary.saved_head = Some(self.save_head().await?);
+            match self.tracker.switch() {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "switch refused");
+                    Ok(false)
+                }
+            }
+        }
+        .await;
+        match res {
+            Ok(true) => {
+                self.summary.pause_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                self.summary.switched = true;
+                self.progress.set(self.geo.bytes());
+                self.progress.set_unsynced(0);
+                Ok(true)
+            }
+            other => {
+                // Let the writes go; the filter would after its timeout.
+                let _ = self.tracker.release();
+                self.summary.failed_switches += 1;
+                other.map(|_| false)
+            }
+        }
+    }
+
+    /// Runs the migration to the switch (or, with `no_switch`, until every
+    /// region but the two boundary ones is synced).
+    pub async fn run(mut self) -> Result<Summary, MigrateError> {
+        let started = Instant::now();
+        self.check_mode()?;
+        self.wipe_boundaries().await?;
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(MigrateError::Interrupted);
+            }
+            self.check_mode()?;
+            self.summary.rounds += 1;
+            let left = self.unsynced()?;
+            let body: Vec<u64> = left
+                .iter()
+                .copied()
+                .filter(|&r| !self.boundary(r))
+                .collect();
+            if self.opts.no_switch {
+                if body.is_empty() {
+                    break;
+                }
+            } else if let Some(rate) = self.rate() {
+                let est = self.bytes_of(&left) as f64 / rate;
+                if est <= self.opts.max_pause.as_secs_f64() {
+                    self.summary.estimated_pause_ms = Some(est * 1e3);
+                    tracing::info!(unsynced = left.len(), est_ms = est * 1e3, "switching");
+                    if self.try_switch().await? {
+                        break;
+                    }
+                    // Back off a little before trying again.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            } else if body.is_empty() {
+                // Nothing was copied to measure a rate on (a resumed or
+                // tiny migration): time a read of what is left.
+                self.probe_rate(&left).await?;
+                continue;
+            }
+            let committed = self.copy_all(&body).await?;
+            if committed == 0 && !body.is_empty() {
+                // Everything left is busy: let the writes complete.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        self.summary.seconds = started.elapsed().as_secs_f64();
+        Ok(self.summary)
+    }
+
+    /// Times a read of up to two of `regions` from the source and counts it
+    /// as copy work at half the speed (a copy also writes).
+    async fn probe_rate(&mut self, regions: &[u64]) -> Result<(), MigrateError> {
+        let started = Instant::now();
+        let mut bytes = 0;
+        for &r in regions.iter().take(2) {
+            let Some((off, len)) = self.geo.region_span(r) else {
+                continue;
+            };
+            let (src, align) = (self.src.clone(), self.align);
+            tokio::task::spawn_blocking(move || {
+                let mut buf = AlignedBuf::new(align, len as usize);
+                src.read_exact_at(&mut buf, off)
+            })
+            .await
+            .map_err(|_| MigrateError::Interrupted)??;
+            bytes += len;
+        }
+        self.copy_secs += 2.0 * started.elapsed().as_secs_f64().max(1e-6);
+        self.copy_bytes += bytes.max(1);
+        Ok(())
+    }
+}

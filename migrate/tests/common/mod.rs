@@ -1,0 +1,286 @@
+//! A blkmig filter simulated in process, over two image files: the region
+//! protocol of the core crate (the same code the kernel module runs), the
+//! write hold with its timer, the switch with its retire marker, redirect.
+//! Tests send "filesystem" writes through [`SimFilter::write`] while the
+//! real copier runs against it through the [`Tracker`] trait.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use blkmig::core::abi::{self, Mode, RegionOp, Status};
+use blkmig::core::region::{Begin, End, Geometry, RegionMap};
+use blkmig::tracker::{Tracker, TrackerError};
+
+struct State {
+    mode: Mode,
+    holding: bool,
+    /// Bumped by every hold, so a stale timer does not release a new hold.
+    hold_gen: u64,
+    inflight: u64,
+    writes_held: u64,
+}
+
+/// The simulated filter.
+pub struct SimFilter {
+    geo: Geometry,
+    words: Vec<AtomicU64>,
+    src: File,
+    tgt: File,
+    shared: Arc<(Mutex<State>, Condvar)>,
+    conflicts: AtomicU64,
+    busy: AtomicU64,
+    mirrored: AtomicU64,
+    /// The source's first region as it was when the switch overwrote it.
+    pub head_at_switch: Mutex<Option<Vec<u8>>>,
+    /// Longest time a write waited on the hold.
+    pub longest_hold_wait: Mutex<Duration>,
+}
+
+fn err(what: &str, errno: i32) -> TrackerError {
+    TrackerError {
+        what: what.to_owned(),
+        errno,
+    }
+}
+
+impl SimFilter {
+    /// A filter migrating `src` (of `bytes`) to `tgt`, regions of `1 << shift`.
+    pub fn new(src: File, tgt: File, bytes: u64, shift: u32) -> Arc<Self> {
+        let geo = Geometry::new(bytes >> 9, shift).unwrap_or_else(|e| panic!("{e:?}"));
+        Arc::new(Self {
+            geo,
+            words: (0..geo.regions()).map(|_| AtomicU64::new(0)).collect(),
+            src,
+            tgt,
+            shared: Arc::new((
+                Mutex::new(State {
+                    mode: Mode::Clone,
+                    holding: false,
+                    hold_gen: 0,
+                    inflight: 0,
+                    writes_held: 0,
+                }),
+                Condvar::new(),
+            )),
+            conflicts: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
+            mirrored: AtomicU64::new(0),
+            head_at_switch: Mutex::new(None),
+            longest_hold_wait: Mutex::new(Duration::ZERO),
+        })
+    }
+
+    fn map(&self) -> RegionMap<'_> {
+        RegionMap::new(&self.words)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.shared.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn notify(&self) {
+        self.shared.1.notify_all();
+    }
+
+    fn wait<'a>(&self, g: std::sync::MutexGuard<'a, State>) -> std::sync::MutexGuard<'a, State> {
+        self.shared.1.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Geometry of the device.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// Current mode.
+    pub fn mode(&self) -> Mode {
+        self.lock().mode
+    }
+
+    /// A write from the "filesystem" at byte `off`, as the filter's
+    /// submit_bio would see it. Blocks while writes are held.
+    pub fn write(&self, off: u64, data: &[u8]) {
+        let t0 = Instant::now();
+        let mut st = self.lock();
+        if st.holding {
+            st.writes_held += 1;
+            while st.holding {
+                st = self.wait(st);
+            }
+            st.writes_held -= 1;
+            let waited = t0.elapsed();
+            let mut l = self
+                .longest_hold_wait
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *l = (*l).max(waited);
+        }
+        if st.mode == Mode::Redirect {
+            drop(st);
+            self.tgt
+                .write_all_at(data, off)
+                .unwrap_or_else(|e| panic!("target write: {e}"));
+            return;
+        }
+        let regions = self
+            .geo
+            .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
+        let mirror = self.map().write_submit(regions) && st.mode == Mode::Clone;
+        st.inflight += 1;
+        drop(st);
+        self.src
+            .write_all_at(data, off)
+            .unwrap_or_else(|e| panic!("source write: {e}"));
+        if mirror {
+            self.tgt
+                .write_all_at(data, off)
+                .unwrap_or_else(|e| panic!("target write: {e}"));
+            self.mirrored.fetch_add(1, Ordering::Relaxed);
+        }
+        self.map().write_complete(regions);
+        let mut st = self.lock();
+        st.inflight -= 1;
+        self.notify();
+    }
+}
+
+impl Tracker for SimFilter {
+    fn status(&self) -> Result<Status, TrackerError> {
+        let st = self.lock();
+        Ok(Status {
+            version: abi::ABI_VERSION,
+            mode: st.mode as u32,
+            region_shift: self.geo.shift(),
+            flags: if st.holding { abi::STATUS_HOLDING } else { 0 },
+            source_sectors: self.geo.sectors(),
+            target_sectors: self.geo.sectors(),
+            regions_total: self.geo.regions(),
+            regions_synced: self.map().synced_count(),
+            copy_conflicts: self.conflicts.load(Ordering::Relaxed),
+            copy_busy: self.busy.load(Ordering::Relaxed),
+            writes_mirrored: self.mirrored.load(Ordering::Relaxed),
+            writes_held: st.writes_held,
+            ..Status::default()
+        })
+    }
+
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        if self.lock().mode != Mode::Clone {
+            ops.iter_mut()
+                .for_each(|o| o.result = abi::REGION_NOT_CLONING);
+            return Ok(());
+        }
+        for o in ops {
+            (o.word, o.result) = match self.map().copy_begin(o.region) {
+                Some(Begin::Copy(w)) => (w, abi::REGION_OK),
+                Some(Begin::Busy) => {
+                    self.busy.fetch_add(1, Ordering::Relaxed);
+                    (0, abi::REGION_BUSY)
+                }
+                Some(Begin::Synced) => (0, abi::REGION_SYNCED),
+                None => (0, abi::REGION_RANGE),
+            };
+        }
+        Ok(())
+    }
+
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for o in ops {
+            o.result = match self.map().copy_end(o.region, o.word) {
+                Some(End::Committed) => abi::REGION_OK,
+                Some(End::Conflict) => {
+                    self.conflicts.fetch_add(1, Ordering::Relaxed);
+                    abi::REGION_CONFLICT
+                }
+                None => abi::REGION_RANGE,
+            };
+        }
+        Ok(())
+    }
+
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, TrackerError> {
+        Ok((first..(first + count).min(self.geo.regions()))
+            .map(|r| blkmig::core::region::is_synced(self.map().load(r)))
+            .collect())
+    }
+
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), TrackerError> {
+        let timeout = Duration::from_millis(u64::from(timeout_ms));
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        if st.mode != Mode::Clone {
+            return Err(err("not cloning", libc::EINVAL));
+        }
+        st.holding = true;
+        st.hold_gen += 1;
+        let gen = st.hold_gen;
+        // The kernel's timer: release and cancel if the switch does not come.
+        let shared = self.shared.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(timeout);
+            let mut st = shared.0.lock().unwrap_or_else(|e| e.into_inner());
+            if st.holding && st.hold_gen == gen {
+                st.holding = false;
+                shared.1.notify_all();
+            }
+        });
+        while st.inflight > 0 {
+            let now = Instant::now();
+            if now >= deadline || !st.holding {
+                st.holding = false;
+                self.notify();
+                return Err(err("writes in flight did not drain", libc::ETIMEDOUT));
+            }
+            st = self
+                .shared
+                .1
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    fn switch(&self) -> Result<(), TrackerError> {
+        let mut st = self.lock();
+        if !st.holding {
+            return Err(err(
+                "writes are not held (the hold timed out?)",
+                libc::ETIMEDOUT,
+            ));
+        }
+        if !self.map().all_synced() {
+            return Err(err("regions are not synced", libc::EAGAIN));
+        }
+        // Retire the source: marker + zeros over its first region.
+        let (_, len) = self.geo.region_span(0).unwrap_or((0, 0));
+        let mut head = vec![0u8; len as usize];
+        self.src
+            .read_exact_at(&mut head, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        *self
+            .head_at_switch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(head);
+        let mut marker = vec![0u8; len as usize];
+        marker[..16].copy_from_slice(&abi::RETIRE_MAGIC);
+        self.src
+            .write_all_at(&marker, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        st.mode = Mode::Redirect;
+        st.holding = false;
+        self.notify();
+        Ok(())
+    }
+
+    fn release(&self) -> Result<(), TrackerError> {
+        let mut st = self.lock();
+        st.holding = false;
+        self.notify();
+        Ok(())
+    }
+}

@@ -1,0 +1,317 @@
+//! The live-migration engine against the simulated filter, on image files,
+//! with writers running through the filter the whole time.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blkmig::core::abi::{self, Mode};
+use blkmig::device::{Access, Device, Probe};
+use blkmig::migration::{head_path, MigrateError, MigrateOptions, Migration};
+use blkmig::progress::Progress;
+use blkmig::tracker::Tracker;
+use common::SimFilter;
+
+const SIZE: u64 = 24 << 20;
+const SHIFT: u32 = 16; // 64 KiB regions: 384 of them
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    state: std::path::PathBuf,
+    sim: Arc<SimFilter>,
+    src: Arc<Device>,
+    tgt: Arc<Device>,
+    tgt_file: File,
+    /// What the device holds, as the writers see it.
+    shadow: Arc<Mutex<Vec<u8>>>,
+}
+
+fn open_dev(p: &Path, write: bool) -> Arc<Device> {
+    let probe = Probe::new(p).unwrap_or_else(|e| panic!("{e}"));
+    // Buffered: the simulated filter writes through the page cache.
+    Arc::new(
+        Device::open(
+            &probe,
+            Access {
+                write,
+                direct: false,
+                exclusive: false,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    )
+}
+
+fn rig(seed: u64) -> Rig {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (sp, tp) = (dir.path().join("src.img"), dir.path().join("tgt.img"));
+    let data = pattern(SIZE as usize, seed);
+    fs::write(&sp, &data).unwrap_or_else(|e| panic!("{e}"));
+    fs::write(&tp, pattern(SIZE as usize, seed + 1)).unwrap_or_else(|e| panic!("{e}"));
+    let rw = |p: &Path| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let sim = SimFilter::new(rw(&sp), rw(&tp), SIZE, SHIFT);
+    Rig {
+        state: dir.path().join("state"),
+        src: open_dev(&sp, false),
+        tgt: open_dev(&tp, true),
+        tgt_file: rw(&tp),
+        _dir: dir,
+        sim,
+        shadow: Arc::new(Mutex::new(data)),
+    }
+}
+
+fn options(rig: &Rig) -> MigrateOptions {
+    MigrateOptions {
+        queue_depth: 4,
+        rate_limit: None,
+        max_pause: Duration::from_millis(100),
+        no_switch: false,
+        hold_timeout_ms: 5000,
+        state_dir: rig.state.clone(),
+    }
+}
+
+/// Writers: each owns one half of the device and writes random extents
+/// (4 KiB aligned, 4 KiB..200 KiB, spanning regions and reaching the end)
+/// through the filter, mirroring each into the shadow. `hot` makes writer 0
+/// hammer one region instead.
+fn writers(rig: &Rig, stop: Arc<AtomicBool>, hot: bool) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..2u64)
+        .map(|w| {
+            let (sim, shadow, stop) = (rig.sim.clone(), rig.shadow.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let half = SIZE / 2;
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (w + 1);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let (off, len) = if hot && w == 0 {
+                        (5 << SHIFT, 4096)
+                    } else {
+                        let len = 4096 * (1 + (x >> 40) % 50);
+                        let off = (w * half + ((x % half) & !4095)).min(w * half + half - len);
+                        (off, len)
+                    };
+                    let data = pattern(len as usize, x);
+                    sim.write(off, &data);
+                    shadow.lock().unwrap_or_else(|e| e.into_inner())
+                        [off as usize..(off + len) as usize]
+                        .copy_from_slice(&data);
+                    n += 1;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+fn read_all(f: &File) -> Vec<u8> {
+    let mut v = vec![0u8; SIZE as usize];
+    f.read_exact_at(&mut v, 0).unwrap_or_else(|e| panic!("{e}"));
+    v
+}
+
+fn migration(rig: &Rig, opts: MigrateOptions, cancel: Arc<AtomicBool>) -> Migration {
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    Migration::new(
+        rig.sim.clone(),
+        rig.src.clone(),
+        rig.tgt.clone(),
+        &st,
+        opts,
+        Progress::migration(SIZE, st.regions_total),
+        cancel,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn finish(stop: Arc<AtomicBool>, threads: Vec<std::thread::JoinHandle<u64>>) -> u64 {
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    threads
+        .into_iter()
+        .map(|t| t.join().unwrap_or_else(|_| panic!("writer panicked")))
+        .sum()
+}
+
+fn check_switched(rig: &Rig) {
+    assert_eq!(rig.sim.mode(), Mode::Redirect);
+    let shadow = rig.shadow.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let tgt = read_all(&rig.tgt_file);
+    let bad = (0..SIZE as usize).find(|&i| tgt[i] != shadow[i]);
+    assert_eq!(
+        bad, None,
+        "target differs from what the writers wrote (first bad byte)"
+    );
+    // The saved head is what the source held in its first region at the switch.
+    let saved =
+        fs::read(head_path(&rig.state, &rig.src)).unwrap_or_else(|e| panic!("saved head: {e}"));
+    let at_switch = rig
+        .sim
+        .head_at_switch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert_eq!(
+        Some(saved),
+        at_switch,
+        "saved head differs from the source's first region at the switch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrates_under_writes_and_switches() {
+    let rig = rig(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), false);
+    let m = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)));
+    let summary = m.run().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(summary.switched);
+    assert!(summary.pause_ms.is_some());
+    let writes = finish(stop, threads);
+    assert!(writes > 50, "writers made only {writes} writes");
+    check_switched(&rig);
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.writes_mirrored > 0, "no write was ever mirrored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_region_is_left_for_the_switch_window() {
+    let rig = rig(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), true);
+    let m = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)));
+    let summary = m.run().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(summary.switched);
+    finish(stop, threads);
+    check_switched(&rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_switch_keeps_mirroring_and_a_rerun_switches() {
+    let rig = rig(3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), false);
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!s.switched);
+    assert_eq!(rig.sim.mode(), Mode::Clone);
+    let synced = rig.sim.synced(0, 1 << 20).unwrap_or_default();
+    let n = synced.len();
+    assert!(
+        !synced[0] && !synced[n - 1],
+        "boundary regions synced before the switch window"
+    );
+    // The target's first region is wiped, not a copy of the source.
+    let mut head = vec![0u8; 1 << SHIFT];
+    rig.tgt_file
+        .read_exact_at(&mut head, 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        head.iter().all(|&b| b == 0),
+        "target's first region not wiped"
+    );
+    // Resume: a new run finishes the migration.
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    finish(stop, threads);
+    check_switched(&rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_copier_can_be_resumed() {
+    let rig = rig(4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), false);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut opts = options(&rig);
+    opts.rate_limit = Some(blkmig::units::Bytes(8 << 20));
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.store(true, Ordering::Relaxed);
+    });
+    let res = migration(&rig, opts, cancel).run().await;
+    assert!(matches!(res, Err(MigrateError::Interrupted)), "{res:?}");
+    assert_eq!(rig.sim.mode(), Mode::Clone);
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    finish(stop, threads);
+    check_switched(&rig);
+}
+
+/// A copier that dies inside the switch window: the hold times out, the
+/// writers resume by themselves, and a new copier completes the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copier_dead_in_the_switch_window_blocks_writes_only_until_the_timeout() {
+    let rig = rig(5);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), false);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
+    // ...and the copier "dies" here: nobody switches or releases.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        st.flags & abi::STATUS_HOLDING,
+        0,
+        "writes still held after the timeout"
+    );
+    let waited = *rig
+        .sim
+        .longest_hold_wait
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    assert!(
+        waited < Duration::from_millis(600),
+        "a write waited {waited:?}"
+    );
+    assert!(
+        rig.sim.switch().is_err(),
+        "switch accepted after the hold expired"
+    );
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    finish(stop, threads);
+    check_switched(&rig);
+}
