@@ -1,0 +1,301 @@
+//! `stampwriter`: the live writer of the VM scenarios, and its checker.
+//!
+//! `write` rewrites 4 KiB blocks of a file (on the filesystem being
+//! migrated) with O_DIRECT, each stamped with its block number, a sequence
+//! number and a crc32 of the block, until a stop file appears. It keeps the
+//! last sequence written to each block and saves that log when it stops,
+//! with the longest write latency and every write slower than a threshold
+//! (the switch pause, seen from the writer's side).
+//!
+//! `verify` checks, after the migration, that every block of the file holds
+//! exactly its last stamp from the log.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blkmig::buffer::AlignedBuf;
+use clap::{Parser, Subcommand};
+
+const BLOCK: usize = 4096;
+const MAGIC: u32 = 0x424c_4b53; // "BLKS"
+
+#[derive(Parser)]
+#[command(name = "stampwriter")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write stamped blocks until STOP exists.
+    Write {
+        /// The data file (created, BLOCKS * 4 KiB).
+        file: PathBuf,
+        /// Where to save the log of last sequences.
+        log: PathBuf,
+        /// Number of 4 KiB blocks in the file.
+        #[arg(long, default_value_t = 4096)]
+        blocks: u64,
+        /// Stop when this file exists.
+        #[arg(long)]
+        stop: PathBuf,
+        /// Write only this block (a hot region), every other write.
+        #[arg(long)]
+        hot: Option<u64>,
+        /// Pause between writes, microseconds.
+        #[arg(long, default_value_t = 0)]
+        gap_us: u64,
+        /// Report writes slower than this many milliseconds.
+        #[arg(long, default_value_t = 20)]
+        slow_ms: u64,
+        /// Seed of the block choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Check that every block holds its last stamp.
+    Verify {
+        /// The data file.
+        file: PathBuf,
+        /// The log `write` saved.
+        log: PathBuf,
+    },
+}
+
+fn fill(buf: &mut [u8], block: u64, seq: u64) {
+    let mut x =
+        block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seq.wrapping_mul(0xbf58_476d_1ce4_e5b9) | 1;
+    for c in buf[24..].chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    buf[8..16].copy_from_slice(&block.to_le_bytes());
+    buf[16..24].copy_from_slice(&seq.to_le_bytes());
+    let crc = crc32fast::hash(&buf[8..]);
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// (block, seq) of a stamped block, or why it is not one.
+fn stamp(buf: &[u8]) -> Result<(u64, u64), String> {
+    let word = |a: usize| u64::from_le_bytes(buf[a..a + 8].try_into().unwrap_or([0; 8]));
+    let magic = u32::from_le_bytes(buf[0..4].try_into().unwrap_or([0; 4]));
+    if magic != MAGIC {
+        return Err(format!("no stamp (magic {magic:#x})"));
+    }
+    let crc = u32::from_le_bytes(buf[4..8].try_into().unwrap_or([0; 4]));
+    if crc != crc32fast::hash(&buf[8..]) {
+        return Err("crc mismatch (torn or corrupt block)".into());
+    }
+    Ok((word(8), word(16)))
+}
+
+fn open_direct(path: &Path, create: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write(
+    file: &Path,
+    log: &Path,
+    blocks: u64,
+    stop: &Path,
+    hot: Option<u64>,
+    gap: Duration,
+    slow: Duration,
+    seed: u64,
+) -> Result<()> {
+    let f = open_direct(file, true)?;
+    let mut buf = AlignedBuf::new(BLOCK, BLOCK);
+    let mut last = vec![0u64; blocks as usize];
+    // Stamp every block once, so that every block has a known last stamp.
+    let mut seq = 0u64;
+    for b in 0..blocks {
+        seq += 1;
+        fill(&mut buf, b, seq);
+        f.write_all_at(&buf, b * BLOCK as u64)
+            .context("initial write")?;
+        last[b as usize] = seq;
+    }
+    f.sync_all().context("fsync")?;
+    println!(
+        "stampwriter: {blocks} blocks stamped, writing until {} exists",
+        stop.display()
+    );
+    let started = Instant::now();
+    let mut x = seed | 1;
+    let mut worst = Duration::ZERO;
+    let mut worst_at = 0.0;
+    let mut slow_log = Vec::new();
+    let mut writes = 0u64;
+    let mut n = 0u64;
+    while !stop.exists() {
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            n += 1;
+            let b = match hot {
+                Some(h) if n % 2 == 0 => h,
+                _ => x % blocks,
+            };
+            seq += 1;
+            fill(&mut buf, b, seq);
+            let t0 = Instant::now();
+            f.write_all_at(&buf, b * BLOCK as u64)
+                .with_context(|| format!("write block {b}"))?;
+            let dt = t0.elapsed();
+            last[b as usize] = seq;
+            writes += 1;
+            if dt > worst {
+                worst = dt;
+                worst_at = started.elapsed().as_secs_f64();
+            }
+            if dt >= slow {
+                slow_log.push((started.elapsed().as_secs_f64(), dt));
+            }
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
+        }
+    }
+    f.sync_all().context("fsync")?;
+    let mut out = File::create(log).with_context(|| format!("create {}", log.display()))?;
+    for (b, s) in last.iter().enumerate() {
+        writeln!(out, "{b} {s}")?;
+    }
+    out.sync_all()?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "stampwriter: {writes} writes in {secs:.1}s ({:.0}/s), longest write {:.1} ms at {worst_at:.2}s, {} writes >= {} ms",
+        writes as f64 / secs,
+        worst.as_secs_f64() * 1e3,
+        slow_log.len(),
+        slow.as_millis()
+    );
+    for (at, dt) in slow_log.iter().take(20) {
+        println!(
+            "stampwriter: slow write at {at:.2}s: {:.1} ms",
+            dt.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "STAMPWRITER-MAX-LATENCY-MS {:.1}",
+        worst.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn verify(file: &Path, log: &Path) -> Result<()> {
+    let f = open_direct(file, false)?;
+    let text = std::fs::read_to_string(log).with_context(|| format!("read {}", log.display()))?;
+    let mut buf = AlignedBuf::new(BLOCK, BLOCK);
+    let mut bad = 0;
+    let mut n = 0;
+    for line in text.lines() {
+        let mut it = line.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(b)), Some(Ok(want))) = (it.next(), it.next()) else {
+            bail!("bad log line {line:?}");
+        };
+        f.read_exact_at(&mut buf, b * BLOCK as u64)
+            .with_context(|| format!("read block {b}"))?;
+        n += 1;
+        match stamp(&buf) {
+            Ok((blk, seq)) if blk == b && seq == want => {}
+            Ok((blk, seq)) => {
+                bad += 1;
+                if bad <= 10 {
+                    eprintln!(
+                        "block {b}: holds stamp (block {blk}, seq {seq}), expected seq {want}"
+                    );
+                }
+            }
+            Err(why) => {
+                bad += 1;
+                if bad <= 10 {
+                    eprintln!("block {b}: {why}");
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} of {n} blocks do not hold their last stamp");
+    }
+    println!("stampwriter: all {n} blocks hold their last stamp");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Write {
+            file,
+            log,
+            blocks,
+            stop,
+            hot,
+            gap_us,
+            slow_ms,
+            seed,
+        } => write(
+            &file,
+            &log,
+            blocks,
+            &stop,
+            hot,
+            Duration::from_micros(gap_us),
+            Duration::from_millis(slow_ms),
+            seed,
+        ),
+        Cmd::Verify { file, log } => verify(&file, &log),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_detect_damage() {
+        let mut b = vec![0u8; BLOCK];
+        fill(&mut b, 7, 42);
+        assert_eq!(stamp(&b), Ok((7, 42)));
+        b[100] ^= 1;
+        assert!(stamp(&b).is_err());
+        assert!(stamp(&[0u8; BLOCK]).is_err());
+    }
+
+    #[test]
+    fn verify_finds_a_stale_block() {
+        let dir = std::env::temp_dir().join(format!("stampwriter-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_default();
+        let (file, log) = (dir.join("data"), dir.join("log"));
+        let mut data = vec![0u8; 3 * BLOCK];
+        for (b, s) in [(0u64, 5u64), (1, 6), (2, 7)] {
+            fill(
+                &mut data[b as usize * BLOCK..(b as usize + 1) * BLOCK],
+                b,
+                s,
+            );
+        }
+        std::fs::write(&file, &data).unwrap_or_default();
+        std::fs::write(&log, "0 5\n1 6\n2 7\n").unwrap_or_default();
+        let ok = verify(&file, &log);
+        std::fs::write(&log, "0 5\n1 9\n2 7\n").unwrap_or_default();
+        let stale = verify(&file, &log);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(ok.is_ok(), "a correct file was reported bad: {ok:?}");
+        assert!(stale.is_err(), "a stale block was not reported");
+    }
+}
