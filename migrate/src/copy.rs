@@ -101,6 +101,22 @@ fn limiter(rate: Option<Bytes>, region: u64) -> Option<Arc<DefaultDirectRateLimi
     )))
 }
 
+/// Waits until the rate limit lets `len` more bytes go, or until `cancel`.
+pub async fn pace(limit: &DefaultDirectRateLimiter, len: u64, cancel: &AtomicBool) -> Result<()> {
+    let Some(cells) = NonZeroU32::new(u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX)) else {
+        return Ok(());
+    };
+    let cancelled = async {
+        while !cancel.load(Ordering::Relaxed) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = limit.until_n_ready(cells) => Ok(()),
+        () = cancelled => Err(Error::Interrupted),
+    }
+}
+
 /// Work done on one region by a worker, on the blocking pool: given the
 /// buffer, region index, byte offset and length, returns the region's crc32
 /// and how many bytes were written (as opposed to zeroed).
@@ -145,10 +161,7 @@ pub async fn for_each_region(
                     break;
                 };
                 if let Some(l) = &limit {
-                    let cells = u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX);
-                    if let Some(c) = NonZeroU32::new(cells) {
-                        let _ = l.until_n_ready(c).await;
-                    }
+                    pace(l, len, &cancel).await?;
                 }
                 let mut b = buf.take().ok_or(Error::Interrupted)?;
                 let f = f.clone();

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -160,15 +160,15 @@ fn interval(p: &ProgressArgs) -> Result<Duration> {
         })
 }
 
-fn cancel_on_ctrl_c() -> Arc<AtomicBool> {
+/// A flag that SIGINT and SIGTERM set. The handler only stores to the
+/// flag (no sockets, no threads), so it works on any kernel.
+fn cancel_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     let cancel = Arc::new(AtomicBool::new(false));
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            c.store(true, Ordering::Relaxed);
-        }
-    });
-    cancel
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, cancel.clone())
+            .context("cannot install a signal handler")?;
+    }
+    Ok(cancel)
 }
 
 /// Probes both paths and refuses, before anything is opened for writing,
@@ -202,7 +202,7 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
     let (style, every) = (style(&a.progress), interval(&a.progress)?);
     tracing::info!(source = %a.source.display(), target = %a.target.display(),
         size = src.size().0, region = opts.region_size.0, depth = opts.queue_depth, "copy starts");
-    let cancel = cancel_on_ctrl_c();
+    let cancel = cancel_on_ctrl_c()?;
     let progress = Progress::new("copy", src.size().0);
     let rep = Reporter::start(progress.clone(), style, every);
     let res = copy::copy(src.clone(), tgt.clone(), &opts, progress, cancel.clone()).await;
@@ -362,7 +362,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     let tgt = Arc::new(Device::open(&tp, direct(true))?);
     let st = f.status()?;
     let tracker: Arc<dyn Tracker> = Arc::new(f);
-    let cancel = cancel_on_ctrl_c();
+    let cancel = cancel_on_ctrl_c()?;
     let progress = Progress::migration(st.source_sectors << 9, st.regions_total);
     let style = style(&a.progress);
     let rep = Reporter::start(progress.clone(), style, interval(&a.progress)?);
@@ -430,6 +430,12 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn cmd_detach(source: &Path) -> Result<()> {
+    Filtered::open(source)?.detach()?;
+    eprintln!("blkmig detached from {}", source.display());
     Ok(())
 }
 
@@ -554,30 +560,21 @@ fn init_tracing(verbose: u8) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("migrate: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    // Only the commands that copy need the async runtime.
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
     };
-    let res = rt.block_on(async {
-        match cli.cmd {
-            Cmd::Copy(a) => cmd_copy(a).await,
-            Cmd::Start(a) => cmd_start(a).await,
-            Cmd::Abort { source } => cmd_abort(&source),
-            Cmd::Attach(a) => cmd_attach(a),
-            Cmd::Detach { source } => {
-                Filtered::open(&source)?.detach()?;
-                eprintln!("blkmig detached from {}", source.display());
-                Ok(())
-            }
-            Cmd::Status { source, json } => cmd_status(&source, json),
-        }
-    });
+    let res = match cli.cmd {
+        Cmd::Copy(a) => runtime().and_then(|rt| rt.block_on(cmd_copy(a))),
+        Cmd::Start(a) => runtime().and_then(|rt| rt.block_on(cmd_start(a))),
+        Cmd::Abort { source } => cmd_abort(&source),
+        Cmd::Attach(a) => cmd_attach(a),
+        Cmd::Detach { source } => cmd_detach(&source),
+        Cmd::Status { source, json } => cmd_status(&source, json),
+    };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -302,11 +302,9 @@ impl Migration {
                 }
             }
             if let Some(l) = &self.limit {
-                if let Some(c) =
-                    std::num::NonZeroU32::new(u32::try_from(len.div_ceil(1024)).unwrap_or(u32::MAX))
-                {
-                    let _ = l.until_n_ready(c).await;
-                }
+                // Interrupted: nothing of this batch is committed, so every
+                // region in it stays unsynced; that is safe.
+                crate::copy::pace(l, len, &self.cancel).await?;
             }
             let mut buf = bufs
                 .pop()

@@ -298,3 +298,26 @@ async fn verify_reports_the_region_that_differs() {
         other => panic!("expected a mismatch in region 2, got {other:?}"),
     }
 }
+
+#[test]
+fn ctrl_c_stops_a_copy_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let src = image(dir.path(), "src.img", &pattern(8 << 20, 14));
+    let tgt = image(dir.path(), "tgt.img", &vec![0; 8 << 20]);
+    let child = Command::new(env!("CARGO_BIN_EXE_migrate"))
+        .args(["copy", "-q", "--rate-limit", "1M"])
+        .arg(&src)
+        .arg(&tgt)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::INT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let o = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!o.status.success(), "an interrupted copy exited 0");
+    assert!(stderr(&o).contains("interrupted"), "{}", stderr(&o));
+}
