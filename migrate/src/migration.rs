@@ -78,7 +78,7 @@ pub struct Summary {
 pub enum MigrateError {
     /// Device I/O.
     #[error(transparent)]
-    Device(#[from] Error),
+    Device(Error),
     /// The filter refused a request.
     #[error(transparent)]
     Filter(#[from] TrackerError),
@@ -102,6 +102,15 @@ pub enum MigrateError {
     /// Cancelled (Ctrl-C).
     #[error("interrupted")]
     Interrupted,
+}
+
+impl From<Error> for MigrateError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Interrupted => MigrateError::Interrupted,
+            e => MigrateError::Device(e),
+        }
+    }
 }
 
 /// A mode number as a word.
@@ -368,7 +377,7 @@ impl Migration {
             }
             Ok((_, buf, Err(e))) => {
                 bufs.push(buf);
-                failed.get_or_insert(MigrateError::Device(e));
+                failed.get_or_insert(e.into());
             }
             Err(_) => {
                 failed.get_or_insert(MigrateError::Interrupted);
