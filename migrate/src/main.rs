@@ -267,6 +267,22 @@ fn attach(a: &AttachArgs) -> Result<Probe> {
             );
         }
     }
+    // A source that is already being migrated: say so before anything else
+    // (its target is, rightly, busy).
+    if let Ok(st) = Filtered::open(&a.source)?.status() {
+        return Err(blkmig::filter::FilterError {
+            path: a.source.clone(),
+            what: "cannot attach blkmig",
+            meaning: format!(
+                "blkmig is already attached to this device, in {} mode, migrating to device {}:{}",
+                migration::mode_name(st.mode),
+                st.target_major,
+                st.target_minor
+            ),
+            errno: libc::EALREADY,
+        }
+        .into());
+    }
     // The target must be unused: blkmig will own it. The source is live.
     tp.check_unused()?;
     let shared = Access {
