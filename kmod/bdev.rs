@@ -51,8 +51,16 @@ impl BlockDevice {
         unsafe { &*ptr.cast::<Self>() }
     }
 
-    fn as_ptr(&self) -> *mut bindings::block_device {
+    /// The raw `struct block_device`.
+    pub(crate) fn as_ptr(&self) -> *mut bindings::block_device {
         self.0.get()
+    }
+
+    /// How many times the device is open (`bd_openers`).
+    pub(crate) fn openers(&self) -> i32 {
+        // SAFETY: The device is valid; `bd_openers` is an `atomic_t`, read
+        // once without a lock (a snapshot is all the caller needs).
+        unsafe { core::ptr::read_volatile(&(*self.as_ptr()).bd_openers.counter) }
     }
 
     /// Device number.
@@ -127,6 +135,16 @@ impl Bio {
     pub(crate) unsafe fn from_raw<'a>(ptr: *mut bindings::bio) -> &'a Self {
         // SAFETY: Transparent wrapper; validity guaranteed by the caller.
         unsafe { &*ptr.cast::<Self>() }
+    }
+
+    /// The raw `struct bio`.
+    pub(crate) fn as_ptr(&self) -> *mut bindings::bio {
+        self.0.get()
+    }
+
+    /// Whether the submitter asked not to block (`REQ_NOWAIT`).
+    pub(crate) fn is_nowait(&self) -> bool {
+        self.opf() & bindings::REQ_NOWAIT != 0
     }
 
     fn opf(&self) -> u32 {

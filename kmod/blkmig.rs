@@ -5,6 +5,10 @@
 //! attaches it to a live source device with `BLKFILTER_ATTACH`, naming the
 //! target; see `docs/kernel.md`.
 
+// `try_pin_init!` over the migration's many fields nests deeper than the
+// default limit.
+#![recursion_limit = "256"]
+
 use kernel::prelude::*;
 
 // The protocol core, shared unchanged with the userspace crate. It refers
@@ -29,6 +33,7 @@ mod sync;
 
 mod bdev;
 mod filter;
+mod io;
 mod migration;
 
 module! {

@@ -445,14 +445,19 @@ impl Migration {
             return Ok(false);
         }
         let res: Result<bool, MigrateError> = async {
-            let left = self.unsynced()?;
-            let committed = self.copy_all(&left).await?;
-            if committed != left.len() as u64 {
-                tracing::warn!(
-                    left = left.len(),
-                    committed,
-                    "regions did not commit with writes held"
-                );
+            // Writes are held, but the copier's own reads may force page-cache
+            // writeback of the source, which is let through and can race a
+            // copy: copy again what did not commit, a few times.
+            let mut left = self.unsynced()?;
+            for _ in 0..4 {
+                if left.is_empty() {
+                    break;
+                }
+                self.copy_all(&left).await?;
+                left = self.unsynced()?;
+            }
+            if !left.is_empty() {
+                tracing::warn!(left = left.len(), "regions did not commit with writes held");
                 return Ok(false);
             }
             self.summary.saved_head = Some(self.save_head().await?);

@@ -210,6 +210,9 @@ impl Failure {
 
 /// `Status::flags` bit: writes are currently held for a switch.
 pub const STATUS_HOLDING: u32 = 1 << 0;
+/// `Status::flags` bit: the switch could not write the retire marker on the
+/// source (it switched anyway; the source is not marked).
+pub const STATUS_RETIRE_FAILED: u32 = 1 << 1;
 
 /// Reply of [`CtlCmd::Status`].
 #[repr(C)]
