@@ -86,6 +86,19 @@ pub enum Refusal {
     Empty,
 }
 
+impl Refusal {
+    /// The errno the kernel uses for the same refusal.
+    pub fn errno_name(&self) -> &'static str {
+        match self {
+            Refusal::NotADevice => "ENOTBLK",
+            Refusal::Mounted(_) | Refusal::Busy | Refusal::LoopBacking(_) => "EBUSY",
+            Refusal::SameDevice(_) | Refusal::Overlaps(_) => "EXDEV",
+            Refusal::TooSmall { .. } => "ENOSPC",
+            Refusal::UnalignedSize { .. } | Refusal::Empty => "EINVAL",
+        }
+    }
+}
+
 /// An error of device work.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -102,8 +115,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A refusal: nothing was changed.
-    #[error("{path} {reason}", path = .path.display())]
+    /// A refusal: nothing was changed. The errno name matches what the
+    /// kernel returns for the same refusal, for automation to match on.
+    #[error("{path} {reason} ({name})", path = .path.display(), name = .reason.errno_name())]
     Refused {
         /// The device refused.
         path: PathBuf,
