@@ -66,6 +66,15 @@ if [ $need_kernel = 1 ]; then
 	fi
 fi
 
+if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
+	# shellcheck source=/dev/null
+	. "$HOME/.cargo/env"
+fi
+if ! command -v cargo >/dev/null; then
+	log "no cargo found: blkmig's userspace needs a Rust toolchain >= 1.95 (rustup)"
+	exit 1
+fi
+
 if [ $need_user = 1 ]; then
 	rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
 fi
