@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Build the initramfs the VM tests boot: busybox-static, e2fsprogs (with their libraries),
+# /etc/passwd with root and an unprivileged user (uid 1000), blkmig.ko, the static `migrate`
+# binary, the static `stampwriter` (tests/tools, for the live-* scenarios), tests/vm/lib.sh,
+# tests/vm/live-lib.sh, tests/vm/scenarios/*.sh and tests/vm/init as /init.
+#
+#   tests/vm/mkinitramfs.sh OUT.cpio.gz [--module KO|none] [--migrate BIN|none] [--stampwriter BIN|none]
+#
+# Defaults: --module kmod/blkmig.ko, --migrate target/x86_64-unknown-linux-gnu/release/migrate.
+# `none` leaves the file out (scenarios that need it then fail in the guest).
+# Without --stampwriter, when migrate is included, stampwriter is built here (static, like
+# migrate: cargo -p blkmig-testtools) and included; if that build fails it is left out.
+# The scenario to run is chosen at boot time (kernel command line), so one image serves all.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+vm="$repo/tests/vm"
+log() { printf 'mkinitramfs: %s\n' "$*" >&2; }
+die() {
+	log "error: $*"
+	exit 1
+}
+
+[ $# -ge 1 ] || die "usage: $0 OUT.cpio.gz [--module KO|none] [--migrate BIN|none]"
+out=$1
+shift
+module="$repo/kmod/blkmig.ko"
+migrate="$repo/target/x86_64-unknown-linux-gnu/release/migrate"
+stampwriter=auto
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--module) module=$2; shift 2 ;;
+	--migrate) migrate=$2; shift 2 ;;
+	--stampwriter) stampwriter=$2; shift 2 ;;
+	*) die "unknown argument $1" ;;
+	esac
+done
+
+if [ "$module" != none ] && [ ! -f "$module" ]; then
+	die "module $module does not exist: build it with scripts/build-module.sh (or pass --module none)"
+fi
+if [ "$migrate" != none ]; then
+	[ -f "$migrate" ] || die "migrate binary $migrate does not exist yet: build it with
+  RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release --target x86_64-unknown-linux-gnu -p migrate --bins
+(or pass --migrate none)"
+	if readelf -l "$migrate" 2>/dev/null | grep -q 'Requesting program interpreter'; then
+		die "$migrate is dynamically linked; build it with RUSTFLAGS=\"-C target-feature=+crt-static\""
+	fi
+fi
+if [ "$stampwriter" = auto ]; then
+	stampwriter=none
+	if [ "$migrate" != none ]; then
+		if (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build -q --release \
+			--target x86_64-unknown-linux-gnu -p blkmig-testtools) >&2; then
+			stampwriter="$repo/target/x86_64-unknown-linux-gnu/release/stampwriter"
+		else
+			log "warning: the static stampwriter did not build; the live-* scenarios will fail"
+		fi
+	fi
+fi
+[ "$stampwriter" = none ] || [ -f "$stampwriter" ] || die "stampwriter binary $stampwriter does not exist"
+busybox=$(command -v busybox) || die "busybox-static is not installed: run scripts/setup-toolchain.sh"
+readelf -l "$busybox" | grep -q 'Requesting program interpreter' && die "$busybox is not static (install busybox-static)"
+
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+chmod 0755 "$root"
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,mnt,root,home/user,lib64,tests/scenarios}
+chmod 1777 "$root/tmp"
+
+# busybox and its applets
+cp "$busybox" "$root/bin/busybox"
+"$busybox" --list-full | while read -r applet; do
+	[ -e "$root/$applet" ] || ln -s /bin/busybox "$root/$applet"
+done
+
+# Debian binaries (dynamically linked): copy them and every library ldd lists, plus the loader.
+copy_with_libs() {
+	local bin=$1 dest=$2 lib
+	cp -L "$bin" "$root$dest"
+	for lib in $(ldd "$bin" | grep -oE '/[^ ]+'); do
+		mkdir -p "$root$(dirname "$lib")"
+		[ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
+	done
+}
+for tool in mke2fs e2fsck blkid dumpe2fs sfdisk; do
+	p=$(command -v "$tool" 2>/dev/null) || {
+		[ "$tool" = sfdisk ] && continue # optional: busybox fdisk and lib.sh's MBR writer suffice
+		die "$tool not found (install e2fsprogs)"
+	}
+	rm -f "$root/usr/sbin/$tool" "$root/sbin/$tool"
+	copy_with_libs "$p" "/usr/sbin/$tool"
+done
+for alias in mkfs.ext4:mke2fs fsck.ext4:e2fsck; do
+	rm -f "$root/sbin/${alias%%:*}" "$root/usr/sbin/${alias%%:*}"
+	ln -s "${alias#*:}" "$root/usr/sbin/${alias%%:*}"
+done
+[ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+
+cat >"$root/etc/passwd" <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+user:x:1000:1000:unprivileged test user:/home/user:/bin/sh
+EOF
+cat >"$root/etc/group" <<'EOF'
+root:x:0:
+user:x:1000:
+EOF
+chown 1000:1000 "$root/home/user"
+echo blkmig-vm >"$root/etc/hostname"
+
+[ "$module" != none ] && cp "$module" "$root/blkmig.ko"
+[ "$migrate" != none ] && install -m 0755 "$migrate" "$root/usr/bin/migrate"
+[ "$stampwriter" != none ] && install -m 0755 "$stampwriter" "$root/usr/bin/stampwriter"
+
+install -m 0755 "$vm/init" "$root/init"
+install -m 0644 "$vm/lib.sh" "$root/tests/lib.sh"
+[ -f "$vm/live-lib.sh" ] && install -m 0644 "$vm/live-lib.sh" "$root/tests/live-lib.sh"
+for s in "$vm"/scenarios/*.sh; do install -m 0755 "$s" "$root/tests/scenarios/"; done
+
+# /dev/console must exist before /init runs, or init has no stdout.
+mknod -m 0600 "$root/dev/console" c 5 1 2>/dev/null || log "warning: cannot mknod /dev/console (not root?); /init reopens it"
+
+mkdir -p "$(dirname "$out")"
+(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) | gzip -1 >"$out.tmp"
+mv "$out.tmp" "$out"
+log "wrote $out ($(stat -c %s "$out") bytes; module: $([ "$module" = none ] && echo no || echo yes), migrate: $([ "$migrate" = none ] && echo no || echo yes), stampwriter: $([ "$stampwriter" = none ] && echo no || echo yes))"

@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Run the blkmig VM scenarios: build (cached) kernel, module, static migrate and initramfs, then
+# boot one QEMU (TCG) guest per scenario on fresh file-backed virtio disks and judge it from the
+# serial log.
+#
+#   tests/vm/run.sh [scenario...]       default: every tests/vm/scenarios/*.sh
+#   tests/vm/run.sh --list
+#
+# Environment: BLKMIG_VM_SMP (default 2), BLKMIG_VM_MEM (512M), BLKMIG_VM_KEEP_DISKS=1 (keep the
+# disk images of every scenario under target/vm/), BLKMIG_CACHE (kernel cache, see
+# scripts/build-kernel.sh).
+#
+# Output: one line per scenario, then exactly "N passed, M failed" alone on a line; exit status
+# non-zero if anything failed. Serial logs: target/vm-logs/<scenario>.log.
+set -uo pipefail
+
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+vm="$repo/tests/vm"
+logs="$repo/target/vm-logs"
+smp=${BLKMIG_VM_SMP:-2}
+mem=${BLKMIG_VM_MEM:-512M}
+migrate_bin="$repo/target/x86_64-unknown-linux-gnu/release/migrate"
+vm_lock=/tmp/blkmig-vm.lock
+
+say() { printf '%s\n' "$*"; }
+log() { printf 'vm: %s\n' "$*" >&2; }
+now() { date +%s.%N; }
+since() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
+
+# header VALUE of "# KEY: VALUE" in a scenario file
+header() { sed -n "s/^# $2:[[:space:]]*//p" "$1" | head -n1; }
+
+if [ "${1:-}" = --list ]; then
+	for f in "$vm"/scenarios/*.sh; do
+		printf '%-20s disks: %-14s needs: %s\n' "$(basename "$f" .sh)" "$(header "$f" disks)" "$(header "$f" needs)"
+	done
+	exit 0
+fi
+
+names=()
+if [ $# -gt 0 ]; then
+	for n in "$@"; do
+		n=$(basename "$n" .sh)
+		[ -f "$vm/scenarios/$n.sh" ] || {
+			log "no such scenario: $n (see tests/vm/run.sh --list)"
+			exit 2
+		}
+		names+=("$n")
+	done
+else
+	for f in "$vm"/scenarios/*.sh; do names+=("$(basename "$f" .sh)"); done
+fi
+
+need_module=0 need_migrate=0
+for n in "${names[@]}"; do
+	case " $(header "$vm/scenarios/$n.sh" needs) " in *" module "*) need_module=1 ;; esac
+	case " $(header "$vm/scenarios/$n.sh" needs) " in *" migrate "*) need_migrate=1 ;; esac
+done
+
+mkdir -p "$logs" "$repo/target/vm"
+timings=()
+t_all=$(now)
+
+# --- builds ---------------------------------------------------------------------------------
+t=$(now)
+kdir_expected=$("$repo/scripts/build-kernel.sh" --print-dir) || exit 1
+kstate=built
+[ -f "$kdir_expected/.blkmig-built" ] && kstate=cached
+if ! kdir=$("$repo/scripts/build-kernel.sh"); then
+	log "kernel build failed"
+	say "0 passed, ${#names[@]} failed"
+	exit 1
+fi
+timings+=("kernel ($kstate): $(since "$t")s")
+bzimage="$kdir/arch/x86/boot/bzImage"
+
+module_arg=none module_err=
+if [ $need_module = 1 ]; then
+	t=$(now)
+	if ko=$(BLKMIG_KERNEL_TREE=$kdir "$repo/scripts/build-module.sh" 2>"$logs/build-module.log"); then
+		module_arg=$ko
+		timings+=("module: $(since "$t")s")
+	else
+		module_err="module build failed (see $logs/build-module.log)"
+		log "$module_err"
+		tail -n 20 "$logs/build-module.log" >&2
+	fi
+fi
+
+migrate_arg=none migrate_err=
+if [ $need_migrate = 1 ]; then
+	t=$(now)
+	if (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release \
+		--target x86_64-unknown-linux-gnu -p migrate --bins) >"$logs/build-migrate.log" 2>&1 &&
+		[ -x "$migrate_bin" ]; then
+		migrate_arg=$migrate_bin
+		timings+=("migrate (static): $(since "$t")s")
+	else
+		migrate_err="static migrate build failed (see $logs/build-migrate.log)"
+		log "$migrate_err"
+		tail -n 20 "$logs/build-migrate.log" >&2
+	fi
+fi
+
+t=$(now)
+work=$(mktemp -d "$repo/target/vm/run.XXXXXX")
+trap '[ "${BLKMIG_VM_KEEP_DISKS:-0}" = 1 ] || rm -rf "$work"' EXIT
+initrd="$work/initramfs.cpio.gz"
+cp "$bzimage" "$work/bzImage" # the cache keeps two trees: do not depend on this one staying
+bzimage="$work/bzImage"
+if ! "$vm/mkinitramfs.sh" "$initrd" --module "$module_arg" --migrate "$migrate_arg"; then
+	log "initramfs build failed"
+	say "0 passed, ${#names[@]} failed"
+	exit 1
+fi
+timings+=("initramfs: $(since "$t")s")
+
+# --- scenarios ------------------------------------------------------------------------------
+oops_re='BUG:|WARNING: CPU|Oops|Call Trace|Kernel panic|general protection fault|kernel BUG at|panicked at'
+passed=0 failed=0
+results=()
+for n in "${names[@]}"; do
+	f="$vm/scenarios/$n.sh"
+	needs=" $(header "$f" needs) "
+	reason=
+	case "$needs" in *" module "*) [ -n "$module_err" ] && reason=$module_err ;; esac
+	case "$needs" in *" migrate "*) [ -n "$migrate_err" ] && reason=${reason:-$migrate_err} ;; esac
+	t=$(now)
+	logf="$logs/$n.log"
+	if [ -z "$reason" ]; then
+		limit=$(header "$f" timeout)
+		limit=${limit:-300}
+		disks=$(header "$f" disks)
+		disks=${disks:-256M 256M}
+		mkdir -p "$work/$n"
+		drives=()
+		letter=a
+		for size in $disks; do
+			img="$work/$n/vd$letter.img"
+			rm -f "$img"
+			truncate -s "$size" "$img"
+			drives+=(-drive "file=$img,if=virtio,format=raw,cache=writeback,discard=unmap")
+			letter=$(echo "$letter" | tr 'a-y' 'b-z')
+		done
+		# One VM at a time on this machine, also across concurrent run.sh invocations (2 cores:
+		# parallel TCG guests only slow each other down and distort the timings).
+		exec 9>"$vm_lock"
+		if ! flock -n 9; then
+			log "$n: waiting for $vm_lock (another VM test is running)"
+			flock 9
+		fi
+		t=$(now)
+		timeout --foreground -k 5 $((limit + 60)) qemu-system-x86_64 -accel tcg -smp "$smp,sockets=$smp" -m "$mem" \
+			-nographic -no-reboot -kernel "$bzimage" -initrd "$initrd" \
+			-append "console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit" \
+			"${drives[@]}" </dev/null >"$work/$n.log" 2>&1
+		qrc=$?
+		exec 9>&-
+		# Written whole at the end: concurrent runs never interleave inside one log.
+		cp "$work/$n.log" "$logf.$$" && mv -f "$logf.$$" "$logf"
+		[ "${BLKMIG_VM_KEEP_DISKS:-0}" = 1 ] || rm -rf "${work:?}/$n"
+		clean=$(tr -d '\r' <"$work/$n.log")
+		oops=$(grep -m1 -E "$oops_re" <<<"$clean")
+		if grep -qx "BLKMIG-VM-RESULT: PASS $n" <<<"$clean" && [ -z "$oops" ]; then
+			reason=
+		elif [ -n "$oops" ]; then
+			reason="log: $oops"
+		elif r=$(grep -m1 "^BLKMIG-VM-RESULT: FAIL $n " <<<"$clean"); then
+			reason=${r#BLKMIG-VM-RESULT: FAIL $n }
+		elif [ $qrc -eq 124 ] || [ $qrc -eq 137 ]; then
+			reason="no result line: QEMU killed after $((limit + 60))s"
+		else
+			reason="no result line (QEMU exit $qrc)"
+		fi
+	else
+		echo "not run: $reason" >"$logf.$$" && mv -f "$logf.$$" "$logf"
+	fi
+	secs=$(since "$t")
+	if [ -z "$reason" ]; then
+		passed=$((passed + 1))
+		line=$(printf 'PASS  %-20s %6ss' "$n" "$secs")
+	else
+		failed=$((failed + 1))
+		line=$(printf 'FAIL  %-20s %6ss  %s  [%s]' "$n" "$secs" "$reason" "${logf#"$repo"/}")
+	fi
+	say "$line"
+done
+
+log "timings: ${timings[*]/%/;} total $(since "$t_all")s"
+say "$passed passed, $failed failed"
+[ $failed -eq 0 ]
