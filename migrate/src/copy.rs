@@ -69,7 +69,7 @@ pub fn geometry(src: &Device, tgt: &Device, region_size: Bytes) -> Result<Geomet
         region: region_size,
         block,
     };
-    if !region_size.0.is_power_of_two() || region_size.0 % u64::from(block) != 0 {
+    if !region_size.0.is_power_of_two() || !region_size.0.is_multiple_of(u64::from(block)) {
         return Err(bad());
     }
     Geometry::new(src.size().sectors().0, region_size.0.trailing_zeros()).map_err(|_| bad())

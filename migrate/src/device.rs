@@ -271,7 +271,7 @@ impl Device {
         if size == 0 {
             return Err(Error::refused(path, Refusal::Empty));
         }
-        if size % u64::from(block_size) != 0 {
+        if !size.is_multiple_of(u64::from(block_size)) {
             return Err(Error::refused(
                 path,
                 Refusal::UnalignedSize {

@@ -49,6 +49,9 @@ pub enum Refusal {
     /// Neither a block device nor a regular file.
     #[error("is not a block device or a regular file")]
     NotADevice,
+    /// Live migration needs a block device.
+    #[error("is not a block device: live migration moves block devices (use `migrate copy` for image files)")]
+    NotBlock,
     /// Mounted (we know where).
     #[error("is mounted on {0}")]
     Mounted(String),
@@ -90,7 +93,7 @@ impl Refusal {
     /// The errno the kernel uses for the same refusal.
     pub fn errno_name(&self) -> &'static str {
         match self {
-            Refusal::NotADevice => "ENOTBLK",
+            Refusal::NotADevice | Refusal::NotBlock => "ENOTBLK",
             Refusal::Mounted(_) | Refusal::Busy | Refusal::LoopBacking(_) => "EBUSY",
             Refusal::SameDevice(_) | Refusal::Overlaps(_) => "EXDEV",
             Refusal::TooSmall { .. } => "ENOSPC",

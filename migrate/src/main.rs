@@ -262,9 +262,7 @@ fn attach(a: &AttachArgs) -> Result<Probe> {
     let (sp, tp) = probe_pair(&a.source, &a.target)?;
     for p in [&sp, &tp] {
         if p.kind != Kind::Block {
-            return Err(Error::refused(&p.path, Refusal::NotADevice)).context(
-                "live migration works on block devices; use `migrate copy` for image files",
-            );
+            return Err(Error::refused(&p.path, Refusal::NotBlock).into());
         }
     }
     // A source that is already being migrated: say so before anything else

@@ -148,7 +148,7 @@ fn write(
             x ^= x << 17;
             n += 1;
             let b = match hot {
-                Some(h) if n % 2 == 0 => h,
+                Some(h) if n.is_multiple_of(2) => h,
                 _ => x % blocks,
             };
             seq += 1;
