@@ -166,6 +166,12 @@ pub struct Migration {
     /// Bytes copied and seconds spent copying, for the rate estimate.
     copy_bytes: u64,
     copy_secs: f64,
+    /// Inside the switch window: no rate limit.
+    in_window: bool,
+    /// Smallest number of unsynced regions seen, and the round it was seen.
+    best: (u64, u64),
+    /// Whether the operator was told that the migration does not converge.
+    told_stalled: bool,
 }
 
 struct Batch {
@@ -214,6 +220,9 @@ impl Migration {
             align,
             copy_bytes: 0,
             copy_secs: 0.0,
+            in_window: false,
+            best: (u64::MAX, 0),
+            told_stalled: false,
         })
     }
 
@@ -292,6 +301,7 @@ impl Migration {
             .collect();
         self.tracker.copy_begin(&mut ops)?;
         let started = Instant::now();
+        let mut paced = 0.0;
         let mut bytes = 0;
         let mut set = tokio::task::JoinSet::new();
         let mut bufs: Vec<AlignedBuf> = Vec::new();
@@ -310,10 +320,14 @@ impl Migration {
                     Self::collect(res, &mut bufs, &mut copied, &mut failed);
                 }
             }
-            if let Some(l) = &self.limit {
+            if let (Some(l), false) = (&self.limit, self.in_window) {
                 // Interrupted: nothing of this batch is committed, so every
-                // region in it stays unsynced; that is safe.
+                // region in it stays unsynced; that is safe. The time spent
+                // waiting here is not copy time: the pause estimate needs
+                // the unthrottled rate, as the window is not rate-limited.
+                let w0 = Instant::now();
                 crate::copy::pace(l, len, &self.cancel).await?;
+                paced += w0.elapsed().as_secs_f64();
             }
             let mut buf = bufs
                 .pop()
@@ -336,7 +350,7 @@ impl Migration {
             return Err(e);
         }
         self.copy_bytes += bytes;
-        self.copy_secs += started.elapsed().as_secs_f64();
+        self.copy_secs += (started.elapsed().as_secs_f64() - paced).max(1e-6);
         self.summary.bytes_copied += bytes;
         self.progress.add_work(bytes);
         let mut ends: Vec<RegionOp> = copied.iter().map(|&i| ops[i]).collect();
@@ -444,6 +458,7 @@ impl Migration {
             self.summary.failed_switches += 1;
             return Ok(false);
         }
+        self.in_window = true;
         let res: Result<bool, MigrateError> = async {
             // Writes are held, but the copier's own reads may force page-cache
             // writeback of the source, which is let through and can race a
@@ -470,6 +485,7 @@ impl Migration {
             }
         }
         .await;
+        self.in_window = false;
         match res {
             Ok(true) => {
                 self.summary.pause_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
@@ -511,6 +527,7 @@ impl Migration {
                 }
             } else if let Some(rate) = self.rate() {
                 let est = self.bytes_of(&left) as f64 / rate;
+                self.watch_convergence(left.len() as u64, est);
                 if est <= self.opts.max_pause.as_secs_f64() {
                     self.summary.estimated_pause_ms = Some(est * 1e3);
                     tracing::info!(unsynced = left.len(), est_ms = est * 1e3, "switching");
@@ -535,6 +552,27 @@ impl Migration {
         }
         self.summary.seconds = started.elapsed().as_secs_f64();
         Ok(self.summary)
+    }
+
+    /// Tells the operator, once, when the unsynced set has stopped shrinking
+    /// and the pause it would take does not fit the budget: the regions
+    /// left are rewritten faster than they can be copied.
+    fn watch_convergence(&mut self, unsynced: u64, est_secs: f64) {
+        let round = self.summary.rounds;
+        if unsynced < self.best.0 {
+            self.best = (unsynced, round);
+            return;
+        }
+        if !self.told_stalled && round >= self.best.1 + 50 {
+            self.told_stalled = true;
+            tracing::warn!(
+                "not converging: {unsynced} regions are rewritten faster than they can be copied; \
+                 switching now would hold writes for about {:.0} ms, over --max-pause {} ms. \
+                 Still trying; a larger --max-pause or a smaller --region-size would let it finish",
+                est_secs * 1e3,
+                self.opts.max_pause.as_millis()
+            );
+        }
     }
 
     /// Times a read of up to two of `regions` from the source and counts it

@@ -315,3 +315,23 @@ async fn a_copier_dead_in_the_switch_window_blocks_writes_only_until_the_timeout
     finish(stop, threads);
     check_switched(&rig);
 }
+
+/// A rate limit slows the background copy but neither inflates the pause
+/// estimate nor applies inside the switch window: a rate-limited migration
+/// with a hot region still switches within its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_migration_with_a_hot_region_converges() {
+    let rig = rig(6);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), true);
+    let mut opts = options(&rig);
+    opts.rate_limit = Some(blkmig::units::Bytes(16 << 20));
+    opts.max_pause = Duration::from_millis(50);
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    finish(stop, threads);
+    check_switched(&rig);
+}
