@@ -106,7 +106,8 @@ impl Refusal {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O or system call failed.
-    #[error("{op} {path}{at}", path = .path.display(), at = at_offset(*.op, *.offset))]
+    #[error("{op} {path}{at}{name}", path = .path.display(), at = at_offset(*.op, *.offset),
+        name = errno_suffix(.source))]
     Io {
         /// What was being done.
         op: Op,
@@ -194,6 +195,14 @@ impl Error {
             Error::Io { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+/// ` (ENOENT)` for an OS error, so that every error names its errno.
+fn errno_suffix(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => format!(" ({})", crate::filter::errno_name(&n)),
+        None => String::new(),
     }
 }
 
