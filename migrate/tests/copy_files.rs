@@ -57,7 +57,16 @@ fn copies_exactly_with_odd_sizes_and_a_short_last_region() {
     let data = pattern((3 << 20) + (12 << 10), 1);
     let src = image(dir.path(), "src.img", &data);
     let tgt = image(dir.path(), "tgt.img", &pattern(4 << 20, 2));
-    let o = migrate(&[&"copy", &src, &tgt, &"--verify", &"--queue-depth", &"3"]);
+    let o = migrate(&[
+        &"copy",
+        &src,
+        &tgt,
+        &"--verify",
+        &"--queue-depth",
+        &"3",
+        &"--region-size",
+        &"1M",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = read(&tgt);
     assert_eq!(&out[..data.len()], &data[..], "copied bytes differ");
@@ -165,7 +174,16 @@ fn sparse_copy_punches_holes_and_reads_back_exactly() {
     data[5 << 20..6 << 20].copy_from_slice(&pattern(1 << 20, 9));
     let src = image(dir.path(), "src.img", &data);
     let tgt = image(dir.path(), "tgt.img", &pattern(8 << 20, 10));
-    let o = migrate(&[&"copy", &src, &tgt, &"--sparse", &"--verify", &"--json"]);
+    let o = migrate(&[
+        &"copy",
+        &src,
+        &tgt,
+        &"--sparse",
+        &"--verify",
+        &"--json",
+        &"--region-size",
+        &"1M",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(read(&tgt) == data, "sparse copy reads back differently");
     let done = String::from_utf8_lossy(&o.stdout)

@@ -141,7 +141,16 @@ fn sparse_copy_zeroes_regions_on_a_block_device() {
     data[3 << 20..4 << 20].copy_from_slice(&pattern(1 << 20, 3));
     let src = Loop::new(&data, false);
     let tgt = Loop::new(&pattern(8 << 20, 4), false);
-    let o = migrate(&["copy", &src.dev, &tgt.dev, "--sparse", "--verify", "--json"]);
+    let o = migrate(&[
+        "copy",
+        &src.dev,
+        &tgt.dev,
+        "--sparse",
+        "--verify",
+        "--json",
+        "--region-size",
+        "1M",
+    ]);
     assert!(o.status.success(), "{}", err(&o));
     assert!(
         tgt.read() == data,

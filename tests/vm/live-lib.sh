@@ -1,0 +1,214 @@
+# Helpers for the live-migration VM scenarios (tests/vm/scenarios/live-*.sh and the demo).
+# Sourced after lib.sh:  . /tests/lib.sh; . /tests/live-lib.sh
+#
+# The usual flow (live_migrate_flow does all of it):
+#   live_begin SRC                  module, ext4 on SRC mounted on /mnt/src, stampwriter running
+#   live_start SRC TGT [ARGS...]    `migrate start SRC TGT ARGS...` must switch; its pause is kept
+#   live_finish SRC TGT             writer keeps going on the redirect, stop, umount, detach, then
+#                                   the target is checked (fsck, mount, stampwriter verify) and the
+#                                   source is checked (retire marker, saved head)
+#
+# The writer: `stampwriter write` on /mnt/src/stamp.dat (SW_BLOCKS 4 KiB blocks, O_DIRECT), its
+# log and output kept on the initramfs in /tmp. SW_ARGS adds options (e.g. "--hot 100").
+
+SW_STOP=/tmp/sw.stop
+SW_LOG=/tmp/sw.log
+SW_OUT=/tmp/sw.out
+SW_FILE=/mnt/src/stamp.dat
+SW_BLOCKS=${SW_BLOCKS:-4096}
+SW_ARGS=${SW_ARGS:---gap-us 500}
+MIG_LOG=/tmp/mig.log
+MIG_PAUSE_MS=
+SW_MAX_MS=
+
+# uptime in centiseconds (for timings inside the guest)
+cs_now() {
+	sed 's/^\([0-9]*\)\.\([0-9][0-9]\).*/\1\2/' /proc/uptime
+}
+
+live_prepare() {
+	[ -d /sys/module/blkmig ] || load_module
+	command -v stampwriter >/dev/null || fail "stampwriter is not in the initramfs"
+}
+
+# devnum DEV: "MAJ-MIN" of a block device (the state directory's name)
+devnum() {
+	tr ':' '-' <"/sys/class/block/$(basename "$1")/dev"
+}
+
+# errtail FILE: the end of a file, on one line (for fail reasons)
+errtail() {
+	tail -c 300 "$1" 2>/dev/null | tr '\n' ' '
+}
+
+# --- the writer -------------------------------------------------------------------------------
+
+# sw_start FILE: start stampwriter on FILE (in the background) and wait until it has stamped
+# every block once (from then on it rewrites random blocks until $SW_STOP exists)
+sw_start() {
+	SW_FILE=$1
+	rm -f "$SW_STOP" "$SW_LOG" "$SW_OUT"
+	# shellcheck disable=SC2086 # SW_ARGS is a list of options
+	stampwriter write "$SW_FILE" "$SW_LOG" --blocks "$SW_BLOCKS" --stop "$SW_STOP" $SW_ARGS >"$SW_OUT" 2>&1 &
+	SW_PID=$!
+	wait_until 180 "stampwriter to stamp its $SW_BLOCKS blocks" _sw_ready
+	echo "  stampwriter (pid $SW_PID) writing $SW_FILE ($SW_BLOCKS blocks, $SW_ARGS)"
+}
+_sw_ready() {
+	kill -0 "$SW_PID" 2>/dev/null || {
+		cat "$SW_OUT"
+		fail "stampwriter exited early: $(errtail "$SW_OUT")"
+	}
+	grep -q 'blocks stamped' "$SW_OUT"
+}
+
+# sw_alive: the writer is still running (it stops at the first failed write)
+sw_alive() {
+	kill -0 "$SW_PID" 2>/dev/null || {
+		cat "$SW_OUT"
+		fail "stampwriter died: $(errtail "$SW_OUT")"
+	}
+}
+
+# sw_stop: stop the writer; it must exit 0 (no failed write). Sets SW_MAX_MS.
+sw_stop() {
+	touch "$SW_STOP"
+	wait "$SW_PID"
+	_rc=$?
+	sed 's/^/  /' "$SW_OUT"
+	[ "$_rc" -eq 0 ] || fail "stampwriter failed (exit $_rc): $(errtail "$SW_OUT")"
+	SW_MAX_MS=$(sed -n 's/^STAMPWRITER-MAX-LATENCY-MS \([0-9.]*\).*/\1/p' "$SW_OUT" | tail -n1)
+	[ -n "$SW_MAX_MS" ] || fail "stampwriter printed no STAMPWRITER-MAX-LATENCY-MS line"
+	[ -s "$SW_LOG" ] || fail "stampwriter saved no log"
+}
+
+# sw_verify FILE: every block of FILE holds its last stamp
+sw_verify() {
+	stampwriter verify "$1" "$SW_LOG" >/tmp/swv.out 2>&1
+	_rc=$?
+	sed 's/^/  /' /tmp/swv.out
+	[ "$_rc" -eq 0 ] || fail "stampwriter verify $1 failed: $(head -c 300 /tmp/swv.out | tr '\n' ' ')"
+}
+
+# hot_seq FILE BLOCK: the sequence number stamped in BLOCK of FILE, read with O_DIRECT (what is
+# on the disk, not in the cache). With --hot BLOCK it grows with every other write: the writer's
+# progress as seen on the device.
+hot_seq() {
+	dd if="$1" bs=4096 skip="$2" count=1 iflag=direct 2>/dev/null | od -An -tu8 -j16 -N8 | tr -d ' '
+}
+
+# --- migrate ----------------------------------------------------------------------------------
+
+# live_begin SRC: module loaded, ext4 on SRC mounted on /mnt/src, stampwriter running on it
+live_begin() {
+	live_prepare
+	step "ext4 on $1, mounted, stampwriter running"
+	must mkfs.ext4 -q -F "$1"
+	must mount -t ext4 "$1" /mnt/src
+	sw_start /mnt/src/stamp.dat
+}
+
+# live_start SRC TGT [ARGS...]: `migrate start` in the foreground (its progress and summary go
+# to the console as they come); it must exit 0 and switch. Sets MIG_PAUSE_MS, MIG_SECS.
+live_start() {
+	step "migrate start $*"
+	_t0=$(cs_now)
+	{
+		migrate start "$@"
+		echo $? >/tmp/mig.rc
+	} 2>&1 | tee "$MIG_LOG"
+	_rc=$(cat /tmp/mig.rc)
+	MIG_SECS=$(echo "$_t0 $(cs_now)" | awk '{ printf "%.1f", ($2 - $1) / 100 }')
+	[ "$_rc" -eq 0 ] || fail "migrate start $* failed (exit $_rc): $(errtail "$MIG_LOG")"
+	grep -q '^switched:' "$MIG_LOG" || fail "migrate start $* exited 0 but did not switch: $(errtail "$MIG_LOG")"
+	MIG_PAUSE_MS=$(sed -n 's/.*writes paused \([0-9.]*\) ms.*/\1/p' "$MIG_LOG" | tail -n1)
+	[ -n "$MIG_PAUSE_MS" ] || fail "migrate's summary names no pause: $(errtail "$MIG_LOG")"
+	echo "  migrate start took ${MIG_SECS}s, pause ${MIG_PAUSE_MS} ms"
+	sw_alive
+}
+
+# live_finish SRC TGT: after the switch: redirect, the writer keeps writing for 2 s through the
+# redirect, then stop, umount, detach; the target holds the filesystem with every last stamp;
+# the source is retired and its head saved.
+live_finish() {
+	_src=$1
+	_tgt=$2
+	step "after the switch: $_src redirects to $_tgt, the writer keeps writing"
+	expect_mode "$_src" redirect
+	LIVE_REGION_BYTES=$(status_field "$_src" region_bytes)
+	_r0=$(status_field "$_src" bios_redirected)
+	sleep 2
+	sw_alive
+	_r1=$(status_field "$_src" bios_redirected)
+	echo "  bios_redirected: ${_r0:-?} -> ${_r1:-?} in 2 s"
+	[ "${_r1:-0}" -gt "${_r0:-0}" ] || fail "no bio was redirected in 2 s of writing after the switch (${_r0:-?} -> ${_r1:-?})"
+	expect_mode "$_src" redirect
+
+	step "stop the writer; detach is refused while the filesystem is mounted"
+	sw_stop
+	# In REDIRECT the source is served by the target: detaching under a
+	# mounted filesystem would hand it back to the retired source.
+	expect_errno EBUSY migrate detach "$_src"
+	expect_mode "$_src" redirect
+	step "umount, detach"
+	must umount /mnt/src
+	run_capture migrate detach "$_src"
+	[ "$RC" -eq 0 ] || fail "migrate detach $_src failed (exit $RC): $(errtail "$ERR")"
+	expect_no_filter "$_src"
+
+	live_check_target "$_tgt"
+	live_check_retired "$_src" "$_tgt"
+	echo "BLKMIG-PAUSE writer_ms=$SW_MAX_MS migrate_ms=$MIG_PAUSE_MS"
+}
+
+# live_check_target TGT: fsck clean, mounts, every stamp is the last one written
+live_check_target() {
+	step "the target $1: fsck, mount, stampwriter verify"
+	drop_caches
+	fsck_clean "$1"
+	must mount -t ext4 "$1" /mnt/tgt
+	sw_verify /mnt/tgt/stamp.dat
+	must umount /mnt/tgt
+}
+
+# live_check_retired SRC TGT: SRC starts with the retire marker, is no longer an ext4
+# filesystem, and its first region is saved in /var/lib/blkmig/MAJ-MIN/source-head.bin (one
+# region, with the ext4 superblock of the filesystem now on TGT)
+live_check_retired() {
+	step "the source $1: retire marker, saved head"
+	dd if="$1" bs=4096 count=1 iflag=direct 2>/dev/null | head -c 16 | grep -qa 'BLKMIG-RETIRED' ||
+		fail "$1 does not start with the retire marker: $(dd if="$1" bs=4096 count=1 iflag=direct 2>/dev/null | head -c 32 | od -An -c | tr -s ' \n' ' ')"
+	if blkid -p "$1" 2>/dev/null | grep -q 'TYPE="ext4"'; then
+		fail "the retired $1 is still recognisable as ext4: $(blkid -p "$1")"
+	fi
+	_head=/var/lib/blkmig/$(devnum "$1")/source-head.bin
+	[ -f "$_head" ] || fail "no saved head $_head ($(ls -R /var/lib/blkmig 2>&1 | tr '\n' ' '))"
+	_size=$(stat -c %s "$_head")
+	echo "  $_head: $_size bytes (region: ${LIVE_REGION_BYTES:-?} bytes)"
+	[ -n "${LIVE_REGION_BYTES:-}" ] || fail "the region size is unknown (status had no region_bytes)"
+	expect_eq "$_size" "$LIVE_REGION_BYTES" "size of $_head (one region)"
+	_magic=$(dd if="$_head" bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n')
+	expect_eq "$_magic" 53ef "ext4 magic at offset 1080 of $_head"
+	_huuid=$(dd if="$_head" bs=1 skip=1128 count=16 2>/dev/null | od -An -tx1 | tr -d ' \n')
+	_tuuid=$(dumpe2fs -h "$2" 2>/dev/null | sed -n 's/^Filesystem UUID:[[:space:]]*//p' | tr -d '-')
+	expect_eq "$_huuid" "$_tuuid" "filesystem UUID in $_head vs. on $2"
+	echo "  saved head: ext4 superblock of UUID $_tuuid"
+}
+
+# live_migrate_flow SRC TGT [MIGRATE ARGS...]: the whole flow on fresh disks
+live_migrate_flow() {
+	_s=$1
+	_t=$2
+	live_begin "$_s"
+	live_start "$@"
+	live_finish "$_s" "$_t"
+}
+
+# wait_synced DEV N: wait until at least N regions are in sync (migrate copies in the background)
+wait_synced() {
+	wait_until "${3:-120}" "$2 regions of $1 in sync (at $(status_field "$1" regions_synced))" _synced_at "$1" "$2"
+}
+_synced_at() {
+	_n=$(status_field "$1" regions_synced)
+	[ "${_n:-0}" -ge "$2" ]
+}
