@@ -597,8 +597,19 @@ impl Migration {
             self.fail(abi::Failure::TargetFlush, -r);
             return Err(EIO);
         }
-        // From here every write waits, reads go to the target. Then the
-        // reads of the first region still in flight on the source drain.
+        // The flush may have taken the rest of the hold: writers waiting
+        // past the deadline have gone on by themselves, so give up rather
+        // than make them wait again for the marker.
+        if !self.holding.load(Ordering::SeqCst)
+            || now_ns() >= self.hold_deadline_ns.load(Ordering::SeqCst)
+        {
+            self.holding.store(false, Ordering::SeqCst);
+            return Err(etimedout());
+        }
+        // From here every write waits (past the deadline too: the switch is
+        // not stalled, it is writing the marker), reads go to the target.
+        // Then the reads of the first region still in flight on the source
+        // drain.
         self.mode.store(MODE_SWITCHING, Ordering::SeqCst);
         while self.head_reads.load(Ordering::SeqCst) != 0
             || self.inflight_writes.load(Ordering::SeqCst) != 0

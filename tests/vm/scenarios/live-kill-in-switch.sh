@@ -76,8 +76,10 @@ sw_alive
 live_start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms
 live_finish /dev/vda /dev/vdb
 unload_module
-# The hold timeout bounds every hold, the abandoned one and the resumed switch's: no write may
-# wait longer than 1000 ms (+100 ms of slack: the abandoned holds measure 996-1000 ms), and a switch may not complete after it.
-ok=$(echo "$SW_MAX_MS $MIG_PAUSE_MS" | awk '{ print ($1 <= 1100 && $2 <= 1100) ? "yes" : "no" }')
-[ "$ok" = yes ] || fail "writes were held beyond the 1000 ms hold timeout: the writer's longest write took $SW_MAX_MS ms, migrate's (resumed) switch paused writes $MIG_PAUSE_MS ms"
+# The hold timeout bounds every hold: the abandoned one (measured 996-1000 ms) and the resumed
+# switch's. The one thing a switch that has passed its checks before the deadline may still
+# make writes wait for is the retire marker: one 1 MiB FUA write and a flush of the source
+# (docs/design.md). Allow 500 ms for that under TCG, and nothing more.
+ok=$(echo "$SW_MAX_MS $MIG_PAUSE_MS" | awk '{ print ($1 <= 1500 && $2 <= 1500) ? "yes" : "no" }')
+[ "$ok" = yes ] || fail "writes were held beyond the 1000 ms hold timeout plus the retire marker's I/O: the writer's longest write took $SW_MAX_MS ms, migrate's (resumed) switch paused writes $MIG_PAUSE_MS ms"
 [ $hit = yes ] || fail "the copier was never seen frozen inside a switch window (hit=no; the weaker checks passed)"
