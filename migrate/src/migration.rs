@@ -81,7 +81,10 @@ pub enum MigrateError {
     Device(Error),
     /// The filter refused a request.
     #[error(transparent)]
-    Filter(#[from] TrackerError),
+    Filter(TrackerError),
+    /// The filter went away: someone ran `migrate abort` or `detach`.
+    #[error("the migration was aborted elsewhere: blkmig is no longer attached to the source (migrate abort or detach); the source is untouched")]
+    Aborted,
     /// The filter reports FAILED.
     #[error(
         "the migration failed in the kernel: {0}; the source is intact, abort with `migrate abort`"
@@ -102,6 +105,16 @@ pub enum MigrateError {
     /// Cancelled (Ctrl-C).
     #[error("interrupted")]
     Interrupted,
+}
+
+impl From<TrackerError> for MigrateError {
+    fn from(e: TrackerError) -> Self {
+        if e.errno == libc::ENOENT {
+            MigrateError::Aborted
+        } else {
+            MigrateError::Filter(e)
+        }
+    }
 }
 
 impl From<Error> for MigrateError {
@@ -358,6 +371,10 @@ impl Migration {
             self.tracker.copy_end(&mut ends)?;
         }
         for e in &ends {
+            if e.result == abi::REGION_OK {
+                let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
+                self.progress.add_done(n);
+            }
             if e.result == abi::REGION_CONFLICT {
                 self.summary.recopies += 1;
                 self.progress.add_recopy();

@@ -105,6 +105,11 @@ impl Progress {
         self.work.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// `n` more bytes done (not counted as copy work).
+    pub fn add_done(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// `n` bytes are done in all.
     pub fn set(&self, n: u64) {
         self.done.store(n, Ordering::Relaxed);
