@@ -330,48 +330,19 @@ impl Device {
         &self.file
     }
 
-    /// Reads exactly `buf.len()` bytes at `offset`.
+    /// Reads exactly `buf.len()` bytes at `offset` (a short read, past the
+    /// end of a device that shrank, is an `UnexpectedEof` error).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(Error::Short {
-                        op: Op::Read,
-                        path: self.path().to_owned(),
-                        offset,
-                        done,
-                        wanted: buf.len(),
-                    })
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(Op::Read, self.path(), offset + done as u64, e)),
-            }
-        }
-        Ok(())
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io(Op::Read, self.path(), offset, e))
     }
 
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.file.write_at(&buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    return Err(Error::Short {
-                        op: Op::Write,
-                        path: self.path().to_owned(),
-                        offset,
-                        done,
-                        wanted: buf.len(),
-                    })
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(Op::Write, self.path(), offset + done as u64, e)),
-            }
-        }
-        Ok(())
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io(Op::Write, self.path(), offset, e))
     }
 
     /// Makes `len` bytes at `offset` read back as zeros without writing

@@ -136,20 +136,6 @@ pub enum Error {
         /// Largest logical block size of the two devices.
         block: u32,
     },
-    /// Short read or write (the device shrank, or the file was truncated).
-    #[error("{op} {path} at offset {offset}: transferred {done} of {wanted} bytes", path = .path.display())]
-    Short {
-        /// Read or write.
-        op: Op,
-        /// Device or file.
-        path: PathBuf,
-        /// Byte offset.
-        offset: u64,
-        /// Bytes transferred.
-        done: usize,
-        /// Bytes asked for.
-        wanted: usize,
-    },
     /// Verification found a region that differs.
     #[error("verification failed: region {region} (bytes {offset}..{end}) differs between {source_path} and {target_path}",
         end = .offset + .len, source_path = .source_path.display(), target_path = .target_path.display())]

@@ -1,6 +1,10 @@
 //! `migrate copy` on image files: the copy is exact, checks refuse bad
 //! input without touching anything, sparse and verify do what they say.
 
+mod common;
+
+use common::pattern;
+
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -25,19 +29,6 @@ fn migrate(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Deterministic, incompressible-looking bytes.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn image(dir: &Path, name: &str, data: &[u8]) -> PathBuf {

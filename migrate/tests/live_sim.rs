@@ -15,22 +15,10 @@ use blkmig::device::{Access, Device, Probe};
 use blkmig::migration::{head_path, MigrateError, MigrateOptions, Migration};
 use blkmig::progress::Progress;
 use blkmig::tracker::Tracker;
-use common::SimFilter;
+use common::{pattern, SimFilter};
 
 const SIZE: u64 = 24 << 20;
 const SHIFT: u32 = 16; // 64 KiB regions: 384 of them
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 struct Rig {
     _dir: tempfile::TempDir,

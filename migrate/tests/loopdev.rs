@@ -4,6 +4,10 @@
 //! project's test command sets it) and then fails, rather than skips, when
 //! it cannot do its work. Every loop device and mount is undone on drop.
 
+mod common;
+
+use common::pattern;
+
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -39,18 +43,6 @@ fn migrate(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run migrate: {e}"))
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A loop device over a file with the given contents; detached on drop.

@@ -48,6 +48,19 @@ fn err(what: &str, errno: i32) -> TrackerError {
     }
 }
 
+/// Deterministic, incompressible-looking bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 impl SimFilter {
     /// A filter migrating `src` (of `bytes`) to `tgt`, regions of `1 << shift`.
     pub fn new(src: File, tgt: File, bytes: u64, shift: u32) -> Arc<Self> {
