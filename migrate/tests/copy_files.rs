@@ -206,6 +206,9 @@ fn json_progress_is_one_object_per_line() {
         &"8M",
         &"-i",
         &"0.1",
+        // Small regions: the limit paces 16 of them, so progress is seen.
+        &"--region-size",
+        &"256K",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
