@@ -373,7 +373,7 @@ impl Migration {
         for e in &ends {
             if e.result == abi::REGION_OK {
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
-                self.progress.add_done(n);
+                self.progress.region_committed(n);
             }
             if e.result == abi::REGION_CONFLICT {
                 self.summary.recopies += 1;

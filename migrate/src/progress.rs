@@ -122,6 +122,14 @@ impl Progress {
         }
     }
 
+    /// One region of `n` bytes committed: done, and one fewer unsynced.
+    pub fn region_committed(&self, n: u64) {
+        self.add_done(n);
+        if let Some((u, _)) = &self.regions {
+            let _ = u.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        }
+    }
+
     /// One more copy redone.
     pub fn add_recopy(&self) {
         if let Some((_, r)) = &self.regions {
@@ -303,6 +311,22 @@ mod tests {
             s.line().starts_with("copy: 1.0 MiB / 4.0 MiB (25.0%)"),
             "{}",
             s.line()
+        );
+    }
+
+    #[test]
+    fn committed_regions_move_done_and_unsynced_together() {
+        let p = Progress::migration(8 << 20, 8);
+        p.region_committed(1 << 20);
+        p.region_committed(1 << 20);
+        let s = p.sample();
+        assert_eq!((s.bytes_done, s.unsynced_regions), (2 << 20, Some(6)));
+        p.set_unsynced(0);
+        p.region_committed(1 << 20);
+        assert_eq!(
+            p.sample().unsynced_regions,
+            Some(0),
+            "unsynced went below zero"
         );
     }
 
