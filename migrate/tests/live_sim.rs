@@ -174,6 +174,23 @@ fn check_switched(rig: &Rig) {
     );
 }
 
+/// Runs a migration with `opts` to its switch, stops the writers and checks
+/// the result.
+async fn complete(
+    rig: &Rig,
+    opts: MigrateOptions,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+) {
+    let s = migration(rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "the migration did not switch");
+    finish(stop, threads);
+    check_switched(rig);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrates_under_writes_and_switches() {
     let rig = rig(1);
@@ -231,13 +248,7 @@ async fn no_switch_keeps_mirroring_and_a_rerun_switches() {
         "target's first region not wiped"
     );
     // Resume: a new run finishes the migration.
-    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
-        .run()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(s.switched);
-    finish(stop, threads);
-    check_switched(&rig);
+    complete(&rig, options(&rig), stop, threads).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,13 +267,7 @@ async fn a_cancelled_copier_can_be_resumed() {
     let res = migration(&rig, opts, cancel).run().await;
     assert!(matches!(res, Err(MigrateError::Interrupted)), "{res:?}");
     assert_eq!(rig.sim.mode(), Mode::Clone);
-    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
-        .run()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(s.switched);
-    finish(stop, threads);
-    check_switched(&rig);
+    complete(&rig, options(&rig), stop, threads).await;
 }
 
 /// A copier that dies inside the switch window: the hold times out, the
@@ -295,13 +300,7 @@ async fn a_copier_dead_in_the_switch_window_blocks_writes_only_until_the_timeout
         rig.sim.switch().is_err(),
         "switch accepted after the hold expired"
     );
-    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
-        .run()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(s.switched);
-    finish(stop, threads);
-    check_switched(&rig);
+    complete(&rig, options(&rig), stop, threads).await;
 }
 
 /// A rate limit slows the background copy but neither inflates the pause
@@ -315,11 +314,5 @@ async fn a_rate_limited_migration_with_a_hot_region_converges() {
     let mut opts = options(&rig);
     opts.rate_limit = Some(blkmig::units::Bytes(16 << 20));
     opts.max_pause = Duration::from_millis(50);
-    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
-        .run()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(s.switched);
-    finish(stop, threads);
-    check_switched(&rig);
+    complete(&rig, opts, stop, threads).await;
 }
