@@ -190,11 +190,11 @@ pub struct Device {
     size: Bytes,
     block_size: u32,
     mem_align: usize,
-    direct: bool,
 }
 
 const BLKGETSIZE64: ioctl::Opcode = opcode::read::<u64>(0x12, 114);
-const BLKFLSBUF: ioctl::Opcode = opcode::none(0x12, 97);
+/// `_IO(0x12, 127)` in the header, but the kernel reads a `u64[2]` (start,
+/// length) through the argument, so it is issued as a setter of that.
 const BLKZEROOUT: ioctl::Opcode = opcode::none(0x12, 127);
 
 impl Device {
@@ -215,18 +215,15 @@ impl Device {
                 .custom_flags(flags)
                 .open(path)
         };
-        let (file, direct) = match open(flags) {
-            Ok(f) => (f, access.direct),
+        let file = match open(flags) {
+            Ok(f) => f,
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 return Err(Error::refused(path, Refusal::Busy));
             }
             // A filesystem without O_DIRECT support (old tmpfs): buffered.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && access.direct => {
                 tracing::warn!(path = %path.display(), "O_DIRECT not supported, using buffered I/O");
-                (
-                    open(flags & !libc::O_DIRECT).map_err(|e| Error::io(Op::Open, path, 0, e))?,
-                    false,
-                )
+                open(flags & !libc::O_DIRECT).map_err(|e| Error::io(Op::Open, path, 0, e))?
             }
             Err(e) => return Err(Error::io(Op::Open, path, 0, e)),
         };
@@ -286,7 +283,6 @@ impl Device {
             size: Bytes(size),
             block_size,
             mem_align: mem_align.max(block_size as usize),
-            direct,
         })
     }
 
@@ -320,16 +316,6 @@ impl Device {
         self.mem_align
     }
 
-    /// Whether I/O bypasses the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
-    /// The open file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     /// Reads exactly `buf.len()` bytes at `offset` (a short read, past the
     /// end of a device that shrank, is an `UnexpectedEof` error).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -357,7 +343,7 @@ impl Device {
                 unsafe {
                     ioctl::ioctl(
                         &self.file,
-                        ioctl::Setter::<BLKZEROOUT_RANGE, [u64; 2]>::new(range),
+                        ioctl::Setter::<BLKZEROOUT, [u64; 2]>::new(range),
                     )
                 }
                 .map_err(err)
@@ -378,19 +364,4 @@ impl Device {
             .sync_all()
             .map_err(|e| Error::io(Op::Flush, self.path(), 0, e))
     }
-
-    /// Drops the block device's page cache (BLKFLSBUF), so buffered readers
-    /// see what is on the device now.
-    pub fn drop_cache(&self) -> Result<()> {
-        if self.kind() != Kind::Block {
-            return Ok(());
-        }
-        // SAFETY: BLKFLSBUF takes no argument.
-        unsafe { ioctl::ioctl(&self.file, ioctl::NoArg::<BLKFLSBUF>::new()) }
-            .map_err(|e| Error::io(Op::Flush, self.path(), 0, e.into()))
-    }
 }
-
-/// BLKZEROOUT's full request code: `_IO(0x12, 127)` in the header, but the
-/// kernel reads a `u64[2]` argument, so it is issued as a setter of that.
-const BLKZEROOUT_RANGE: ioctl::Opcode = BLKZEROOUT;

@@ -330,8 +330,9 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         Ok(st) => {
             // Already attached: resume, if it is ours and still cloning.
             let tp = Probe::new(&a.attach.target)?;
-            let DevIdBlock(maj, min) = DevIdBlock::of(&tp);
-            if (st.target_major, st.target_minor) != (maj, min) {
+            let ours = matches!(tp.id, blkmig::device::DevId::Block { major, minor }
+                if (major, minor) == (st.target_major, st.target_minor));
+            if !ours {
                 anyhow::bail!(
                     "{} is already being migrated to device {}:{}, not to {}",
                     a.attach.source.display(),
@@ -469,18 +470,6 @@ fn cmd_abort(source: &Path) -> Result<()> {
         source.display()
     );
     Ok(())
-}
-
-/// Major and minor of a block device probe.
-struct DevIdBlock(u32, u32);
-
-impl DevIdBlock {
-    fn of(p: &Probe) -> Self {
-        match p.id {
-            blkmig::device::DevId::Block { major, minor } => Self(major, minor),
-            blkmig::device::DevId::File { .. } => Self(u32::MAX, u32::MAX),
-        }
-    }
 }
 
 use migration::mode_name;
