@@ -197,6 +197,16 @@ fsck_clean() {
 	fi
 }
 
+# recheck_from_disk DEV CHECK: the unmounted filesystem on DEV is fsck-clean, and once mounted
+# again with the page cache dropped (so data comes from the device), CHECK passes; unmounts.
+recheck_from_disk() {
+	fsck_clean "$1"
+	drop_caches
+	must mount -t ext4 "$1" /mnt/src
+	$2
+	must umount /mnt/src
+}
+
 # wait_until SECONDS DESCRIPTION CMD ARGS...: poll CMD (every 0.2 s) until it succeeds
 wait_until() {
 	_limit=$1

@@ -42,11 +42,7 @@ step "detach"
 run_capture migrate detach /dev/vda
 [ "$RC" -eq 0 ] || fail "migrate detach /dev/vda failed (exit $RC): $(head -c 300 "$ERR" | tr '\n' ' ')"
 expect_no_filter /dev/vda
-fsck_clean /dev/vda
-must mount -t ext4 /dev/vda /mnt/src
-drop_caches
-check_md5s
-must umount /mnt/src
+recheck_from_disk /dev/vda check_md5s
 
 step "after detach: source and target are free"
 must mkfs.ext4 -q -F /dev/vdb

@@ -38,10 +38,6 @@ step "stop the writer, verify"
 writer_stop
 check_all_sums
 must umount /mnt/src
-fsck_clean /dev/vda
-drop_caches
-must mount -t ext4 /dev/vda /mnt/src
-check_all_sums
-must umount /mnt/src
+recheck_from_disk /dev/vda check_all_sums
 unload_module
 echo "ok: $cycles cycles, $(writer_count) files"

@@ -99,10 +99,7 @@ expect_pattern /dev/vda $G2 GAP2 $((G2N - 64))
 expect_pattern /dev/vda $((G2 + G2N - 64)) GAP2END 64
 expect_eq "$(read_md5 /dev/vda $END $ENDN)" "$zero_md5" "last MiB of vda (never written)"
 expect_eq "$(cat /sys/class/block/vda2/start)" $P2 "start of vda2 after the test"
-fsck_clean /dev/vda2
-must mount -t ext4 /dev/vda2 /mnt/src
-check_md5s
-must umount /mnt/src
+recheck_from_disk /dev/vda2 check_md5s
 unload_module
 [ "${writes_seen:-0}" -gt 0 ] ||
 	fail "status reported writes_seen=${writes_seen:-<missing>} after writes to vda2 while attached: the filter did not see (or count) them"

@@ -48,11 +48,7 @@ check_all_sums
 
 step "unmount, fsck, remount, verify from disk"
 must umount /mnt/src
-fsck_clean /dev/vda
-drop_caches
-must mount -t ext4 /dev/vda /mnt/src
-check_all_sums
-must umount /mnt/src
+recheck_from_disk /dev/vda check_all_sums
 unload_module
 # Last, so that the data checks above run in any case: the writes went through the filter.
 [ "${writes_seen:-0}" -gt 0 ] ||
