@@ -35,7 +35,7 @@ if [ $need_kernel = 1 ]; then
 		"libstd-rust-web-dev=$RUST_WEB_VERSION"
 		"clang-$CLANG" "lld-$CLANG" "llvm-$CLANG" "libclang-$CLANG-dev"
 		flex bison bc libelf-dev libssl-dev cpio kmod make gcc xz-utils zstd
-		qemu-system-x86 busybox-static
+		qemu-system-x86 busybox-static dmsetup util-linux
 	)
 fi
 

@@ -290,3 +290,11 @@ check_all_sums() {
 	cat /tmp/sums/*.md5 >/tmp/sums.all
 	check_md5s /tmp/sums.all
 }
+
+# direct_io DEV SECTOR TAG NSECT [BS]: write pattern TAG with O_DIRECT in BS-byte writes (default
+# 512); fails the scenario if the kernel refuses O_DIRECT or a write (busybox dd would quietly
+# fall back to buffered I/O)
+direct_io() {
+	stampwriter dio-write "$1" "$2" "$3" "$4" --bs "${5:-512}" >/tmp/dio.out 2>&1 ||
+		fail "O_DIRECT write of pattern $3 to $1 at sector $2 failed: $(tr '\n' ' ' </tmp/dio.out)"
+}

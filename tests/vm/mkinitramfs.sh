@@ -83,10 +83,10 @@ copy_with_libs() {
 		[ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
 	done
 }
-for tool in mke2fs e2fsck blkid dumpe2fs sfdisk; do
+for tool in mke2fs e2fsck blkid dumpe2fs sfdisk dmsetup resizepart; do
 	p=$(command -v "$tool" 2>/dev/null) || {
 		[ "$tool" = sfdisk ] && continue # optional: busybox fdisk and lib.sh's MBR writer suffice
-		die "$tool not found (install e2fsprogs)"
+		die "$tool not found (run scripts/setup-toolchain.sh: e2fsprogs, dmsetup, util-linux)"
 	}
 	rm -f "$root/usr/sbin/$tool" "$root/sbin/$tool"
 	copy_with_libs "$p" "/usr/sbin/$tool"

@@ -116,7 +116,7 @@ fi
 timings+=("initramfs: $(since "$t")s")
 
 # --- scenarios ------------------------------------------------------------------------------
-oops_re='BUG:|WARNING: CPU|Oops|Call Trace|Kernel panic|general protection fault|kernel BUG at|panicked at'
+oops_re='BUG:|WARNING:|Oops|Call Trace|Kernel panic|general protection fault|kernel BUG at|panicked at|blocked for more than|INFO: task|possible circular locking|possible recursive locking|inconsistent lock state|KASAN|KFENCE|UBSAN'
 passed=0 failed=0
 results=()
 for n in "${names[@]}"; do
@@ -135,13 +135,20 @@ for n in "${names[@]}"; do
 		mkdir -p "$work/$n"
 		drives=()
 		letter=a
-		for size in $disks; do
+		# A disk is SIZE or SIZE:PROPS, PROPS being virtio-blk-pci device properties
+		# (e.g. 256M:logical_block_size=4096,physical_block_size=4096 or 256M:num-queues=2).
+		for spec in $disks; do
+			size=${spec%%:*}
+			props=
+			[ "$spec" = "$size" ] || props=",${spec#*:}"
 			img="$work/$n/vd$letter.img"
 			rm -f "$img"
 			truncate -s "$size" "$img"
-			drives+=(-drive "file=$img,if=virtio,format=raw,cache=writeback,discard=unmap")
+			drives+=(-drive "file=$img,if=none,id=vd$letter,format=raw,cache=writeback,discard=unmap"
+				-device "virtio-blk-pci,drive=vd$letter$props")
 			letter=$(echo "$letter" | tr 'a-y' 'b-z')
 		done
+		append=$(header "$f" append)
 		# One VM at a time on this machine, also across concurrent run.sh invocations (2 cores:
 		# parallel TCG guests only slow each other down and distort the timings).
 		exec 9>"$vm_lock"
@@ -152,7 +159,7 @@ for n in "${names[@]}"; do
 		t=$(now)
 		timeout --foreground -k 5 $((limit + 60)) qemu-system-x86_64 -accel tcg -smp "$smp,sockets=$smp" -m "$mem" \
 			-nographic -no-reboot -kernel "$bzimage" -initrd "$initrd" \
-			-append "console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit" \
+			-append "console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit${append:+ $append}" \
 			"${drives[@]}" </dev/null >"$work/$n.log" 2>&1
 		qrc=$?
 		exec 9>&-

@@ -57,6 +57,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Write the VM scenarios' sector pattern (`lib.sh` `pattern`) with
+    /// O_DIRECT in I/Os of BS bytes. Unlike busybox dd, which quietly
+    /// falls back to buffered I/O when O_DIRECT is refused, this fails.
+    DioWrite {
+        /// The device.
+        dev: PathBuf,
+        /// First 512-byte sector.
+        sector: u64,
+        /// The pattern's tag.
+        tag: String,
+        /// Number of 512-byte sectors.
+        nsect: u64,
+        /// Bytes per write (a multiple of 512).
+        #[arg(long, default_value_t = 512)]
+        bs: usize,
+    },
     /// Check that every block holds its last stamp.
     Verify {
         /// The data file.
@@ -259,7 +275,58 @@ fn main() -> Result<()> {
             seed,
         ),
         Cmd::Verify { file, log } => verify(&file, &log),
+        Cmd::DioWrite {
+            dev,
+            sector,
+            tag,
+            nsect,
+            bs,
+        } => dio_write(&dev, sector, &tag, nsect, bs),
     }
+}
+
+/// Sector `i` of pattern `tag`: "TAG <i, 10 digits>", padded with spaces
+/// to 511 bytes, then a newline.
+fn pattern_sector(tag: &str, i: u64, out: &mut [u8]) {
+    let text = format!("{tag} {i:010}");
+    out.fill(b' ');
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    out[511] = b'\n';
+}
+
+fn dio_write(dev: &Path, sector: u64, tag: &str, nsect: u64, bs: usize) -> Result<()> {
+    if bs == 0 || !bs.is_multiple_of(512) {
+        bail!("--bs {bs} is not a positive multiple of 512");
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .with_context(|| format!("open {} with O_DIRECT", dev.display()))?;
+    let mut buf = AlignedBuf::new(4096, bs);
+    let per = (bs / 512) as u64;
+    let mut i = 0;
+    while i < nsect {
+        let n = per.min(nsect - i);
+        for k in 0..n {
+            let at = (k * 512) as usize;
+            pattern_sector(tag, i + k, &mut buf[at..at + 512]);
+        }
+        let len = (n * 512) as usize;
+        f.write_all_at(&buf[..len], (sector + i) * 512)
+            .with_context(|| {
+                format!(
+                    "O_DIRECT write of {len} bytes at sector {} of {}",
+                    sector + i,
+                    dev.display()
+                )
+            })?;
+        i += n;
+    }
+    println!(
+        "dio-write: {nsect} sectors of pattern {tag} at sector {sector}, {bs}-byte O_DIRECT writes"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
