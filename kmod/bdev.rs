@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-only
-//! Small safe wrappers over `struct block_device`, `struct bio` and a block
-//! device opened by the module.
+//! Small safe wrappers over `struct block_device` and a block device opened
+//! by the module.
 
 use kernel::{bindings, error::from_err_ptr, prelude::*, types::Opaque};
 
@@ -88,6 +88,38 @@ impl BlockDevice {
         unsafe { bindings::bdev_logical_block_size(self.as_ptr()) }
     }
 
+    /// Drops the device's page cache (`invalidate_bdev()`). Process context.
+    pub(crate) fn invalidate_cache(&self) {
+        // SAFETY: The device is valid; called from process context.
+        unsafe { bindings::invalidate_bdev(self.as_ptr()) };
+    }
+
+    /// Whether a block device filter is attached to the device.
+    pub(crate) fn has_filter(&self) -> bool {
+        // SAFETY: The device is valid; a racy look at the pointer is all a
+        // refusal needs.
+        unsafe { !core::ptr::read_volatile(&(*self.as_ptr()).bd_filter).is_null() }
+    }
+
+    /// The holder operations of whoever holds the device exclusively.
+    pub(crate) fn holder_ops(&self) -> *const bindings::blk_holder_ops {
+        // SAFETY: The device is valid; a snapshot is all a refusal needs.
+        unsafe { core::ptr::read_volatile(&(*self.as_ptr()).bd_holder_ops) }
+    }
+
+    /// Whether the device (or its disk) is read-only.
+    pub(crate) fn read_only(&self) -> bool {
+        // SAFETY: The device is valid.
+        unsafe { bindings::bdev_read_only(self.as_ptr()) }
+    }
+
+    /// Whether the device is zoned (zone append and reset write without
+    /// going through the region accounting).
+    pub(crate) fn is_zoned(&self) -> bool {
+        // SAFETY: The device is valid.
+        unsafe { bindings::bdev_is_zoned(self.as_ptr()) }
+    }
+
     /// The disk the device belongs to, as an identity to compare.
     pub(crate) fn disk_id(&self) -> usize {
         // SAFETY: `bd_disk` is assigned once at creation.
@@ -102,84 +134,6 @@ impl BlockDevice {
         }
         let (a, b) = (self.start_sect(), other.start_sect());
         a < b.saturating_add(other.nr_sectors()) && b < a.saturating_add(self.nr_sectors())
-    }
-}
-
-/// Operation of a bio (`REQ_OP_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Op {
-    /// `REQ_OP_READ`.
-    Read,
-    /// `REQ_OP_WRITE` (possibly an empty PREFLUSH).
-    Write,
-    /// `REQ_OP_DISCARD` or `REQ_OP_SECURE_ERASE`.
-    Discard,
-    /// `REQ_OP_WRITE_ZEROES`.
-    WriteZeroes,
-    /// Anything else (zone management, driver private).
-    Other,
-}
-
-/// A bio handed to the filter. Only ever used by reference, for the time
-/// the submission path lends it to the filter.
-#[repr(transparent)]
-pub(crate) struct Bio(Opaque<bindings::bio>);
-
-impl Bio {
-    /// Wraps a raw pointer.
-    ///
-    /// # Safety
-    ///
-    /// `ptr` must point to a valid `struct bio` that stays valid and is not
-    /// accessed by anyone else for `'a`.
-    pub(crate) unsafe fn from_raw<'a>(ptr: *mut bindings::bio) -> &'a Self {
-        // SAFETY: Transparent wrapper; validity guaranteed by the caller.
-        unsafe { &*ptr.cast::<Self>() }
-    }
-
-    /// The raw `struct bio`.
-    pub(crate) fn as_ptr(&self) -> *mut bindings::bio {
-        self.0.get()
-    }
-
-    /// Whether the submitter asked not to block (`REQ_NOWAIT`).
-    pub(crate) fn is_nowait(&self) -> bool {
-        self.opf() & bindings::REQ_NOWAIT != 0
-    }
-
-    fn opf(&self) -> u32 {
-        // SAFETY: The bio is valid and owned by the submission path we run
-        // in; nothing changes `bi_opf` concurrently.
-        unsafe { (*self.0.get()).bi_opf }
-    }
-
-    /// The bio's operation.
-    pub(crate) fn op(&self) -> Op {
-        match self.opf() & bindings::REQ_OP_MASK {
-            bindings::req_op_REQ_OP_READ => Op::Read,
-            bindings::req_op_REQ_OP_WRITE => Op::Write,
-            bindings::req_op_REQ_OP_DISCARD | bindings::req_op_REQ_OP_SECURE_ERASE => Op::Discard,
-            bindings::req_op_REQ_OP_WRITE_ZEROES => Op::WriteZeroes,
-            _ => Op::Other,
-        }
-    }
-
-    /// First sector, relative to the whole disk (the partition offset has
-    /// been added by the time a filter sees the bio).
-    pub(crate) fn disk_sector(&self) -> u64 {
-        // SAFETY: As in `opf`.
-        unsafe { (*self.0.get()).bi_iter.bi_sector }
-    }
-
-    /// Length in 512-byte sectors (0 for an empty flush).
-    pub(crate) fn nr_sectors(&self) -> u64 {
-        // SAFETY: As in `opf`.
-        u64::from(unsafe { (*self.0.get()).bi_iter.bi_size }) >> crate::region::SECTOR_SHIFT
-    }
-
-    /// First sector relative to the filtered device `bdev`.
-    pub(crate) fn sector_in(&self, bdev: &BlockDevice) -> u64 {
-        self.disk_sector().saturating_sub(bdev.start_sect())
     }
 }
 
@@ -199,13 +153,15 @@ unsafe impl Send for OpenDevice {}
 unsafe impl Sync for OpenDevice {}
 
 impl OpenDevice {
-    /// Opens `dev` for reading and writing, exclusively for `holder`.
+    /// Opens `dev` for reading and writing, exclusively for `holder`,
+    /// which the block layer tells through `holder.ops()` when the device
+    /// goes away.
     pub(crate) fn open_exclusive(dev: DevT, holder: Holder) -> Result<Self> {
         let mode = bindings::BLK_OPEN_READ | bindings::BLK_OPEN_WRITE | bindings::BLK_OPEN_EXCL;
-        // SAFETY: `holder` is a unique cookie that outlives the open; no
-        // holder operations are passed.
+        // SAFETY: `holder` is a unique cookie that outlives the open, and
+        // its operations are static.
         let file = from_err_ptr(unsafe {
-            bindings::bdev_file_open_by_dev(dev.0, mode, holder.as_ptr(), core::ptr::null())
+            bindings::bdev_file_open_by_dev(dev.0, mode, holder.as_ptr(), holder.ops())
         })?;
         // INVARIANT: `file` was just opened and is owned by the new object.
         Ok(Self { file })

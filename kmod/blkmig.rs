@@ -32,9 +32,11 @@ mod region;
 mod sync;
 
 mod bdev;
+mod bio;
 mod filter;
-mod io;
 mod migration;
+mod sys;
+mod wait;
 
 module! {
     type: BlkMig,

@@ -6,7 +6,7 @@
 //! core calls the `*_callback` functions below, which recover the filter
 //! object stored in `blkfilter::private` and call the trait methods.
 
-use core::{ffi::c_void, marker::PhantomData};
+use core::{ffi::c_void, marker::PhantomData, ptr};
 
 use kernel::{
     bindings,
@@ -17,7 +17,7 @@ use kernel::{
     uaccess::UserSlice,
 };
 
-use crate::bdev::{Bio, BlockDevice};
+use crate::{bdev::BlockDevice, bio::Bio};
 
 /// A block device filter.
 ///
@@ -46,25 +46,51 @@ pub(crate) trait Filter: Sized + Send + Sync {
         Err(Error::from_errno(-(bindings::EOPNOTSUPP as i32)))
     }
 
-    /// A bio submitted to the filtered device. Returns `true` if the filter
-    /// took the bio (and will complete it), `false` to let it pass.
+    /// A bio for the filtered device. Returns `None` if the filter took
+    /// it (and will finish it), or gives it back to let it pass.
     ///
-    /// Runs in the submitter's context with the queue entered: must not
-    /// sleep for long, wait for I/O, or allocate with anything but
-    /// `GFP_NOIO`/`GFP_NOWAIT`.
-    fn submit_bio(&self, bdev: &BlockDevice, bio: &Bio) -> bool;
+    /// Runs in the submitter's context, ahead of queue entry: must not
+    /// wait for I/O, and allocates with `GFP_NOIO` only. It may keep the
+    /// bio and resubmit it later from another context.
+    fn submit_bio(&self, bio: Bio) -> Option<Bio>;
+
+    /// A device the filter opened with its [`Holder`] is going away.
+    /// Called with the device's holder lock held: must not sleep or open
+    /// or close devices.
+    fn holder_dead(&self);
 }
 
 /// A unique holder cookie for exclusive opens made by one attachment (the
-/// address of its `struct blkfilter`, which lives as long as the filter).
+/// address of its `struct blkfilter`, which lives as long as the filter),
+/// with the holder operations that reach the filter.
 #[derive(Clone, Copy)]
-pub(crate) struct Holder(*mut c_void);
+pub(crate) struct Holder {
+    flt: *mut bindings::blkfilter,
+    ops: &'static bindings::blk_holder_ops,
+}
 
 impl Holder {
     /// The raw holder pointer for `bdev_file_open_by_dev()`.
     pub(crate) fn as_ptr(self) -> *mut c_void {
-        self.0
+        self.flt.cast()
     }
+
+    /// The holder operations for `bdev_file_open_by_dev()`.
+    pub(crate) fn ops(self) -> *const bindings::blk_holder_ops {
+        self.ops
+    }
+}
+
+/// The holder operations of filter `T`, as a `'static` table.
+struct HolderOps<T>(PhantomData<T>);
+
+impl<T: Filter> HolderOps<T> {
+    const OPS: bindings::blk_holder_ops = bindings::blk_holder_ops {
+        mark_dead: Some(mark_dead_callback::<T>),
+        sync: None,
+        freeze: None,
+        thaw: None,
+    };
 }
 
 /// Registration of a [`Filter`] with the block layer.
@@ -167,7 +193,11 @@ unsafe extern "C" fn attach_callback<T: Filter>(
         // valid while the filter is attached (see the callback's safety
         // requirements).
         let bdev = unsafe { BlockDevice::from_raw((*flt).bdev) };
-        let obj = T::attach(bdev, opt, Holder(flt.cast()))?;
+        let holder = Holder {
+            flt,
+            ops: &HolderOps::<T>::OPS,
+        };
+        let obj = T::attach(bdev, opt, holder)?;
         // SAFETY: The object is never moved out of its allocation: it is
         // only accessed by reference until `detach_callback` rebuilds the
         // pinned box and drops it in place.
@@ -225,16 +255,47 @@ unsafe extern "C" fn ctl_callback<T: Filter>(
 
 /// # Safety
 ///
-/// Called by the block layer only, on an attached filter, with the queue of
-/// the filtered device entered and `bio` a valid bio owned by the caller.
+/// Called by the block layer only, on an attached filter (under the
+/// filter SRCU read lock, which keeps detach from completing), with `bio` a
+/// valid bio the caller hands over.
 unsafe extern "C" fn submit_bio_callback<T: Filter>(
     flt: *mut bindings::blkfilter,
     bio: *mut bindings::bio,
 ) -> bool {
-    // SAFETY: The filter is attached (the queue usage counter we run under
-    // keeps detach from completing), so `private` and `bdev` are live.
-    let (f, bdev) = unsafe { (filter::<T>(flt), BlockDevice::from_raw((*flt).bdev)) };
-    // SAFETY: `bio` is valid for the duration of the call.
-    let bio = unsafe { Bio::from_raw(bio) };
-    f.submit_bio(bdev, bio)
+    // SAFETY: The filter is attached, so `private` is live.
+    let f = unsafe { filter::<T>(flt) };
+    // SAFETY: The hook hands the bio over: we finish it or give it back.
+    let Some(bio) = (unsafe { Bio::from_raw(bio) }) else {
+        return false;
+    };
+    match f.submit_bio(bio) {
+        None => true,
+        Some(bio) => {
+            // Given back: the hook lets it pass.
+            let _ = bio.into_raw();
+            false
+        }
+    }
+}
+
+/// # Safety
+///
+/// Called by the block layer only, with `bdev->bd_holder_lock` held, for a
+/// device opened with a [`Holder`] of filter `T`. Releases the lock, as
+/// holder operations must.
+unsafe extern "C" fn mark_dead_callback<T: Filter>(
+    bdev: *mut bindings::block_device,
+    _surprise: bool,
+) {
+    // SAFETY: The holder is the `struct blkfilter` of the attachment that
+    // opened the device. Closing the device clears the holder under
+    // `bd_holder_lock`, which we hold, so the filter object (`private`,
+    // set once attach has returned) is live while we use it.
+    unsafe {
+        let flt = (*bdev).bd_holder.cast::<bindings::blkfilter>();
+        if !flt.is_null() && !(*flt).private.is_null() {
+            filter::<T>(flt).holder_dead();
+        }
+        bindings::mutex_unlock(ptr::addr_of_mut!((*bdev).bd_holder_lock));
+    }
 }

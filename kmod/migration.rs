@@ -8,24 +8,31 @@
 //! The original completes when all its clones have, with the source's
 //! status. The copier drives COPY_BEGIN/COPY_END.
 //!
-//! Switch: HOLD_WRITES makes new writes wait in their submitter's context
-//! (their deadline is enforced by the waiters themselves, so a vanished
-//! copier cannot hold them past the timeout); SWITCH checks that every
-//! region is synced, flushes the target, sends reads to the target, writes
-//! the retire marker over the source's first region, and turns to
-//! REDIRECT, where every bio goes to the target.
+//! Hold: HOLD_WRITES queues every new write (but the copier's own) in the
+//! module; nothing sleeps in the submitter's context and nothing pins the
+//! source's queue. A kernel timer ends the hold at its deadline and
+//! resubmits the held writes from the module's workqueue.
+//!
+//! Switch (SWITCH, inside a hold): every write drained and every region
+//! synced, the mode becomes SWITCHING (every write queued, reads to the
+//! target), the last in-flight I/O drains, the checks are made again, the
+//! target is flushed, the source's head is read and saved, the retire
+//! marker is written over it, and the mode becomes REDIRECT, where every
+//! bio goes to the target. Every wait is bounded by the hold's deadline
+//! (the marker write by a fixed budget past it).
 
 use core::{
     mem::{offset_of, size_of},
     ptr,
-    sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32},
+    sync::atomic::{AtomicBool, AtomicI32, AtomicU32},
 };
 
 use kernel::{
     alloc::flags,
-    bindings, c_str,
-    page::Page,
+    bindings, c_str, new_spinlock,
+    page::{Page, PAGE_SIZE},
     prelude::*,
+    sync::SpinLock,
     time::Ktime,
     types::{AsBytes, FromBytes},
     uaccess::UserSlice,
@@ -33,14 +40,16 @@ use kernel::{
 
 use crate::{
     abi::{
-        self, AttachOptions, CtlCmd, HoldRequest, Mode, RegionOp, RetireMarker, Status,
+        self, AttachOptions, CtlCmd, Failure, HoldRequest, Mode, RegionOp, RetireMarker, Status,
         SyncedQuery,
     },
-    bdev::{Bio, BlockDevice, DevT, Op, OpenDevice},
+    bdev::{BlockDevice, DevT, OpenDevice},
+    bio::{self, Bio, BioList, BioSet, Kind, Legs, Op, SyncIo},
     filter::{Filter, Holder},
-    io::{self, BioSet, Kind},
-    region::{Begin, End, Geometry, RegionMap, Regions},
+    region::{Begin, End, Geometry, RegionMap, Regions, INFLIGHT_MASK, SYNCED},
     sync::{AtomicU64, Ordering},
+    sys,
+    wait::{DelayedWork, WaitQueue, WorkQueue},
 };
 
 // SAFETY: `Status` is `#[repr(C)]`, made of integers only, and has no
@@ -61,30 +70,42 @@ unsafe impl AsBytes for SyncedQuery {}
 /// Internal mode between CLONE and REDIRECT: writes held, reads to the
 /// target, the source being retired. Reported as CLONE (holding).
 const MODE_SWITCHING: u32 = 3;
-/// `BLK_STS_AGAIN`: a `REQ_NOWAIT` write that would have to wait.
-const BLK_STS_AGAIN: u8 = 12;
 /// Bios reserved in each bio set (forward progress under memory pressure).
 const POOL: u32 = 64;
-/// Most pages in one retire-marker bio (`BIO_MAX_VECS`).
-const MAX_VECS: u64 = 256;
-const PAGE: u64 = 4096;
-
-fn etimedout() -> Error {
-    Error::from_errno(-(bindings::ETIMEDOUT as i32))
-}
+/// Most bytes of the source's head the retire marker overwrites: one bio
+/// of `BIO_MAX_VECS` pages. Every filesystem and volume signature blkid
+/// probes at the start of a device lies within it.
+const RETIRE_BYTES: u64 = 256 * PAGE_SIZE as u64;
+/// How long past the hold's deadline the switch waits for the retire
+/// marker's write and the source's flush (the one I/O a held writer may
+/// wait for beyond the hold timeout).
+const MARKER_BUDGET_MS: i64 = 1000;
+/// At most this many accounted writes in flight: a region's in-flight
+/// count (20 bits) can then never carry into its epoch.
+const INFLIGHT_MAX: u64 = INFLIGHT_MASK >> 1;
+/// How often a detach that waits for I/O to finish says so.
+const DRAIN_REPORT_MS: u64 = 10_000;
 
 fn now_ns() -> i64 {
     Ktime::ktime_get().to_ns()
 }
 
-/// Sleeps a little, in process context.
-fn nap() {
-    // SAFETY: Called only from process context (ioctl, submitter, detach).
-    unsafe { bindings::usleep_range_state(50, 150, bindings::TASK_UNINTERRUPTIBLE) };
+/// Milliseconds from now until `deadline_ns` (0 if it has passed).
+fn ms_until(deadline_ns: i64) -> u64 {
+    let left = deadline_ns - now_ns();
+    if left <= 0 {
+        0
+    } else {
+        (left as u64).div_ceil(1_000_000)
+    }
 }
 
 fn current_tgid() -> i32 {
     kernel::current!().group_leader().pid()
+}
+
+fn errno(e: u32) -> Error {
+    Error::from_errno(-(e as i32))
 }
 
 /// The parsed and checked attach options.
@@ -133,13 +154,17 @@ impl Options {
     }
 }
 
-/// Allocates `n` zeroed region words (`kvmalloc`).
+/// `n` region words, all with the same random epoch and nothing in flight
+/// or synced. The random start is the attachment's generation: a word a
+/// copier obtained under an earlier attachment (of this or another
+/// migration) does not match, so its COPY_END cannot commit.
 fn alloc_words(n: u64) -> Result<KVVec<AtomicU64>> {
-    let n = usize::try_from(n).map_err(|_| ENOMEM)?;
+    let n = usize::try_from(n).map_err(|_| E2BIG)?;
+    let base = sys::random_u64() & !(INFLIGHT_MASK | SYNCED);
     let mut words = KVVec::with_capacity(n, flags::GFP_KERNEL)?;
     for _ in 0..n {
         // Cannot allocate: the capacity is reserved above.
-        words.push(AtomicU64::new(0), flags::GFP_KERNEL)?;
+        words.push(AtomicU64::new(base), flags::GFP_KERNEL)?;
     }
     Ok(words)
 }
@@ -147,7 +172,6 @@ fn alloc_words(n: u64) -> Result<KVVec<AtomicU64>> {
 /// Event counters, reported by [`CtlCmd::Status`].
 #[derive(Default)]
 struct Counters {
-    writes_held: AtomicU64,
     writes_seen: AtomicU64,
     writes_mirrored: AtomicU64,
     bios_redirected: AtomicU64,
@@ -155,12 +179,28 @@ struct Counters {
     copy_busy: AtomicU64,
 }
 
+/// The write hold: its deadline and the writes it keeps.
+struct Hold {
+    deadline_ns: i64,
+    held: BioList,
+}
+
 /// One attached migration.
+///
+/// # Invariants
+///
+/// - `mode == MODE_SWITCHING` implies `holding`: the switch enters and
+///   leaves SWITCHING with `holding` set, and every change of either is
+///   made under the `hold` lock.
+/// - `owned` counts the bios the filter took (held or sent out) and has not
+///   finished; the object outlives them (see `PinnedDrop`).
 #[pin_data(PinnedDrop)]
 pub(crate) struct Migration {
+    /// First field: closed first when the object is dropped, so that the
+    /// target's holder callback never sees a half-dropped object.
+    target: OpenDevice,
     geometry: Geometry,
     words: KVVec<AtomicU64>,
-    target: OpenDevice,
     /// The filtered device (valid until detach has returned).
     source: *mut bindings::block_device,
     hold_timeout_ms: u32,
@@ -168,31 +208,59 @@ pub(crate) struct Migration {
     failure: AtomicU32,
     failure_errno: AtomicI32,
     holding: AtomicBool,
-    hold_deadline_ns: AtomicI64,
     hold_owner: AtomicI32,
+    #[pin]
+    hold: SpinLock<Hold>,
+    /// A HOLD_WRITES, SWITCH or RELEASE command is running.
+    ctl_busy: AtomicBool,
     /// Writes accounted in the map and not yet completed.
     inflight_writes: AtomicU64,
+    /// Writes held now.
+    held_count: AtomicU64,
     /// Reads of the first region sent to the source, not yet completed.
     head_reads: AtomicU64,
-    /// Bios the filter took and has not completed yet.
+    /// Bios the filter took and has not finished.
     owned: AtomicU64,
     stats: Counters,
     retire_failed: AtomicBool,
     marker_page: Page,
     zero_page: Page,
+    /// The source's first `RETIRE_BYTES`, read inside the switch before the
+    /// marker overwrites them (written back if the marker write fails).
+    head_pages: KVec<Page>,
+    /// Woken when a count the switch or detach waits for drops to zero.
+    #[pin]
+    events: WaitQueue,
+    /// The switch's own I/O (flushes, head read, marker); wakes `events`.
+    sync: SyncIo,
+    /// Ends the hold at its deadline; releases held writes after a failure.
+    #[pin]
+    hold_work: DelayedWork,
+    wq: WorkQueue,
     #[pin]
     ctx_set: BioSet,
     #[pin]
     plain_set: BioSet,
+    #[pin]
+    io_set: BioSet,
 }
 
 // SAFETY: `source` is only used through `&BlockDevice` for the filtered
 // device, which the filter core keeps alive while the filter is attached;
-// everything else is atomics, owned allocations, or bio sets that the block
-// layer lets any thread use.
+// everything else is atomics, a spinlock, owned allocations, or kernel
+// objects (bio sets, wait queue, work) that any thread may use.
 unsafe impl Send for Migration {}
-// SAFETY: See `Send`; all shared state is atomic.
+// SAFETY: See `Send`; all shared state is atomic or under the spinlock.
 unsafe impl Sync for Migration {}
+
+/// Marks the running hold/switch command; cleared on drop.
+struct CtlGuard<'a>(&'a AtomicBool);
+
+impl Drop for CtlGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 impl Migration {
     fn map(&self) -> RegionMap<'_> {
@@ -209,6 +277,10 @@ impl Migration {
         self.mode.load(Ordering::SeqCst)
     }
 
+    fn failed(&self) -> bool {
+        self.mode_raw() == Mode::Failed as u32
+    }
+
     /// The reply to [`CtlCmd::Status`].
     fn status(&self) -> Status {
         let target = self.target.bdev();
@@ -219,11 +291,8 @@ impl Migration {
         } else {
             raw
         };
-        let holding = raw == MODE_SWITCHING
-            || (self.holding.load(Ordering::SeqCst)
-                && now_ns() < self.hold_deadline_ns.load(Ordering::SeqCst));
         let mut flags = 0;
-        if holding {
+        if self.holding.load(Ordering::SeqCst) {
             flags |= abi::STATUS_HOLDING;
         }
         if self.retire_failed.load(Ordering::Relaxed) {
@@ -242,7 +311,7 @@ impl Migration {
             copy_busy: self.stats.copy_busy.load(Ordering::Relaxed),
             writes_seen: self.stats.writes_seen.load(Ordering::Relaxed),
             writes_mirrored: self.stats.writes_mirrored.load(Ordering::Relaxed),
-            writes_held: self.stats.writes_held.load(Ordering::Relaxed),
+            writes_held: self.held_count.load(Ordering::Relaxed),
             bios_redirected: self.stats.bios_redirected.load(Ordering::Relaxed),
             failure: self.failure.load(Ordering::Relaxed),
             failure_errno: self.failure_errno.load(Ordering::Relaxed),
@@ -251,24 +320,42 @@ impl Migration {
         }
     }
 
-    /// A write accounted with `write_submit` has completed on every leg.
-    pub(crate) fn write_done(&self, regions: Regions) {
+    /// Drops one count of `counter` and wakes the waiters if it reached 0.
+    fn count_down(&self, counter: &AtomicU64) {
+        if counter.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.events.wake_all();
+        }
+    }
+
+    /// A write accounted with `write_submit` has completed on every leg;
+    /// `status` is the source's.
+    pub(crate) fn write_done(&self, regions: Regions, status: u8) {
+        if status != 0 {
+            // The source did not take the write, the target may have: the
+            // regions no longer hold the same bytes on both. Unsync them
+            // while the write still counts as in flight, so that no copier
+            // can commit in between.
+            for r in regions.start..regions.end {
+                self.map().unsync(r);
+            }
+        }
         self.map().write_complete(regions);
-        self.inflight_writes.fetch_sub(1, Ordering::SeqCst);
+        self.count_down(&self.inflight_writes);
     }
 
     /// A tracked read of the first region has completed.
     pub(crate) fn head_read_done(&self) {
-        self.head_reads.fetch_sub(1, Ordering::SeqCst);
+        self.count_down(&self.head_reads);
     }
 
-    /// A bio the filter took has completed. Must be the caller's last use
-    /// of `self`: detach waits for this count to reach zero.
+    /// A bio the filter took has been finished. Must be the caller's last
+    /// use of `self`: detach waits for this count to reach zero.
     pub(crate) fn bio_done(&self) {
-        self.owned.fetch_sub(1, Ordering::Release);
+        self.count_down(&self.owned);
     }
 
-    /// The target leg of a mirrored write failed with `status`.
+    /// The target leg of a mirrored write failed with `status`. Any
+    /// context.
     pub(crate) fn target_error(&self, regions: Regions, status: u8, discard: bool) {
         if discard && status == bindings::BLK_STS_NOTSUPP {
             // The target cannot discard: the regions no longer track the
@@ -278,200 +365,640 @@ impl Migration {
             }
             return;
         }
-        // SAFETY: `blk_status_to_errno` only maps a number.
-        let errno = -unsafe { bindings::blk_status_to_errno(status) };
-        self.fail(abi::Failure::TargetWrite, errno);
+        self.fail(Failure::TargetWrite, -bio::status_errno(status));
     }
 
-    /// Stops the migration: the source stays authoritative.
-    fn fail(&self, why: abi::Failure, errno: i32) {
+    /// Stops the migration: mirroring ends, every bio passes to the source,
+    /// which stays authoritative. Never overrides REDIRECT or an earlier
+    /// failure. Any context: held writes are released from the workqueue.
+    fn fail(&self, why: Failure, errno: i32) {
         for from in [Mode::Clone as u32, MODE_SWITCHING] {
             if self
                 .mode
-                .compare_exchange(from, Mode::Failed as u32, Ordering::SeqCst, Ordering::SeqCst)
+                .compare_exchange(
+                    from,
+                    Mode::Failed as u32,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
                 .is_ok()
             {
                 self.failure.store(why as u32, Ordering::Relaxed);
                 self.failure_errno.store(errno, Ordering::Relaxed);
-                self.holding.store(false, Ordering::SeqCst);
-                pr_err!("migration failed ({:?}, errno {}): mirroring stopped, the source stays authoritative\n", why as u32, errno);
+                pr_err!(
+                    "migration failed (reason {}, errno {}): mirroring stopped, the source stays authoritative\n",
+                    why as u32,
+                    errno
+                );
+                self.events.wake_all();
+                if self.holding.load(Ordering::SeqCst) {
+                    self.hold_work.schedule(&self.wq, 0);
+                }
                 return;
             }
         }
     }
 
-    /// Waits while writes are held, at most until the hold's deadline, at
-    /// which the hold is cancelled. Returns when the caller may go on.
-    fn wait_released(&self) {
-        self.stats.writes_held.fetch_add(1, Ordering::Relaxed);
-        loop {
-            let switching = self.mode_raw() == MODE_SWITCHING;
-            if !switching && !self.holding.load(Ordering::SeqCst) {
-                break;
-            }
-            // The switch itself (marker write) is not stalled: wait it out.
-            if !switching && now_ns() >= self.hold_deadline_ns.load(Ordering::SeqCst) {
-                if self.holding.swap(false, Ordering::SeqCst) {
-                    pr_warn!("write hold timed out: writes released, switch cancelled\n");
-                }
-                break;
-            }
-            nap();
-        }
-        self.stats.writes_held.fetch_sub(1, Ordering::Relaxed);
-    }
+    // --- the data path ----------------------------------------------------
 
-    /// Whether a write by the current task must wait: writes are held and
-    /// it is not the task group that holds them (whose own writes, such as
-    /// the page-cache writeback its O_DIRECT reads force, must go through).
-    fn held(&self) -> bool {
-        self.holding.load(Ordering::SeqCst) && current_tgid() != self.hold_owner.load(Ordering::SeqCst)
-    }
-
-    /// Sends `bio` to the target only. Always takes it.
-    fn redirect(&self, bio: &Bio) -> bool {
-        self.owned.fetch_add(1, Ordering::Relaxed);
-        self.stats.bios_redirected.fetch_add(1, Ordering::Relaxed);
-        let orig = bio.as_ptr();
-        let sector = if bio.nr_sectors() > 0 { bio.sector_in(self.source()) } else { 0 };
-        // SAFETY: `orig` is the bio the hook lends us, the target is open.
-        let c = unsafe { io::clone(orig, self.target.bdev().as_ptr(), &self.ctx_set) };
-        if c.is_null() {
-            // SAFETY: We took `orig`; it is completed here, once.
-            unsafe { io::complete(orig, bindings::BLK_STS_RESOURCE) };
-            self.bio_done();
-            return true;
-        }
-        let none = Regions { start: 0, end: 0 };
-        // SAFETY: `c` comes from `ctx_set` (CTX_PAD front pad) and is not
-        // submitted; `self` waits for `owned` before it goes.
-        unsafe {
-            let ctx = io::init_ctx(c, orig, self, Kind::Redirect, none, 1);
-            io::arm(c, sector, io::redirect_end, ctx);
-            io::submit(c);
-        }
-        true
-    }
-
-    /// Sends a read of the first region to the source, tracked, so that the
-    /// switch can wait for it before it overwrites that region.
-    fn tracked_read(&self, bio: &Bio) -> bool {
-        self.owned.fetch_add(1, Ordering::Relaxed);
-        let orig = bio.as_ptr();
-        // SAFETY: `orig` is lent to us by the hook; its device is live.
-        let c = unsafe { io::clone(orig, (*orig).bi_bdev, &self.ctx_set) };
-        if c.is_null() {
-            self.head_read_done();
-            self.bio_done();
-            return false;
-        }
-        let none = Regions { start: 0, end: 0 };
-        // SAFETY: As in `redirect`; the clone goes back to the filtered
-        // device, so it is marked as filtered.
-        unsafe {
-            let ctx = io::init_ctx(c, orig, self, Kind::HeadRead, none, 1);
-            io::set_filtered(c);
-            io::arm(c, (*orig).bi_iter.bi_sector, io::redirect_end, ctx);
-            io::submit(c);
-        }
-        true
-    }
-
-    fn clone_read(&self, bio: &Bio) -> bool {
-        let regions = self.geometry.regions_of(bio.sector_in(self.source()), bio.nr_sectors());
-        if regions.is_empty() || regions.start != 0 {
-            return false;
-        }
-        // Count first, then look at the mode: pairs with `switch`.
-        self.head_reads.fetch_add(1, Ordering::SeqCst);
+    /// Where a bio goes, by mode. Returns the bio if it passes to the
+    /// device it was submitted to.
+    fn route(&self, bio: Bio) -> Option<Bio> {
         match self.mode_raw() {
-            m if m == Mode::Clone as u32 => self.tracked_read(bio),
-            m => {
-                self.head_read_done();
-                if m == Mode::Failed as u32 {
-                    false
-                } else {
-                    self.redirect(bio)
-                }
+            m if m == Mode::Failed as u32 => Some(bio),
+            m if m == Mode::Redirect as u32 => self.redirect(bio),
+            MODE_SWITCHING => match bio.op() {
+                Op::Read => self.redirect(bio),
+                _ => self.hold_bio(bio),
+            },
+            _ => match bio.op() {
+                Op::Read => self.clone_read(bio),
+                // Zone operations: zoned devices are refused at attach.
+                Op::Other => Some(bio),
+                Op::Write | Op::Discard | Op::WriteZeroes => self.clone_write(bio),
+            },
+        }
+    }
+
+    /// The bio's sectors as `(offset in the source, length)`, if they lie
+    /// within the source as it was at attach.
+    fn span(&self, bio: &Bio) -> Option<(u64, u64)> {
+        let start = bio.disk_sector().checked_sub(self.source().start_sect())?;
+        let len = bio.nr_sectors();
+        (start.checked_add(len)? <= self.geometry.sectors()).then_some((start, len))
+    }
+
+    /// Queues `bio` while writes are held. Returns it routed anew if the
+    /// hold has ended meanwhile.
+    fn hold_bio(&self, bio: Bio) -> Option<Bio> {
+        let mut h = self.hold.lock();
+        if !self.holding.load(Ordering::SeqCst) {
+            drop(h);
+            return self.route(bio);
+        }
+        self.owned.fetch_add(1, Ordering::SeqCst);
+        self.held_count.fetch_add(1, Ordering::Relaxed);
+        h.held.push(bio);
+        None
+    }
+
+    /// Sends `bio` to the target only.
+    fn redirect(&self, bio: Bio) -> Option<Bio> {
+        let sector = if bio.nr_sectors() == 0 {
+            0
+        } else {
+            let start = bio.disk_sector().checked_sub(self.source().start_sect());
+            let inside = |s: u64| {
+                s.checked_add(bio.nr_sectors())
+                    .is_some_and(|end| end <= self.source().nr_sectors())
+            };
+            match start {
+                // Everything addressed to the source goes to the target,
+                // past the size it had at attach too (a source grown after
+                // the switch): the target's own end-of-device check
+                // applies.
+                Some(s) if bio.is_for(self.source()) || inside(s) => s,
+                // Through the whole disk over the partition's edge: the
+                // disk's own path.
+                _ => return Some(bio),
+            }
+        };
+        self.owned.fetch_add(1, Ordering::SeqCst);
+        self.stats.bios_redirected.fetch_add(1, Ordering::Relaxed);
+        let legs = Legs {
+            source: false,
+            target: Some((self.target.bdev(), sector)),
+        };
+        let none = Regions { start: 0, end: 0 };
+        match bio::send(
+            self,
+            &self.ctx_set,
+            &self.plain_set,
+            bio,
+            Kind::Redirect,
+            none,
+            legs,
+        ) {
+            Ok(()) => None,
+            Err(bio) => {
+                bio.end(bindings::BLK_STS_RESOURCE);
+                self.bio_done();
+                None
             }
         }
     }
 
-    fn clone_write(&self, bio: &Bio) -> bool {
+    /// A read in CLONE: passes, but for reads of the first region, which
+    /// are sent to the source as tracked clones so that the switch can wait
+    /// for them before the marker overwrites that region.
+    fn clone_read(&self, bio: Bio) -> Option<Bio> {
+        let Some((start, len)) = self.span(&bio) else {
+            return Some(bio);
+        };
+        let regions = self.geometry.regions_of(start, len);
+        if regions.is_empty() || regions.start != 0 {
+            return Some(bio);
+        }
+        // Count first, then look at the mode: pairs with the switch, which
+        // sets SWITCHING first and then waits for this count.
+        self.head_reads.fetch_add(1, Ordering::SeqCst);
+        if self.mode_raw() != Mode::Clone as u32 {
+            self.head_read_done();
+            return self.route(bio);
+        }
+        self.owned.fetch_add(1, Ordering::SeqCst);
+        let legs = Legs {
+            source: true,
+            target: None,
+        };
+        let none = Regions { start: 0, end: 0 };
+        match bio::send(
+            self,
+            &self.ctx_set,
+            &self.plain_set,
+            bio,
+            Kind::HeadRead,
+            none,
+            legs,
+        ) {
+            Ok(()) => None,
+            Err(bio) => {
+                self.head_read_done();
+                self.bio_done();
+                Some(bio)
+            }
+        }
+    }
+
+    /// Drops a write's count in `inflight_writes` that never reached the
+    /// map.
+    fn write_unaccount(&self) {
+        self.count_down(&self.inflight_writes);
+    }
+
+    /// The regions a write touches, or `None` if it must pass untracked,
+    /// which fails the migration unless the write cannot change the
+    /// source's data as it was at attach.
+    fn write_regions(&self, bio: &Bio) -> Option<Regions> {
+        if let Some((start, len)) = self.span(bio) {
+            return Some(self.geometry.regions_of(start, len));
+        }
+        if self.source().nr_sectors() != self.geometry.sectors() {
+            // Past the end the map covers: the source has grown.
+            self.fail(Failure::SourceResized, bindings::EINVAL as i32);
+        } else if !bio.is_for(self.source()) {
+            // Through the whole disk or another partition, over the edge of
+            // the source: part of it could not be mirrored.
+            self.fail(Failure::PartialWrite, bindings::EINVAL as i32);
+        }
+        // Else past the end of the device: the block layer fails it.
+        None
+    }
+
+    fn clone_write(&self, bio: Bio) -> Option<Bio> {
         if bio.nr_sectors() == 0 {
             // An empty flush: the source is authoritative, nothing to track.
-            return false;
+            return Some(bio);
         }
         // Account first, then look at the hold: pairs with `hold_writes`,
         // whose drain then either sees this write or this write sees the
         // hold.
-        loop {
-            self.inflight_writes.fetch_add(1, Ordering::SeqCst);
-            let mode = self.mode_raw();
-            if mode == Mode::Clone as u32 && !self.held() {
-                break;
-            }
-            self.inflight_writes.fetch_sub(1, Ordering::SeqCst);
-            if mode == Mode::Redirect as u32 {
-                return self.redirect(bio);
-            }
-            if mode == Mode::Failed as u32 {
-                return false;
-            }
-            if bio.is_nowait() {
-                // SAFETY: We take `bio` and complete it here, once.
-                unsafe { io::complete(bio.as_ptr(), BLK_STS_AGAIN) };
-                return true;
-            }
-            self.wait_released();
+        let n = self.inflight_writes.fetch_add(1, Ordering::SeqCst);
+        let held = self.holding.load(Ordering::SeqCst)
+            && (self.mode_raw() == MODE_SWITCHING
+                || current_tgid() != self.hold_owner.load(Ordering::SeqCst));
+        if held || self.mode_raw() != Mode::Clone as u32 {
+            self.write_unaccount();
+            return if held {
+                self.hold_bio(bio)
+            } else {
+                self.route(bio)
+            };
         }
-        let regions = self.geometry.regions_of(bio.sector_in(self.source()), bio.nr_sectors());
+        if n >= INFLIGHT_MAX {
+            self.write_unaccount();
+            self.fail(Failure::TooManyWrites, bindings::EOVERFLOW as i32);
+            return Some(bio);
+        }
+        let Some(regions) = self.write_regions(&bio) else {
+            self.write_unaccount();
+            return Some(bio);
+        };
         let mirror = self.map().write_submit(regions);
         self.stats.writes_seen.fetch_add(1, Ordering::Relaxed);
-        self.owned.fetch_add(1, Ordering::Relaxed);
-        let orig = bio.as_ptr();
-        // SAFETY: `orig` is lent to us by the hook; its device is live.
-        let src = unsafe { io::clone(orig, (*orig).bi_bdev, &self.ctx_set) };
-        if src.is_null() {
-            // Let it through untracked: its regions must be copied again.
-            for r in regions.start..regions.end {
-                self.map().unsync(r);
-            }
-            self.write_done(regions);
-            self.bio_done();
-            return false;
-        }
-        let tgt = if mirror {
-            // SAFETY: As above; the target is open.
-            unsafe { io::clone(orig, self.target.bdev().as_ptr(), &self.plain_set) }
+        self.owned.fetch_add(1, Ordering::SeqCst);
+        let target = if mirror {
+            self.stats.writes_mirrored.fetch_add(1, Ordering::Relaxed);
+            // `write_regions` checked the span.
+            let start = bio.disk_sector() - self.source().start_sect();
+            Some((self.target.bdev(), start))
         } else {
-            ptr::null_mut()
+            None
         };
-        if mirror && tgt.is_null() {
-            for r in regions.start..regions.end {
-                self.map().unsync(r);
+        let legs = Legs {
+            source: true,
+            target,
+        };
+        match bio::send(
+            self,
+            &self.ctx_set,
+            &self.plain_set,
+            bio,
+            Kind::Write,
+            regions,
+            legs,
+        ) {
+            Ok(()) => None,
+            Err(bio) => {
+                // Not sent: stop the migration before the write lands
+                // untracked, then undo the accounting (FAILED ignores the
+                // map).
+                self.fail(Failure::NoMemory, bindings::ENOMEM as i32);
+                self.map().write_complete(regions);
+                self.write_unaccount();
+                self.bio_done();
+                Some(bio)
             }
         }
-        let legs = if tgt.is_null() { 1 } else { 2 };
-        // SAFETY: `src` comes from `ctx_set`, neither clone is submitted;
-        // the source clone goes back to the filtered device (marked as
-        // filtered, same sector), the target clone to the target at the
-        // write's offset in the filtered device. `self` waits for `owned`.
-        unsafe {
-            let ctx = io::init_ctx(src, orig, self, Kind::Write, regions, legs);
-            io::set_filtered(src);
-            io::arm(src, (*orig).bi_iter.bi_sector, io::source_end, ctx);
-            if !tgt.is_null() {
-                io::arm(tgt, bio.sector_in(self.source()), io::target_end, ctx);
-                self.stats.writes_mirrored.fetch_add(1, Ordering::Relaxed);
-            }
-            io::submit(src);
-            if !tgt.is_null() {
-                io::submit(tgt);
-            }
-        }
-        true
     }
+
+    // --- the hold -----------------------------------------------------------
+
+    /// Ends the hold and resubmits every held write. Process context.
+    fn release(&self) {
+        let held = {
+            let mut h = self.hold.lock();
+            self.holding.store(false, Ordering::SeqCst);
+            h.held.take()
+        };
+        self.dispatch(held);
+    }
+
+    /// Routes held bios anew (process context).
+    fn dispatch(&self, mut held: BioList) {
+        while let Some(bio) = held.pop() {
+            self.held_count.fetch_sub(1, Ordering::Relaxed);
+            if let Some(bio) = self.route(bio) {
+                bio.submit();
+            }
+            // The hold's count, dropped after the bio found its way.
+            self.bio_done();
+        }
+    }
+
+    /// The hold's timer: at the deadline, a hold the switch has not taken
+    /// over ends; after a failure, held writes go to the source.
+    fn hold_expired(&self) {
+        let held = {
+            let mut h = self.hold.lock();
+            let mode = self.mode_raw();
+            if !self.holding.load(Ordering::SeqCst) || mode == MODE_SWITCHING {
+                // The switch bounds its own waits and releases the hold.
+                return;
+            }
+            if mode == Mode::Clone as u32 {
+                if now_ns() < h.deadline_ns {
+                    return;
+                }
+                pr_warn!("write hold timed out: writes released, switch cancelled\n");
+            }
+            self.holding.store(false, Ordering::SeqCst);
+            h.held.take()
+        };
+        self.dispatch(held);
+    }
+
+    fn hold_writes(&self, buf: UserSlice, len: u32) -> Result {
+        if self.mode_raw() != Mode::Clone as u32 {
+            return Err(EINVAL);
+        }
+        if (len as usize) < size_of::<HoldRequest>() {
+            return Err(EINVAL);
+        }
+        let req: HoldRequest = buf.reader().read()?;
+        if req.reserved != 0 {
+            return Err(EINVAL);
+        }
+        let ms = match req.timeout_ms {
+            0 => self.hold_timeout_ms,
+            ms => ms.min(abi::HOLD_TIMEOUT_MS_MAX),
+        };
+        let deadline = now_ns() + i64::from(ms) * 1_000_000;
+        {
+            let mut h = self.hold.lock();
+            self.hold_owner.store(current_tgid(), Ordering::SeqCst);
+            h.deadline_ns = deadline;
+            self.holding.store(true, Ordering::SeqCst);
+        }
+        self.hold_work.schedule(&self.wq, ms);
+        // The writes accounted before the hold (and the copier's own)
+        // drain; new ones are queued.
+        let drained = self.events.wait_until(ms_until(deadline), || {
+            self.inflight_writes.load(Ordering::SeqCst) == 0 || self.failed()
+        });
+        if self.failed() {
+            self.release();
+            return Err(EIO);
+        }
+        if !drained {
+            self.release();
+            return Err(errno(bindings::ETIMEDOUT));
+        }
+        Ok(())
+    }
+
+    // --- the switch ---------------------------------------------------------
+
+    /// Leaves SWITCHING for CLONE (the source stays authoritative) and
+    /// releases the held writes.
+    fn abort_switch(&self) {
+        {
+            let _h = self.hold.lock();
+            let _ = self.mode.compare_exchange(
+                MODE_SWITCHING,
+                Mode::Clone as u32,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+        self.release();
+    }
+
+    /// Waits for the switch's own I/O, at most until `deadline_ns`.
+    /// `Err(ETIMEDOUT)` if it is still in flight then.
+    fn sync_wait(&self, deadline_ns: i64) -> Result {
+        if !self
+            .events
+            .wait_until(ms_until(deadline_ns), || self.sync.idle())
+        {
+            return Err(errno(bindings::ETIMEDOUT));
+        }
+        self.sync.result()
+    }
+
+    /// Starts I/O over the source's first `RETIRE_BYTES` (its head): a read
+    /// into `head_pages`, or a write of them, or of the retire marker (the
+    /// marker page, then zeros).
+    fn head_io(&self, write: bool, marker: bool) -> Result {
+        let len = self.retire_len();
+        let page_at = |i: usize| {
+            let l = (len - (i as u64) * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as u32;
+            let page = match (marker, i) {
+                (true, 0) => &self.marker_page,
+                (true, _) => &self.zero_page,
+                (false, _) => &self.head_pages[i],
+            };
+            (page, l)
+        };
+        let extra = if write {
+            bindings::REQ_SYNC | bindings::REQ_FUA
+        } else {
+            bindings::REQ_SYNC
+        };
+        let bio = self
+            .io_set
+            .page_bio(
+                self.source(),
+                0,
+                write,
+                extra,
+                self.head_pages.len(),
+                page_at,
+                &self.sync,
+            )
+            .ok_or(ENOMEM)?;
+        self.sync.start(bio);
+        Ok(())
+    }
+
+    /// Bytes of the source's head the marker overwrites.
+    fn retire_len(&self) -> u64 {
+        let (_, first) = self.geometry.region_span(0).unwrap_or((0, 0));
+        first.min(RETIRE_BYTES)
+    }
+
+    fn switch(&self) -> Result {
+        match self.mode_raw() {
+            m if m == Mode::Clone as u32 => {}
+            m if m == Mode::Failed as u32 => return Err(EIO),
+            _ => return Err(EINVAL),
+        }
+        if !self.sync.idle() {
+            // The I/O of an earlier, timed-out attempt is still in flight.
+            return Err(EBUSY);
+        }
+        let deadline = {
+            let h = self.hold.lock();
+            let deadline = h.deadline_ns;
+            let live = self.holding.load(Ordering::SeqCst) && now_ns() < deadline;
+            drop(h);
+            if !live {
+                self.release();
+                return Err(errno(bindings::ETIMEDOUT));
+            }
+            deadline
+        };
+
+        // 1. Every accounted write has drained, every region is synced, and
+        //    the source has the size it had at attach.
+        let drained = self.events.wait_until(ms_until(deadline), || {
+            self.inflight_writes.load(Ordering::SeqCst) == 0 || self.failed()
+        });
+        if self.failed() {
+            self.release();
+            return Err(EIO);
+        }
+        if !drained {
+            self.release();
+            return Err(errno(bindings::ETIMEDOUT));
+        }
+        if self.source().nr_sectors() != self.geometry.sectors() {
+            self.fail(Failure::SourceResized, bindings::EINVAL as i32);
+            self.release();
+            return Err(EIO);
+        }
+        if !self.map().all_synced() {
+            // The copier copies what is left and asks again.
+            return Err(EAGAIN);
+        }
+
+        // 2. SWITCHING: every write is queued, the copier's too, and reads
+        //    go to the target, which holds every byte of the source.
+        {
+            let _h = self.hold.lock();
+            let live = self.holding.load(Ordering::SeqCst) && now_ns() < deadline;
+            let entered = live
+                && self
+                    .mode
+                    .compare_exchange(
+                        Mode::Clone as u32,
+                        MODE_SWITCHING,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_ok();
+            if !entered {
+                drop(_h);
+                self.release();
+                return Err(if self.failed() {
+                    EIO
+                } else {
+                    errno(bindings::ETIMEDOUT)
+                });
+            }
+        }
+        // The last writes (the copier's) and the tracked reads of the
+        // first region drain; then the checks hold for good.
+        let drained = self.events.wait_until(ms_until(deadline), || {
+            (self.inflight_writes.load(Ordering::SeqCst) == 0
+                && self.head_reads.load(Ordering::SeqCst) == 0)
+                || self.failed()
+        });
+        if self.failed() {
+            self.release();
+            return Err(EIO);
+        }
+        if !drained {
+            self.abort_switch();
+            return Err(errno(bindings::ETIMEDOUT));
+        }
+        if !self.map().all_synced() {
+            self.abort_switch();
+            return Err(EAGAIN);
+        }
+        if self.target.bdev().read_only() {
+            self.fail(Failure::TargetWrite, bindings::EROFS as i32);
+            self.release();
+            return Err(EIO);
+        }
+
+        // 3. The target holds everything durably before the source is
+        //    retired.
+        let flushed = self
+            .sync
+            .flush(&self.io_set, self.target.bdev())
+            .and_then(|()| self.sync_wait(deadline));
+        if let Err(e) = flushed {
+            self.fail(Failure::TargetFlush, e.to_errno().abs());
+            self.release();
+            return Err(EIO);
+        }
+
+        // 4. Save the source's head, then retire it. Until the marker write
+        //    has been issued nothing has changed on the source: any failure
+        //    leaves it authoritative.
+        if let Err(e) = self
+            .head_io(false, false)
+            .and_then(|()| self.sync_wait(deadline))
+        {
+            pr_warn!(
+                "could not read the source's head before retiring it ({:?}); switch cancelled\n",
+                e
+            );
+            self.abort_switch();
+            return Err(e);
+        }
+        let budget = deadline + MARKER_BUDGET_MS * 1_000_000;
+        if let Err(e) = self.retire_source(budget) {
+            return Err(e);
+        }
+
+        // 5. REDIRECT, unless the migration failed meanwhile (the target
+        //    went away): then the source's head goes back.
+        let switched = {
+            let _h = self.hold.lock();
+            self.mode
+                .compare_exchange(
+                    MODE_SWITCHING,
+                    Mode::Redirect as u32,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+        };
+        if !switched {
+            if self.sync.idle()
+                && self
+                    .head_io(true, false)
+                    .and_then(|()| self.sync_wait(budget))
+                    .is_err()
+            {
+                pr_err!("the target failed during the switch and the source's head could not be restored: restore it from the saved copy\n");
+            }
+            self.release();
+            return Err(EIO);
+        }
+        self.release();
+        pr_info!("switched: every bio now goes to the target\n");
+        Ok(())
+    }
+
+    /// Writes the retire marker over the source's head and flushes the
+    /// source, within `budget_ns`. On `Ok` the switch goes on to REDIRECT
+    /// (with the `retire_failed` flag if the marker could not be
+    /// confirmed); on `Err` the switch was cancelled and the source is as
+    /// it was.
+    fn retire_source(&self, budget_ns: i64) -> Result {
+        let target = self.target.bdev();
+        let marker = RetireMarker {
+            magic: abi::RETIRE_MAGIC,
+            version: abi::ABI_VERSION,
+            target_major: target.dev().major(),
+            target_minor: target.dev().minor(),
+            reserved: 0,
+            switched_at: sys::wall_clock_seconds(),
+            target_sectors: target.nr_sectors(),
+        };
+        // SAFETY: `marker` is valid for its size, which fits in the page.
+        unsafe {
+            self.marker_page.write_raw(
+                ptr::from_ref(&marker).cast::<u8>(),
+                0,
+                size_of::<RetireMarker>(),
+            )?
+        };
+        let written = self
+            .head_io(true, true)
+            .and_then(|()| self.sync_wait(budget_ns));
+        match written {
+            Ok(()) => {}
+            Err(e) if e.to_errno() == -(bindings::ETIMEDOUT as i32) => {
+                // The marker may still land: going back would let it
+                // overwrite the live source. The target holds every byte.
+                self.retire_failed.store(true, Ordering::Relaxed);
+                pr_err!("the retire marker did not complete in time; switching anyway (the source may still look like the filesystem)\n");
+                return Ok(());
+            }
+            Err(e) => {
+                // Failed, maybe in part: put the saved bytes back.
+                let restored = self
+                    .head_io(true, false)
+                    .and_then(|()| self.sync_wait(budget_ns));
+                if restored.is_ok() {
+                    pr_warn!("could not write the retire marker ({:?}); switch cancelled, the source stays authoritative\n", e);
+                    self.abort_switch();
+                    return Err(EIO);
+                }
+                self.retire_failed.store(true, Ordering::Relaxed);
+                pr_err!("could not write the retire marker ({:?}) nor restore the source's head; switching to the complete target\n", e);
+                return Ok(());
+            }
+        }
+        let flushed = self
+            .sync
+            .flush(&self.io_set, self.source())
+            .and_then(|()| self.sync_wait(budget_ns));
+        if let Err(e) = flushed {
+            self.retire_failed.store(true, Ordering::Relaxed);
+            pr_err!(
+                "could not flush the retire marker ({:?}); switching anyway\n",
+                e
+            );
+        }
+        Ok(())
+    }
+
+    // --- the copy protocol --------------------------------------------------
 
     fn copy(&self, cmd: CtlCmd, buf: UserSlice, len: &mut u32) -> Result {
         let n = *len as usize / size_of::<RegionOp>();
@@ -482,6 +1009,9 @@ impl Migration {
         let cloning = self.mode_raw() == Mode::Clone as u32;
         for _ in 0..n {
             let mut op: RegionOp = r.read()?;
+            if op.reserved != 0 {
+                return Err(EINVAL);
+            }
             op.result = if !cloning {
                 abi::REGION_NOT_CLONING
             } else if cmd == CtlCmd::CopyBegin {
@@ -543,158 +1073,26 @@ impl Migration {
         Ok(())
     }
 
-    /// Waits until no accounted write is in flight, at most until the
-    /// hold's deadline.
-    fn drain(&self) -> Result {
-        while self.inflight_writes.load(Ordering::SeqCst) != 0 {
-            if now_ns() >= self.hold_deadline_ns.load(Ordering::SeqCst) {
-                self.holding.store(false, Ordering::SeqCst);
-                return Err(etimedout());
-            }
-            nap();
-        }
-        Ok(())
+    /// Claims the hold/switch commands for the caller.
+    fn ctl_claim(&self) -> Result<CtlGuard<'_>> {
+        self.ctl_busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .map_err(|_| EBUSY)?;
+        Ok(CtlGuard(&self.ctl_busy))
     }
+}
 
-    fn hold_writes(&self, buf: UserSlice, len: u32) -> Result {
-        if self.mode_raw() != Mode::Clone as u32 {
-            return Err(EINVAL);
-        }
-        if (len as usize) < size_of::<HoldRequest>() {
-            return Err(EINVAL);
-        }
-        let req: HoldRequest = buf.reader().read()?;
-        let ms = match req.timeout_ms {
-            0 => self.hold_timeout_ms,
-            ms => ms.min(abi::HOLD_TIMEOUT_MS_MAX),
-        };
-        self.hold_owner.store(current_tgid(), Ordering::SeqCst);
-        self.hold_deadline_ns
-            .store(now_ns() + i64::from(ms) * 1_000_000, Ordering::SeqCst);
-        self.holding.store(true, Ordering::SeqCst);
-        self.drain()
-    }
-
-    fn switch(&self) -> Result {
-        if self.mode_raw() != Mode::Clone as u32 {
-            return Err(EINVAL);
-        }
-        if !self.holding.load(Ordering::SeqCst)
-            || now_ns() >= self.hold_deadline_ns.load(Ordering::SeqCst)
-        {
-            self.holding.store(false, Ordering::SeqCst);
-            return Err(etimedout());
-        }
-        self.drain()?;
-        if !self.map().all_synced() {
-            return Err(EAGAIN);
-        }
-        // The target must hold everything durably before the source is
-        // retired.
-        // SAFETY: The target is open.
-        let r = unsafe { bindings::blkdev_issue_flush(self.target.bdev().as_ptr()) };
-        if r != 0 {
-            self.fail(abi::Failure::TargetFlush, -r);
-            return Err(EIO);
-        }
-        // The flush may have taken the rest of the hold: writers waiting
-        // past the deadline have gone on by themselves, so give up rather
-        // than make them wait again for the marker.
-        if !self.holding.load(Ordering::SeqCst)
-            || now_ns() >= self.hold_deadline_ns.load(Ordering::SeqCst)
-        {
-            self.holding.store(false, Ordering::SeqCst);
-            return Err(etimedout());
-        }
-        // From here every write waits (past the deadline too: the switch is
-        // not stalled, it is writing the marker), reads go to the target.
-        // Then the reads of the first region still in flight on the source
-        // drain.
-        self.mode.store(MODE_SWITCHING, Ordering::SeqCst);
-        while self.head_reads.load(Ordering::SeqCst) != 0
-            || self.inflight_writes.load(Ordering::SeqCst) != 0
-        {
-            nap();
-        }
-        if let Err(e) = self.retire_source() {
-            self.retire_failed.store(true, Ordering::Relaxed);
-            pr_warn!("could not write the retire marker on the source ({:?}); switching anyway\n", e);
-        }
-        self.mode.store(Mode::Redirect as u32, Ordering::SeqCst);
-        self.holding.store(false, Ordering::SeqCst);
-        pr_info!("switched: every bio now goes to the target\n");
-        Ok(())
-    }
-
-    /// Overwrites the source's first region with the retire marker and
-    /// zeros, durably.
-    fn retire_source(&self) -> Result {
-        let src = self.source();
-        let target = self.target.bdev();
-        let marker = RetireMarker {
-            magic: abi::RETIRE_MAGIC,
-            version: abi::ABI_VERSION,
-            target_major: target.dev().major(),
-            target_minor: target.dev().minor(),
-            reserved: 0,
-            // SAFETY: Reads the clock.
-            switched_at: unsafe { bindings::ktime_get_real_seconds() } as u64,
-            target_sectors: target.nr_sectors(),
-        };
-        // SAFETY: `marker` is valid for its size, which fits in the page.
-        unsafe {
-            self.marker_page.write_raw(
-                ptr::from_ref(&marker).cast::<u8>(),
-                0,
-                size_of::<RetireMarker>(),
-            )?
-        };
-        let (_, len) = self.geometry.region_span(0).ok_or(EINVAL)?;
-        let mut off = 0u64;
-        while off < len {
-            let chunk = (len - off).min(MAX_VECS * PAGE);
-            let pages = chunk.div_ceil(PAGE);
-            // SAFETY: `fs_bio_set` is the block layer's general bio set;
-            // the source is live; GFP_NOIO cannot recurse into it.
-            let bio = unsafe {
-                bindings::bio_alloc_bioset(
-                    src.as_ptr(),
-                    pages as u16,
-                    bindings::req_op_REQ_OP_WRITE | bindings::REQ_SYNC | bindings::REQ_FUA,
-                    bindings::GFP_NOIO,
-                    ptr::addr_of_mut!(bindings::fs_bio_set),
-                )
-            };
-            if bio.is_null() {
-                return Err(ENOMEM);
-            }
-            // SAFETY: `bio` is ours; the pages outlive the synchronous
-            // submission; the flag keeps our own hook from taking it.
-            let r = unsafe {
-                (*bio).bi_iter.bi_sector = off >> crate::region::SECTOR_SHIFT;
-                io::set_filtered(bio);
-                for i in 0..pages {
-                    let page = if off == 0 && i == 0 {
-                        &self.marker_page
-                    } else {
-                        &self.zero_page
-                    };
-                    let l = (chunk - i * PAGE).min(PAGE) as u32;
-                    if bindings::bio_add_page(bio, page.as_ptr(), l, 0) != l as i32 {
-                        bindings::bio_put(bio);
-                        return Err(ENOMEM);
-                    }
-                }
-                let r = bindings::submit_bio_wait(bio);
-                bindings::bio_put(bio);
-                r
-            };
-            kernel::error::to_result(r)?;
-            off += chunk;
-        }
-        // SAFETY: The source is live.
-        kernel::error::to_result(unsafe { bindings::blkdev_issue_flush(src.as_ptr()) })
-    }
+/// The hold's work function.
+///
+/// # Safety
+///
+/// Called by the workqueue for the `hold_work` of a live `Migration` (the
+/// work is cancelled before the migration is dropped).
+unsafe extern "C" fn hold_work_fn(work: *mut bindings::work_struct) {
+    // SAFETY: `work` belongs to the `hold_work` field of a `Migration`.
+    let mig =
+        unsafe { &*kernel::container_of!(DelayedWork::from_work(work), Migration, hold_work) };
+    mig.hold_expired();
 }
 
 impl Filter for Migration {
@@ -705,14 +1103,33 @@ impl Filter for Migration {
         if opts.target == source.dev() {
             return Err(EXDEV);
         }
+        if source.is_zoned() {
+            return Err(errno(bindings::EOPNOTSUPP));
+        }
         let target = OpenDevice::open_exclusive(opts.target, holder)?;
         let t = target.bdev();
         if t.overlaps(source) {
             return Err(EXDEV);
         }
+        if t.is_zoned() {
+            return Err(errno(bindings::EOPNOTSUPP));
+        }
+        if t.has_filter() {
+            // Its own migration would see our mirrored writes as writes
+            // of its source, and could mirror them back to ours.
+            return Err(EBUSY);
+        }
+        if source.holder_ops() == holder.ops() {
+            // The source is the target of another migration.
+            return Err(EBUSY);
+        }
         let sectors = source.nr_sectors();
         if t.nr_sectors() < sectors {
             return Err(ENOSPC);
+        }
+        if t.logical_block_size() > source.logical_block_size() {
+            // A write the source takes could not be mirrored.
+            return Err(EINVAL);
         }
         let region_bytes = 1u64 << opts.region_shift;
         for lbs in [source.logical_block_size(), t.logical_block_size()] {
@@ -721,34 +1138,55 @@ impl Filter for Migration {
             }
         }
         let geometry = Geometry::new(sectors, opts.region_shift).map_err(|_| EINVAL)?;
+        if geometry.regions() > abi::REGIONS_MAX {
+            return Err(E2BIG);
+        }
         // GFP_KERNEL is fine: attach runs from the ioctl, outside any
-        // filtered bio, with the source queue not frozen.
+        // filtered bio.
         let words = alloc_words(geometry.regions())?;
         let zeroed = flags::GFP_KERNEL | flags::__GFP_ZERO;
         let marker_page = Page::alloc_page(zeroed)?;
         let zero_page = Page::alloc_page(zeroed)?;
+        let (_, first) = geometry.region_span(0).ok_or(EINVAL)?;
+        let npages = first.min(RETIRE_BYTES).div_ceil(PAGE_SIZE as u64) as usize;
+        let mut head_pages = KVec::with_capacity(npages, flags::GFP_KERNEL)?;
+        for _ in 0..npages {
+            head_pages.push(Page::alloc_page(zeroed)?, flags::GFP_KERNEL)?;
+        }
+        let wq = WorkQueue::new()?;
         let m = KBox::try_pin_init(
-            try_pin_init!(Self {
+            try_pin_init!(&this in Self {
+                target,
                 geometry,
                 words,
-                target,
                 source: source.as_ptr(),
                 hold_timeout_ms: opts.hold_timeout_ms,
                 mode: AtomicU32::new(Mode::Clone as u32),
-                failure: AtomicU32::new(abi::Failure::None as u32),
+                failure: AtomicU32::new(Failure::None as u32),
                 failure_errno: AtomicI32::new(0),
                 holding: AtomicBool::new(false),
-                hold_deadline_ns: AtomicI64::new(0),
                 hold_owner: AtomicI32::new(0),
+                hold <- new_spinlock!(Hold { deadline_ns: 0, held: BioList::new() }, "blkmig_hold"),
+                ctl_busy: AtomicBool::new(false),
                 inflight_writes: AtomicU64::new(0),
+                held_count: AtomicU64::new(0),
                 head_reads: AtomicU64::new(0),
                 owned: AtomicU64::new(0),
                 stats: Counters::default(),
                 retire_failed: AtomicBool::new(false),
                 marker_page,
                 zero_page,
-                ctx_set <- BioSet::new(POOL, io::CTX_PAD),
-                plain_set <- BioSet::new(POOL, 0),
+                head_pages,
+                events <- WaitQueue::new(),
+                // SAFETY: `events` is a field of the same object, so it
+                // outlives `sync`; the object waits for `sync` to be idle
+                // before it is dropped.
+                sync: unsafe { SyncIo::new(ptr::addr_of!((*this.as_ptr()).events)) },
+                hold_work <- DelayedWork::new(hold_work_fn),
+                wq,
+                ctx_set <- BioSet::new(POOL, bio::CTX_PAD, false),
+                plain_set <- BioSet::new(POOL, 0, false),
+                io_set <- BioSet::new(4, 0, true),
             }? Error),
             flags::GFP_KERNEL,
         )?;
@@ -769,9 +1207,6 @@ impl Filter for Migration {
             // The filesystem would fall back to the retired source.
             return Err(EBUSY);
         }
-        // Let held writers go, so that detach's queue freeze is not kept
-        // waiting for them.
-        self.holding.store(false, Ordering::SeqCst);
         Ok(())
     }
 
@@ -788,17 +1223,22 @@ impl Filter for Migration {
             Some(c @ (CtlCmd::CopyBegin | CtlCmd::CopyEnd)) => self.copy(c, buf, len),
             Some(CtlCmd::SyncedMap) => self.synced_map(buf, len),
             Some(CtlCmd::HoldWrites) => {
+                let _busy = self.ctl_claim()?;
                 self.hold_writes(buf, *len)?;
                 *len = 0;
                 Ok(())
             }
             Some(CtlCmd::Switch) => {
+                let _busy = self.ctl_claim()?;
                 self.switch()?;
                 *len = 0;
                 Ok(())
             }
             Some(CtlCmd::Release) => {
-                self.holding.store(false, Ordering::SeqCst);
+                let _busy = self.ctl_claim()?;
+                if self.mode_raw() != Mode::Redirect as u32 {
+                    self.release();
+                }
                 *len = 0;
                 Ok(())
             }
@@ -806,37 +1246,47 @@ impl Filter for Migration {
         }
     }
 
-    fn submit_bio(&self, _source: &BlockDevice, bio: &Bio) -> bool {
-        let mode = self.mode_raw();
-        if mode == Mode::Failed as u32 {
-            return false;
-        }
-        if mode == Mode::Redirect as u32 {
-            return self.redirect(bio);
-        }
-        match bio.op() {
-            Op::Read if mode == MODE_SWITCHING => self.redirect(bio),
-            Op::Read => self.clone_read(bio),
-            Op::Other => false,
-            Op::Write | Op::Discard | Op::WriteZeroes => self.clone_write(bio),
-        }
+    fn submit_bio(&self, bio: Bio) -> Option<Bio> {
+        self.route(bio)
+    }
+
+    fn holder_dead(&self) {
+        self.fail(Failure::TargetGone, bindings::ENODEV as i32);
     }
 }
 
 #[pinned_drop]
 impl PinnedDrop for Migration {
     fn drop(self: Pin<&mut Self>) {
-        self.holding.store(false, Ordering::SeqCst);
+        // No filter call is running or can start (the core waited for
+        // them). Held writes go to the source, unless we redirect.
+        let _ = self.mode.compare_exchange(
+            Mode::Clone as u32,
+            Mode::Failed as u32,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        self.hold_work.cancel_sync();
+        self.release();
         // Every bio we took or submitted must be finished before the target
-        // is closed and the bio sets go away.
-        while self.owned.load(Ordering::Acquire) != 0 {
-            nap();
+        // is closed, the bio sets go and the module may be unloaded. The
+        // device's own I/O timeout bounds this wait.
+        while !self.events.wait_until(DRAIN_REPORT_MS, || {
+            self.owned.load(Ordering::SeqCst) == 0 && self.sync.idle()
+        }) {
+            pr_warn!(
+                "detach waits for {} bios still in flight\n",
+                self.owned.load(Ordering::SeqCst)
+            );
         }
+        // A completion may still be returning through our code after its
+        // last count: those run with preemption off or in interrupt
+        // context, which an RCU grace period waits out.
+        sys::synchronize_rcu();
         if self.mode_raw() == Mode::Redirect as u32 {
             // The source's page cache was filled from the target: drop it
             // before anything can read the retired source through it.
-            // SAFETY: The source is valid until detach has returned.
-            unsafe { bindings::invalidate_bdev(self.source) };
+            self.source().invalidate_cache();
         }
         pr_info!("detached\n");
     }

@@ -98,6 +98,10 @@ pub const REGION_SHIFT_MIN: u32 = 12;
 pub const REGION_SHIFT_MAX: u32 = 30;
 /// Default region size: 1 MiB.
 pub const REGION_SHIFT_DEFAULT: u32 = 20;
+/// Most regions one migration may have: the region map takes 8 bytes a
+/// region (128 MiB at this limit, for example 16 TiB in 1 MiB regions).
+/// Attach refuses more with `E2BIG`.
+pub const REGIONS_MAX: u64 = 1 << 24;
 /// Default for how long writes may be held for a switch, in milliseconds.
 pub const HOLD_TIMEOUT_MS_DEFAULT: u32 = 5000;
 /// Longest hold the module accepts, in milliseconds.
@@ -193,6 +197,19 @@ pub enum Failure {
     TargetFlush = 2,
     /// The target device went away.
     TargetGone = 3,
+    /// The source changed size while it was cloned (writes past the size
+    /// it had at attach are not tracked).
+    SourceResized = 4,
+    /// A write reached part of the source's sectors through another device
+    /// (its whole disk, or an overlapping partition) and could not be
+    /// mirrored.
+    PartialWrite = 5,
+    /// More writes were in flight than a region word can count.
+    TooManyWrites = 6,
+    /// A clone of a write could not be allocated.
+    NoMemory = 7,
+    /// The switch could not read the source's head before retiring it.
+    SourceRead = 8,
 }
 
 impl Failure {
@@ -203,6 +220,11 @@ impl Failure {
             1 => Self::TargetWrite,
             2 => Self::TargetFlush,
             3 => Self::TargetGone,
+            4 => Self::SourceResized,
+            5 => Self::PartialWrite,
+            6 => Self::TooManyWrites,
+            7 => Self::NoMemory,
+            8 => Self::SourceRead,
             _ => return None,
         })
     }
@@ -210,8 +232,10 @@ impl Failure {
 
 /// `Status::flags` bit: writes are currently held for a switch.
 pub const STATUS_HOLDING: u32 = 1 << 0;
-/// `Status::flags` bit: the switch could not write the retire marker on the
-/// source (it switched anyway; the source is not marked).
+/// `Status::flags` bit: the switch could not confirm the retire marker on
+/// the source (a marker write that did not complete in time, or failed and
+/// could not be undone), and switched anyway because the target held every
+/// byte: the source may still look like the filesystem.
 pub const STATUS_RETIRE_FAILED: u32 = 1 << 1;
 
 /// Reply of [`CtlCmd::Status`].
