@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use blkmig_core::abi;
 use blkmig_core::region::Geometry;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
@@ -87,6 +88,45 @@ pub fn check_target_size(src: &Device, tgt: &Device) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a target whose logical blocks are larger than the source's: a
+/// write the source takes could not be mirrored.
+pub fn check_block_sizes(src: &Device, tgt: &Device) -> Result<()> {
+    if tgt.block_size() > src.block_size() {
+        return Err(Error::refused(
+            tgt.path(),
+            Refusal::BlockSize {
+                target_block: tgt.block_size(),
+                source_block: src.block_size(),
+            },
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a live migration whose region map the module would not
+/// allocate (more than [`abi::REGIONS_MAX`] regions), naming the smallest
+/// region size that fits.
+pub fn check_region_count(src: &Device, geo: &Geometry) -> Result<()> {
+    if geo.regions() <= abi::REGIONS_MAX {
+        return Ok(());
+    }
+    let suggest = src
+        .size()
+        .0
+        .div_ceil(abi::REGIONS_MAX)
+        .next_power_of_two()
+        .max(geo.region_bytes());
+    Err(Error::refused(
+        src.path(),
+        Refusal::TooManyRegions {
+            regions: geo.regions(),
+            region_bytes: geo.region_bytes(),
+            max: abi::REGIONS_MAX,
+            suggest,
+        },
+    ))
 }
 
 fn limiter(rate: Option<Bytes>, region: u64) -> Option<Arc<DefaultDirectRateLimiter>> {

@@ -87,6 +87,26 @@ pub enum Refusal {
     /// Empty device.
     #[error("is empty")]
     Empty,
+    /// Target blocks larger than the source's.
+    #[error("has {target_block}-byte logical blocks, larger than the source's {source_block}-byte blocks: a {source_block}-byte write to the source could not be mirrored to it")]
+    BlockSize {
+        /// The target's logical block size.
+        target_block: u32,
+        /// The source's logical block size.
+        source_block: u32,
+    },
+    /// The region map would be too large.
+    #[error("needs {regions} regions of {region_bytes} bytes, more than the {max} a migration may have: use --region-size {suggest} or larger")]
+    TooManyRegions {
+        /// Regions the source would have.
+        regions: u64,
+        /// Region size asked for.
+        region_bytes: u64,
+        /// The module's limit.
+        max: u64,
+        /// The smallest region size that fits, in bytes.
+        suggest: u64,
+    },
 }
 
 impl Refusal {
@@ -97,7 +117,8 @@ impl Refusal {
             Refusal::Mounted(_) | Refusal::Busy | Refusal::LoopBacking(_) => "EBUSY",
             Refusal::SameDevice(_) | Refusal::Overlaps(_) => "EXDEV",
             Refusal::TooSmall { .. } => "ENOSPC",
-            Refusal::UnalignedSize { .. } | Refusal::Empty => "EINVAL",
+            Refusal::UnalignedSize { .. } | Refusal::Empty | Refusal::BlockSize { .. } => "EINVAL",
+            Refusal::TooManyRegions { .. } => "E2BIG",
         }
     }
 }

@@ -76,8 +76,9 @@ fn name() -> [u8; abi::BLKFILTER_NAME_LENGTH] {
     n
 }
 
-/// A handle on a block device for filter ioctls (opened read-only, not
-/// exclusively: the device is in use).
+/// A handle on a block device for filter ioctls (opened for reading and
+/// writing, as the kernel requires, and not exclusively: the device is in
+/// use).
 pub struct Filtered {
     path: PathBuf,
     file: File,
@@ -86,8 +87,10 @@ pub struct Filtered {
 impl Filtered {
     /// Opens `path` for filter requests.
     pub fn open(path: &Path) -> Result<Self, crate::error::Error> {
+        // Filter requests need a file opened for writing (as BLKDISCARD).
         let file = OpenOptions::new()
             .read(true)
+            .write(true)
             .open(path)
             .map_err(|e| crate::error::Error::io(crate::error::Op::Open, path, 0, e))?;
         Ok(Self {
@@ -106,6 +109,7 @@ impl Filtered {
         let meaning = meaning(errno).unwrap_or_else(|| match errno {
             libc::ENOTTY => "this kernel has no block-device filter support (boot a kernel with the blkmig patch)".to_owned(),
             libc::EPERM => "permission denied: filter requests need CAP_SYS_ADMIN".to_owned(),
+            libc::EBADF => "filter requests need the device opened for writing".to_owned(),
             libc::ENOENT => "no blkmig filter is attached to this device".to_owned(),
             libc::ENODEV => "the blkmig module is not loaded".to_owned(),
             _ => std::io::Error::from_raw_os_error(errno).to_string(),
@@ -165,6 +169,13 @@ impl Filtered {
                     ),
                     libc::EINVAL => {
                         "the kernel refused the options (region size, block size or version)"
+                            .to_owned()
+                    }
+                    libc::E2BIG => {
+                        "the source has too many regions: use a larger --region-size".to_owned()
+                    }
+                    libc::EOPNOTSUPP => {
+                        "zoned devices cannot be migrated (zone writes bypass the region map)"
                             .to_owned()
                     }
                     libc::ENOENT => {

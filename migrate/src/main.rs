@@ -298,7 +298,9 @@ fn attach(a: &AttachArgs) -> Result<Probe> {
         },
     )?;
     copy::check_target_size(&src, &tgt)?;
+    copy::check_block_sizes(&src, &tgt)?;
     let geo = copy::geometry(&src, &tgt, a.region_size)?;
+    copy::check_region_count(&src, &geo)?;
     drop(tgt);
     let f = Filtered::open(&a.source)?;
     f.attach(

@@ -143,6 +143,15 @@ pub fn failure_text(st: &Status) -> String {
         Some(abi::Failure::TargetWrite) => "a write to the target failed",
         Some(abi::Failure::TargetFlush) => "a flush of the target failed",
         Some(abi::Failure::TargetGone) => "the target went away",
+        Some(abi::Failure::SourceResized) => {
+            "the source changed size while it was cloned (its new sectors were not tracked)"
+        }
+        Some(abi::Failure::PartialWrite) => {
+            "a write reached part of the source's sectors through its whole disk or an overlapping partition"
+        }
+        Some(abi::Failure::TooManyWrites) => "too many writes in flight to count",
+        Some(abi::Failure::NoMemory) => "a mirrored write could not be allocated",
+        Some(abi::Failure::SourceRead) => "the switch could not read the source's first region",
         None => "unknown failure",
     };
     if st.failure_errno != 0 {
