@@ -113,6 +113,15 @@ impl BlockDevice {
         unsafe { bindings::bdev_read_only(self.as_ptr()) }
     }
 
+    /// Whether the device's disk is request-based (blk-mq): the attach
+    /// drain (a queue freeze) waits for every write it has in flight, which
+    /// it does not for a bio-based driver.
+    pub(crate) fn is_request_based(&self) -> bool {
+        // SAFETY: The device, its disk and the disk's queue are valid while
+        // the device is (the disk holds its queue until it is released).
+        unsafe { !(*(*(*self.as_ptr()).bd_disk).queue).mq_ops.is_null() }
+    }
+
     /// Whether the device is zoned (zone append and reset write without
     /// going through the region accounting).
     pub(crate) fn is_zoned(&self) -> bool {

@@ -14,7 +14,7 @@ use core::{
     ffi::c_void,
     mem::size_of,
     ptr::{self, NonNull},
-    sync::atomic::{AtomicU32, AtomicU8, Ordering},
+    sync::atomic::{AtomicPtr, AtomicU32, AtomicU8, Ordering},
 };
 
 use kernel::{bindings, error::to_result, prelude::*, types::Opaque};
@@ -135,7 +135,8 @@ impl Drop for Bio {
     fn drop(&mut self) {
         // Every path finishes its bios explicitly; a bio dropped by mistake
         // is failed rather than leaked, so that its submitter is not left
-        // waiting.
+        // waiting, and said loudly.
+        pr_err!("a bio was dropped without being finished: failed with EIO\n");
         // SAFETY: We own the bio; it is completed once, here.
         unsafe {
             (*self.raw()).bi_status = bindings::BLK_STS_IOERR;
@@ -238,37 +239,25 @@ impl BioSet {
         Some(c)
     }
 
-    /// A write (`write`) or read bio on `dev` at `sector` (relative to
-    /// `dev`) of `n` pages, `page_at(i)` giving page `i` and its length,
-    /// with the extra `flags`, completed by [`sync_end`] into `io`. `None`
-    /// if the pages do not fit one bio. Allocates with `GFP_NOIO`.
+    /// A bio of operation and flags `opf` on `dev` at `sector` (relative
+    /// to `dev`) of `n` pages, `page_at(i)` giving page `i` and its length,
+    /// completed by [`sync_end`] into `io`. `None` if the pages do not fit
+    /// one bio. Allocates with `GFP_NOIO`.
     pub(crate) fn page_bio<'a>(
         &self,
         dev: &BlockDevice,
         sector: u64,
-        write: bool,
-        flags: u32,
+        opf: u32,
         n: usize,
         page_at: impl Fn(usize) -> (&'a kernel::page::Page, u32),
         io: &SyncIo,
     ) -> Option<PageBio> {
-        let op = if write {
-            bindings::req_op_REQ_OP_WRITE
-        } else {
-            bindings::req_op_REQ_OP_READ
-        };
         let vecs = u16::try_from(n).ok()?;
         // SAFETY: `dev` is live, the set has bio_vec pools (callers use a
         // set made with `bvecs`); GFP_NOIO waits for the mempool instead of
         // failing or recursing into a filtered device.
         let bio = unsafe {
-            bindings::bio_alloc_bioset(
-                dev.as_ptr(),
-                vecs,
-                op | flags,
-                bindings::GFP_NOIO,
-                self.as_ptr(),
-            )
+            bindings::bio_alloc_bioset(dev.as_ptr(), vecs, opf, bindings::GFP_NOIO, self.as_ptr())
         };
         let bio = NonNull::new(bio)?;
         let b = bio.as_ptr();
@@ -300,12 +289,16 @@ impl PinnedDrop for BioSet {
     }
 }
 
-/// The completion of the filter's own synchronous I/O (the switch's flush,
-/// head read, retire marker): a count of bios in flight and the first
-/// error, with the waiters woken through the owner's wait queue.
+/// The filter's own I/O in the switch (flushes, the head read, the retire
+/// marker): one bio at a time, submitted from a worker so that a submission
+/// that blocks (a frozen queue, no free tag) never blocks the switch, and
+/// cancellable until the worker has taken it. A count of bios in flight and
+/// the last error; the waiters are woken through the owner's wait queue.
 pub(crate) struct SyncIo {
     pending: AtomicU32,
     status: AtomicU8,
+    /// A bio handed to the worker and not taken by it yet.
+    queued: AtomicPtr<bindings::bio>,
     events: *const crate::wait::WaitQueue,
 }
 
@@ -324,27 +317,60 @@ impl SyncIo {
         Self {
             pending: AtomicU32::new(0),
             status: AtomicU8::new(0),
+            queued: AtomicPtr::new(ptr::null_mut()),
             events,
         }
     }
 
-    /// Whether no I/O is in flight.
+    /// Whether no I/O is queued or in flight.
     pub(crate) fn idle(&self) -> bool {
         self.pending.load(Ordering::Acquire) == 0
     }
 
-    /// Submits `bio` after clearing the previous status. Process context.
-    pub(crate) fn start(&self, bio: PageBio) {
+    /// Hands `bio` to the worker after clearing the previous status; the
+    /// caller then runs [`SyncIo::submit_queued`] from the worker. Must be
+    /// idle.
+    pub(crate) fn queue(&self, bio: PageBio) -> Result {
+        if !self.idle() {
+            return Err(EBUSY);
+        }
         self.status.store(0, Ordering::Relaxed);
         self.pending.fetch_add(1, Ordering::AcqRel);
         let b = bio.0.as_ptr();
         core::mem::forget(bio);
-        // SAFETY: A complete bio we own; its completion is `sync_end`.
-        unsafe { bindings::submit_bio_noacct(b) };
+        self.queued.store(b, Ordering::Release);
+        Ok(())
     }
 
-    /// An empty PREFLUSH to `dev`, tracked here. Process context.
-    pub(crate) fn flush(&self, set: &BioSet, dev: &BlockDevice) -> Result {
+    /// Submits the queued bio, if it was not cancelled. Process context
+    /// (the worker); may block while the device cannot take it.
+    pub(crate) fn submit_queued(&self) {
+        let b = self.queued.swap(ptr::null_mut(), Ordering::AcqRel);
+        if !b.is_null() {
+            // SAFETY: A complete bio we own; its completion is `sync_end`.
+            unsafe { bindings::submit_bio_noacct(b) };
+        }
+    }
+
+    /// Takes the queued bio back if the worker has not submitted it yet.
+    /// Returns whether it did: then the I/O never happened.
+    pub(crate) fn cancel(&self) -> bool {
+        let b = self.queued.swap(ptr::null_mut(), Ordering::AcqRel);
+        if b.is_null() {
+            return false;
+        }
+        // SAFETY: Never submitted: ours to put.
+        unsafe { bindings::bio_put(b) };
+        let _rcu = crate::sys::rcu_read_lock();
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // SAFETY: The wait queue outlives `self` (`new`'s requirement).
+            unsafe { (*self.events).wake_all() };
+        }
+        true
+    }
+
+    /// An empty PREFLUSH to `dev`, to hand to [`SyncIo::queue`].
+    pub(crate) fn flush_bio(&self, set: &BioSet, dev: &BlockDevice) -> Result<PageBio> {
         let opf = bindings::req_op_REQ_OP_WRITE | bindings::REQ_PREFLUSH | bindings::REQ_SYNC;
         // SAFETY: `dev` is live and the set initialised; GFP_NOIO waits for
         // the mempool instead of failing.
@@ -359,8 +385,7 @@ impl SyncIo {
             (*bio.as_ptr()).bi_end_io = Some(sync_end);
             (*bio.as_ptr()).bi_private = ptr::from_ref(self).cast_mut().cast::<c_void>();
         }
-        self.start(PageBio(bio));
-        Ok(())
+        Ok(PageBio(bio))
     }
 
     /// The result of the I/O that has finished: `Ok` or the errno.
@@ -387,8 +412,8 @@ impl Drop for PageBio {
 /// Called by the block layer for a bio made by [`BioSet::page_bio`].
 unsafe extern "C" fn sync_end(bio: *mut bindings::bio) {
     // SAFETY: `bi_private` is the `SyncIo` that submitted the bio; it
-    // outlives its I/O (its owner waits for `pending` to drop before it
-    // goes), as does its wait queue.
+    // outlives its I/O (its owner waits for `pending` to drop, then for an
+    // RCU grace period, before it goes), as does its wait queue.
     unsafe {
         let io = &*(*bio).bi_private.cast::<SyncIo>();
         let status = (*bio).bi_status;
@@ -396,6 +421,7 @@ unsafe extern "C" fn sync_end(bio: *mut bindings::bio) {
             io.status.store(status, Ordering::Release);
         }
         bindings::bio_put(bio);
+        let _rcu = crate::sys::rcu_read_lock();
         if io.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             (*io.events).wake_all();
         }

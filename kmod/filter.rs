@@ -202,8 +202,9 @@ unsafe extern "C" fn attach_callback<T: Filter>(
         // only accessed by reference until `detach_callback` rebuilds the
         // pinned box and drops it in place.
         let raw = KBox::into_raw(unsafe { Pin::into_inner_unchecked(obj) });
-        // SAFETY: `flt` is valid and owned by this attach call.
-        unsafe { (*flt).private = raw.cast() };
+        // SAFETY: `flt` is valid and owned by this attach call. Volatile:
+        // the holder callback of the target, opened above, may read it.
+        unsafe { ptr::write_volatile(ptr::addr_of_mut!((*flt).private), raw.cast()) };
         Ok(0)
     })
 }
@@ -293,7 +294,7 @@ unsafe extern "C" fn mark_dead_callback<T: Filter>(
     // set once attach has returned) is live while we use it.
     unsafe {
         let flt = (*bdev).bd_holder.cast::<bindings::blkfilter>();
-        if !flt.is_null() && !(*flt).private.is_null() {
+        if !flt.is_null() && !ptr::read_volatile(ptr::addr_of!((*flt).private)).is_null() {
             filter::<T>(flt).holder_dead();
         }
         bindings::mutex_unlock(ptr::addr_of_mut!((*bdev).bd_holder_lock));

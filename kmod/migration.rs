@@ -44,7 +44,7 @@ use crate::{
         SyncedQuery,
     },
     bdev::{BlockDevice, DevT, OpenDevice},
-    bio::{self, Bio, BioList, BioSet, Kind, Legs, Op, SyncIo},
+    bio::{self, Bio, BioList, BioSet, Kind, Legs, Op, PageBio, SyncIo},
     filter::{Filter, Holder},
     region::{Begin, End, Geometry, RegionMap, Regions, INFLIGHT_MASK, SYNCED},
     sync::{AtomicU64, Ordering},
@@ -194,6 +194,8 @@ struct Hold {
 ///   made under the `hold` lock.
 /// - `owned` counts the bios the filter took (held or sent out) and has not
 ///   finished; the object outlives them (see `PinnedDrop`).
+/// - Only the switch leaves SWITCHING; a failure meanwhile is recorded in
+///   `fail_pending` and the switch ends in FAILED.
 #[pin_data(PinnedDrop)]
 pub(crate) struct Migration {
     /// First field: closed first when the object is dropped, so that the
@@ -207,6 +209,11 @@ pub(crate) struct Migration {
     mode: AtomicU32,
     failure: AtomicU32,
     failure_errno: AtomicI32,
+    /// A failure came in while SWITCHING: the switch, which owns the held
+    /// writes and the source's head, ends in FAILED itself.
+    fail_pending: AtomicBool,
+    /// A bio crossed the source's edge in REDIRECT (said once).
+    edge_warned: AtomicBool,
     holding: AtomicBool,
     hold_owner: AtomicI32,
     #[pin]
@@ -236,6 +243,9 @@ pub(crate) struct Migration {
     /// Ends the hold at its deadline; releases held writes after a failure.
     #[pin]
     hold_work: DelayedWork,
+    /// Submits the switch's own I/O (see `SyncIo`).
+    #[pin]
+    submit_work: DelayedWork,
     wq: WorkQueue,
     #[pin]
     ctx_set: BioSet,
@@ -259,6 +269,27 @@ struct CtlGuard<'a>(&'a AtomicBool);
 impl Drop for CtlGuard<'_> {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
+    }
+}
+
+/// How one I/O of the switch ended.
+enum IoEnd {
+    /// It completed, with this result.
+    Done(Result),
+    /// The deadline passed before the worker submitted it: it never will.
+    Cancelled,
+    /// The deadline passed after it was submitted: it may still land.
+    Stuck,
+}
+
+impl IoEnd {
+    /// The errno a switch cancelled by this I/O returns.
+    fn errno(self) -> Error {
+        match self {
+            IoEnd::Done(Err(e)) => e,
+            IoEnd::Done(Ok(())) => EIO,
+            IoEnd::Cancelled | IoEnd::Stuck => errno(bindings::ETIMEDOUT),
+        }
     }
 }
 
@@ -321,7 +352,11 @@ impl Migration {
     }
 
     /// Drops one count of `counter` and wakes the waiters if it reached 0.
+    /// Inside an RCU read-side section: once `owned` is 0 the object may be
+    /// dropped, and its drop waits for a grace period before it frees the
+    /// wait queue this still wakes.
     fn count_down(&self, counter: &AtomicU64) {
+        let _rcu = sys::rcu_read_lock();
         if counter.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.events.wake_all();
         }
@@ -370,33 +405,67 @@ impl Migration {
 
     /// Stops the migration: mirroring ends, every bio passes to the source,
     /// which stays authoritative. Never overrides REDIRECT or an earlier
-    /// failure. Any context: held writes are released from the workqueue.
+    /// failure. Any context: held writes are released from the workqueue;
+    /// in SWITCHING the switch finishes the job (it owns the held writes and
+    /// may have the source's head to put back).
     fn fail(&self, why: Failure, errno: i32) {
-        for from in [Mode::Clone as u32, MODE_SWITCHING] {
-            if self
-                .mode
-                .compare_exchange(
-                    from,
-                    Mode::Failed as u32,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
-            {
-                self.failure.store(why as u32, Ordering::Relaxed);
-                self.failure_errno.store(errno, Ordering::Relaxed);
-                pr_err!(
-                    "migration failed (reason {}, errno {}): mirroring stopped, the source stays authoritative\n",
-                    why as u32,
-                    errno
-                );
-                self.events.wake_all();
+        loop {
+            let mode = self.mode_raw();
+            if mode == Mode::Clone as u32 {
+                if self
+                    .mode
+                    .compare_exchange(
+                        mode,
+                        Mode::Failed as u32,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_err()
+                {
+                    continue;
+                }
+                self.record_failure(why, errno);
                 if self.holding.load(Ordering::SeqCst) {
                     self.hold_work.schedule(&self.wq, 0);
                 }
                 return;
             }
+            if mode == MODE_SWITCHING {
+                self.record_failure(why, errno);
+                self.fail_pending.store(true, Ordering::SeqCst);
+                if self.mode_raw() == Mode::Clone as u32 {
+                    // The switch went back to CLONE meanwhile.
+                    continue;
+                }
+            }
+            return;
         }
+    }
+
+    fn record_failure(&self, why: Failure, errno: i32) {
+        if self
+            .failure
+            .compare_exchange(
+                Failure::None as u32,
+                why as u32,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            self.failure_errno.store(errno, Ordering::Relaxed);
+            pr_err!(
+                "migration failed (reason {}, errno {}): mirroring stopped, the source stays authoritative\n",
+                why as u32,
+                errno
+            );
+        }
+        self.events.wake_all();
+    }
+
+    /// Failed, or failing inside the switch.
+    fn failing(&self) -> bool {
+        self.failed() || self.fail_pending.load(Ordering::SeqCst)
     }
 
     // --- the data path ----------------------------------------------------
@@ -408,6 +477,9 @@ impl Migration {
             m if m == Mode::Failed as u32 => Some(bio),
             m if m == Mode::Redirect as u32 => self.redirect(bio),
             MODE_SWITCHING => match bio.op() {
+                // The target may be failing: nothing goes anywhere until
+                // the switch has put the source back.
+                _ if self.fail_pending.load(Ordering::SeqCst) => self.hold_bio(bio),
                 Op::Read => self.redirect(bio),
                 _ => self.hold_bio(bio),
             },
@@ -458,9 +530,16 @@ impl Migration {
                 // the switch): the target's own end-of-device check
                 // applies.
                 Some(s) if bio.is_for(self.source()) || inside(s) => s,
-                // Through the whole disk over the partition's edge: the
-                // disk's own path.
-                _ => return Some(bio),
+                // Through the whole disk over the partition's edge: part of
+                // it is the source's, whose data now lives on the target.
+                // Neither device alone can serve it.
+                _ => {
+                    if !self.edge_warned.swap(true, Ordering::Relaxed) {
+                        pr_warn!("an I/O through the whole disk crosses the edge of the migrated partition: failed\n");
+                    }
+                    bio.end(bindings::BLK_STS_IOERR);
+                    return None;
+                }
             }
         };
         self.owned.fetch_add(1, Ordering::SeqCst);
@@ -481,7 +560,7 @@ impl Migration {
         ) {
             Ok(()) => None,
             Err(bio) => {
-                bio.end(bindings::BLK_STS_RESOURCE);
+                bio.end(bindings::BLK_STS_IOERR);
                 self.bio_done();
                 None
             }
@@ -658,6 +737,10 @@ impl Migration {
             }
             if mode == Mode::Clone as u32 {
                 if now_ns() < h.deadline_ns {
+                    // Early (the timer rounds to jiffies): wait the rest.
+                    let left = u32::try_from(ms_until(h.deadline_ns)).unwrap_or(u32::MAX);
+                    drop(h);
+                    self.hold_work.schedule(&self.wq, left.max(1));
                     return;
                 }
                 pr_warn!("write hold timed out: writes released, switch cancelled\n");
@@ -686,6 +769,10 @@ impl Migration {
         let deadline = now_ns() + i64::from(ms) * 1_000_000;
         {
             let mut h = self.hold.lock();
+            if self.holding.load(Ordering::SeqCst) {
+                // One hold, one deadline: a copier cannot extend it.
+                return Err(EBUSY);
+            }
             self.hold_owner.store(current_tgid(), Ordering::SeqCst);
             h.deadline_ns = deadline;
             self.holding.store(true, Ordering::SeqCst);
@@ -709,37 +796,55 @@ impl Migration {
 
     // --- the switch ---------------------------------------------------------
 
-    /// Leaves SWITCHING for CLONE (the source stays authoritative) and
-    /// releases the held writes.
-    fn abort_switch(&self) {
-        {
+    /// Leaves SWITCHING for `to` (CLONE or REDIRECT), or for FAILED if a
+    /// failure came in meanwhile, and releases the held bios. Returns
+    /// whether the mode is `to` now.
+    fn leave_switching(&self, to: Mode) -> bool {
+        let reached = {
             let _h = self.hold.lock();
-            let _ = self.mode.compare_exchange(
-                MODE_SWITCHING,
-                Mode::Clone as u32,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            );
-        }
+            let next = if self.fail_pending.load(Ordering::SeqCst) {
+                Mode::Failed
+            } else {
+                to
+            };
+            self.mode
+                .compare_exchange(
+                    MODE_SWITCHING,
+                    next as u32,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+                && next == to
+        };
         self.release();
+        reached
     }
 
-    /// Waits for the switch's own I/O, at most until `deadline_ns`.
-    /// `Err(ETIMEDOUT)` if it is still in flight then.
-    fn sync_wait(&self, deadline_ns: i64) -> Result {
-        if !self
+    /// Runs one I/O of the switch (`bio`, if it could be made) through the
+    /// worker and waits for it, at most until `deadline_ns`.
+    fn sync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
+        if let Err(e) = bio.and_then(|bio| self.sync.queue(bio)) {
+            return IoEnd::Done(Err(e));
+        }
+        self.submit_work.schedule(&self.wq, 0);
+        if self
             .events
             .wait_until(ms_until(deadline_ns), || self.sync.idle())
         {
-            return Err(errno(bindings::ETIMEDOUT));
+            return IoEnd::Done(self.sync.result());
         }
-        self.sync.result()
+        if self.sync.cancel() {
+            IoEnd::Cancelled
+        } else {
+            IoEnd::Stuck
+        }
     }
 
-    /// Starts I/O over the source's first `RETIRE_BYTES` (its head): a read
+    /// A bio over the source's first `RETIRE_BYTES` (its head): a read
     /// into `head_pages`, or a write of them, or of the retire marker (the
     /// marker page, then zeros).
-    fn head_io(&self, write: bool, marker: bool) -> Result {
+    fn head_bio(&self, write: bool, marker: bool) -> Result<PageBio> {
         let len = self.retire_len();
         let page_at = |i: usize| {
             let l = (len - (i as u64) * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as u32;
@@ -750,31 +855,50 @@ impl Migration {
             };
             (page, l)
         };
-        let extra = if write {
-            bindings::REQ_SYNC | bindings::REQ_FUA
+        let opf = if write {
+            bindings::req_op_REQ_OP_WRITE | bindings::REQ_SYNC | bindings::REQ_FUA
         } else {
-            bindings::REQ_SYNC
+            bindings::req_op_REQ_OP_READ | bindings::REQ_SYNC
         };
-        let bio = self
-            .io_set
+        self.io_set
             .page_bio(
                 self.source(),
                 0,
-                write,
-                extra,
+                opf,
                 self.head_pages.len(),
                 page_at,
                 &self.sync,
             )
-            .ok_or(ENOMEM)?;
-        self.sync.start(bio);
-        Ok(())
+            .ok_or(ENOMEM)
     }
 
     /// Bytes of the source's head the marker overwrites.
     fn retire_len(&self) -> u64 {
         let (_, first) = self.geometry.region_span(0).unwrap_or((0, 0));
         first.min(RETIRE_BYTES)
+    }
+
+    /// Fills the marker page: magic, the target's identity and size, now.
+    fn prepare_marker(&self) -> Result {
+        let target = self.target.bdev();
+        let marker = RetireMarker {
+            magic: abi::RETIRE_MAGIC,
+            version: abi::ABI_VERSION,
+            target_major: target.dev().major(),
+            target_minor: target.dev().minor(),
+            reserved: 0,
+            switched_at: sys::wall_clock_seconds(),
+            target_sectors: target.nr_sectors(),
+        };
+        // SAFETY: `marker` is valid for its size, which fits in the page;
+        // the page is in no bio now (the switch's I/O is idle).
+        unsafe {
+            self.marker_page.write_raw(
+                ptr::from_ref(&marker).cast::<u8>(),
+                0,
+                size_of::<RetireMarker>(),
+            )
+        }
     }
 
     fn switch(&self) -> Result {
@@ -821,11 +945,15 @@ impl Migration {
             // The copier copies what is left and asks again.
             return Err(EAGAIN);
         }
+        if let Err(e) = self.prepare_marker() {
+            self.release();
+            return Err(e);
+        }
 
         // 2. SWITCHING: every write is queued, the copier's too, and reads
         //    go to the target, which holds every byte of the source.
         {
-            let _h = self.hold.lock();
+            let h = self.hold.lock();
             let live = self.holding.load(Ordering::SeqCst) && now_ns() < deadline;
             let entered = live
                 && self
@@ -837,8 +965,8 @@ impl Migration {
                         Ordering::SeqCst,
                     )
                     .is_ok();
+            drop(h);
             if !entered {
-                drop(_h);
                 self.release();
                 return Err(if self.failed() {
                     EIO
@@ -852,85 +980,99 @@ impl Migration {
         let drained = self.events.wait_until(ms_until(deadline), || {
             (self.inflight_writes.load(Ordering::SeqCst) == 0
                 && self.head_reads.load(Ordering::SeqCst) == 0)
-                || self.failed()
+                || self.failing()
         });
-        if self.failed() {
-            self.release();
+        if self.failing() {
+            self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
         if !drained {
-            self.abort_switch();
+            self.leave_switching(Mode::Clone);
             return Err(errno(bindings::ETIMEDOUT));
         }
         if !self.map().all_synced() {
-            self.abort_switch();
+            self.leave_switching(Mode::Clone);
             return Err(EAGAIN);
         }
         if self.target.bdev().read_only() {
             self.fail(Failure::TargetWrite, bindings::EROFS as i32);
-            self.release();
+            self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
 
         // 3. The target holds everything durably before the source is
-        //    retired.
-        let flushed = self
-            .sync
-            .flush(&self.io_set, self.target.bdev())
-            .and_then(|()| self.sync_wait(deadline));
-        if let Err(e) = flushed {
-            self.fail(Failure::TargetFlush, e.to_errno().abs());
-            self.release();
-            return Err(EIO);
+        //    retired. A flush that fails fails the migration; one that does
+        //    not finish in time only this attempt.
+        let flush = self.sync.flush_bio(&self.io_set, self.target.bdev());
+        match self.sync_run(flush, deadline) {
+            IoEnd::Done(Ok(())) => {}
+            IoEnd::Done(Err(e)) => {
+                self.fail(Failure::TargetFlush, e.to_errno().abs());
+                self.leave_switching(Mode::Clone);
+                return Err(EIO);
+            }
+            IoEnd::Cancelled | IoEnd::Stuck => {
+                self.leave_switching(Mode::Clone);
+                return Err(errno(bindings::ETIMEDOUT));
+            }
         }
 
-        // 4. Save the source's head, then retire it. Until the marker write
-        //    has been issued nothing has changed on the source: any failure
-        //    leaves it authoritative.
-        if let Err(e) = self
-            .head_io(false, false)
-            .and_then(|()| self.sync_wait(deadline))
-        {
-            pr_warn!(
-                "could not read the source's head before retiring it ({:?}); switch cancelled\n",
-                e
-            );
-            self.abort_switch();
-            return Err(e);
+        // 4. Keep the source's head, then retire it. Until the marker write
+        //    is submitted nothing has changed on the source.
+        match self.sync_run(self.head_bio(false, false), deadline) {
+            IoEnd::Done(Ok(())) => {}
+            end => {
+                pr_warn!("could not read the source's head before retiring it; switch cancelled\n");
+                self.leave_switching(Mode::Clone);
+                return Err(end.errno());
+            }
         }
         let budget = deadline + MARKER_BUDGET_MS * 1_000_000;
-        if let Err(e) = self.retire_source(budget) {
-            return Err(e);
-        }
+        self.retire_source(budget)?;
 
         // 5. REDIRECT, unless the migration failed meanwhile (the target
-        //    went away): then the source's head goes back.
+        //    went away): then the source's head goes back first, while the
+        //    writes are still held.
         let switched = {
             let _h = self.hold.lock();
-            self.mode
-                .compare_exchange(
-                    MODE_SWITCHING,
-                    Mode::Redirect as u32,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
+            !self.fail_pending.load(Ordering::SeqCst)
+                && self
+                    .mode
+                    .compare_exchange(
+                        MODE_SWITCHING,
+                        Mode::Redirect as u32,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
+                    .is_ok()
         };
         if !switched {
-            if self.sync.idle()
-                && self
-                    .head_io(true, false)
-                    .and_then(|()| self.sync_wait(budget))
-                    .is_err()
-            {
-                pr_err!("the target failed during the switch and the source's head could not be restored: restore it from the saved copy\n");
-            }
-            self.release();
+            self.restore_head(budget);
+            self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
         self.release();
         pr_info!("switched: every bio now goes to the target\n");
         Ok(())
+    }
+
+    /// Writes the saved head back over the retire marker (the switch is
+    /// cancelled after the marker was written), within `budget_ns`.
+    fn restore_head(&self, budget_ns: i64) {
+        if !self.sync.idle() {
+            // The marker write is still in flight: writing the head now
+            // could land before it.
+            self.retire_failed.store(true, Ordering::Relaxed);
+            pr_err!("the switch was cancelled while the retire marker was in flight: the source may be retired; restore its head from the saved copy\n");
+            return;
+        }
+        if !matches!(
+            self.sync_run(self.head_bio(true, false), budget_ns),
+            IoEnd::Done(Ok(()))
+        ) {
+            self.retire_failed.store(true, Ordering::Relaxed);
+            pr_err!("could not put the source's head back after a cancelled switch: restore it from the saved copy\n");
+        }
     }
 
     /// Writes the retire marker over the source's head and flushes the
@@ -939,61 +1081,38 @@ impl Migration {
     /// confirmed); on `Err` the switch was cancelled and the source is as
     /// it was.
     fn retire_source(&self, budget_ns: i64) -> Result {
-        let target = self.target.bdev();
-        let marker = RetireMarker {
-            magic: abi::RETIRE_MAGIC,
-            version: abi::ABI_VERSION,
-            target_major: target.dev().major(),
-            target_minor: target.dev().minor(),
-            reserved: 0,
-            switched_at: sys::wall_clock_seconds(),
-            target_sectors: target.nr_sectors(),
-        };
-        // SAFETY: `marker` is valid for its size, which fits in the page.
-        unsafe {
-            self.marker_page.write_raw(
-                ptr::from_ref(&marker).cast::<u8>(),
-                0,
-                size_of::<RetireMarker>(),
-            )?
-        };
-        let written = self
-            .head_io(true, true)
-            .and_then(|()| self.sync_wait(budget_ns));
-        match written {
-            Ok(()) => {}
-            Err(e) if e.to_errno() == -(bindings::ETIMEDOUT as i32) => {
-                // The marker may still land: going back would let it
-                // overwrite the live source. The target holds every byte.
+        match self.sync_run(self.head_bio(true, true), budget_ns) {
+            IoEnd::Done(Ok(())) => {}
+            IoEnd::Cancelled => {
+                // Never submitted: the source is untouched.
+                self.leave_switching(Mode::Clone);
+                return Err(errno(bindings::ETIMEDOUT));
+            }
+            IoEnd::Stuck => {
+                // Submitted and not finished: it may still land, and going
+                // back would let it overwrite the live source. The target
+                // holds every byte.
                 self.retire_failed.store(true, Ordering::Relaxed);
                 pr_err!("the retire marker did not complete in time; switching anyway (the source may still look like the filesystem)\n");
                 return Ok(());
             }
-            Err(e) => {
+            IoEnd::Done(Err(e)) => {
                 // Failed, maybe in part: put the saved bytes back.
-                let restored = self
-                    .head_io(true, false)
-                    .and_then(|()| self.sync_wait(budget_ns));
-                if restored.is_ok() {
+                let restored = self.sync_run(self.head_bio(true, false), budget_ns);
+                if matches!(restored, IoEnd::Done(Ok(()))) {
                     pr_warn!("could not write the retire marker ({:?}); switch cancelled, the source stays authoritative\n", e);
-                    self.abort_switch();
+                    self.leave_switching(Mode::Clone);
                     return Err(EIO);
                 }
                 self.retire_failed.store(true, Ordering::Relaxed);
-                pr_err!("could not write the retire marker ({:?}) nor restore the source's head; switching to the complete target\n", e);
+                pr_err!("could not write the retire marker ({:?}) nor put the source's head back; switching to the complete target\n", e);
                 return Ok(());
             }
         }
-        let flushed = self
-            .sync
-            .flush(&self.io_set, self.source())
-            .and_then(|()| self.sync_wait(budget_ns));
-        if let Err(e) = flushed {
+        let flush = self.sync.flush_bio(&self.io_set, self.source());
+        if !matches!(self.sync_run(flush, budget_ns), IoEnd::Done(Ok(()))) {
             self.retire_failed.store(true, Ordering::Relaxed);
-            pr_err!(
-                "could not flush the retire marker ({:?}); switching anyway\n",
-                e
-            );
+            pr_err!("could not flush the retire marker; switching anyway\n");
         }
         Ok(())
     }
@@ -1095,6 +1214,19 @@ unsafe extern "C" fn hold_work_fn(work: *mut bindings::work_struct) {
     mig.hold_expired();
 }
 
+/// The switch I/O worker's function.
+///
+/// # Safety
+///
+/// Called by the workqueue for the `submit_work` of a live `Migration`
+/// (the work is cancelled before the migration is dropped).
+unsafe extern "C" fn submit_work_fn(work: *mut bindings::work_struct) {
+    // SAFETY: `work` belongs to the `submit_work` field of a `Migration`.
+    let mig =
+        unsafe { &*kernel::container_of!(DelayedWork::from_work(work), Migration, submit_work) };
+    mig.sync.submit_queued();
+}
+
 impl Filter for Migration {
     const NAME: &'static CStr = c_str!("blkmig");
 
@@ -1105,6 +1237,11 @@ impl Filter for Migration {
         }
         if source.is_zoned() {
             return Err(errno(bindings::EOPNOTSUPP));
+        }
+        if !source.is_request_based() {
+            // A bio-based driver (dm, md, NVMe multipath) may have writes
+            // in flight that the attach drain cannot wait for.
+            return Err(errno(bindings::EMEDIUMTYPE));
         }
         let target = OpenDevice::open_exclusive(opts.target, holder)?;
         let t = target.bdev();
@@ -1164,6 +1301,8 @@ impl Filter for Migration {
                 mode: AtomicU32::new(Mode::Clone as u32),
                 failure: AtomicU32::new(Failure::None as u32),
                 failure_errno: AtomicI32::new(0),
+                fail_pending: AtomicBool::new(false),
+                edge_warned: AtomicBool::new(false),
                 holding: AtomicBool::new(false),
                 hold_owner: AtomicI32::new(0),
                 hold <- new_spinlock!(Hold { deadline_ns: 0, held: BioList::new() }, "blkmig_hold"),
@@ -1183,6 +1322,7 @@ impl Filter for Migration {
                 // before it is dropped.
                 sync: unsafe { SyncIo::new(ptr::addr_of!((*this.as_ptr()).events)) },
                 hold_work <- DelayedWork::new(hold_work_fn),
+                submit_work <- DelayedWork::new(submit_work_fn),
                 wq,
                 ctx_set <- BioSet::new(POOL, bio::CTX_PAD, false),
                 plain_set <- BioSet::new(POOL, 0, false),
@@ -1207,6 +1347,13 @@ impl Filter for Migration {
             // The filesystem would fall back to the retired source.
             return Err(EBUSY);
         }
+        // No hold, switch or release may be running (the filter is
+        // unpublished before the core waits for commands: a switch would
+        // retire the source under writes that pass it unfiltered), and none
+        // may start. Never given back: the filter is going.
+        self.ctl_busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .map_err(|_| EBUSY)?;
         Ok(())
     }
 
@@ -1267,6 +1414,8 @@ impl PinnedDrop for Migration {
             Ordering::SeqCst,
         );
         self.hold_work.cancel_sync();
+        self.submit_work.cancel_sync();
+        self.sync.cancel();
         self.release();
         // Every bio we took or submitted must be finished before the target
         // is closed, the bio sets go and the module may be unloaded. The

@@ -25,3 +25,22 @@ pub(crate) fn synchronize_rcu() {
     // lock held that an RCU callback could need.
     unsafe { bindings::synchronize_rcu() };
 }
+
+/// An RCU read-side critical section, ended on drop.
+pub(crate) struct RcuGuard(());
+
+/// Enters an RCU read-side critical section: memory that is freed only
+/// after a grace period ([`synchronize_rcu`]) stays valid until the guard
+/// is dropped.
+pub(crate) fn rcu_read_lock() -> RcuGuard {
+    // SAFETY: Balanced by the guard's drop, in the same context.
+    unsafe { bindings::rcu_read_lock() };
+    RcuGuard(())
+}
+
+impl Drop for RcuGuard {
+    fn drop(&mut self) {
+        // SAFETY: Entered by `rcu_read_lock` when the guard was made.
+        unsafe { bindings::rcu_read_unlock() };
+    }
+}

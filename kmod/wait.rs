@@ -136,6 +136,7 @@ impl WaitQueue {
 ///
 /// `work` is initialised by [`DelayedWork::new`] and stays at its address.
 #[pin_data]
+#[repr(transparent)]
 pub(crate) struct DelayedWork {
     #[pin]
     work: Opaque<bindings::delayed_work>,
@@ -210,9 +211,9 @@ impl DelayedWork {
     /// `work` must be the argument a work function set up by
     /// [`DelayedWork::new`] was called with.
     pub(crate) unsafe fn from_work(work: *mut bindings::work_struct) -> *const Self {
-        // `work` is the first field of `delayed_work`, which is the only
-        // field of the transparent `Opaque` inside `DelayedWork`.
-        work.cast::<Self>().cast_const()
+        // SAFETY: `work` is the `work` field of a `delayed_work` (caller's
+        // guarantee), which `DelayedWork` wraps transparently.
+        unsafe { kernel::container_of!(work, bindings::delayed_work, work).cast::<Self>() }
     }
 }
 

@@ -187,8 +187,9 @@ pub struct RegionMap<'a> {
 }
 
 impl<'a> RegionMap<'a> {
-    /// A map over `words`, which must hold one word per region, all zero
-    /// (nothing synced, nothing in flight).
+    /// A map over `words`, which must hold one word per region, with
+    /// nothing synced and nothing in flight (the epochs may start anywhere:
+    /// the module starts them at a random value per attachment).
     pub const fn new(words: &'a [AtomicU64]) -> Self {
         Self { words }
     }
