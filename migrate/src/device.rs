@@ -122,6 +122,28 @@ impl Probe {
     }
 }
 
+impl Probe {
+    /// Refuses a block device whose disk is bio-based (dm, md, NVMe
+    /// multipath): blk-mq disks have an `mq` directory in sysfs, and only
+    /// for them can the kernel wait, at attach, for the writes already in
+    /// flight.
+    pub fn check_request_based(&self) -> Result<()> {
+        let DevId::Block { major, minor } = self.id else {
+            return Ok(());
+        };
+        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let disk = if sys.join("partition").exists() {
+            sys.join("..")
+        } else {
+            sys
+        };
+        if disk.exists() && !disk.join("mq").exists() {
+            return Err(Error::refused(&self.path, Refusal::BioBased));
+        }
+        Ok(())
+    }
+}
+
 /// The whole disk a partition belongs to, from sysfs.
 fn parent_disk(id: DevId) -> Option<DevId> {
     let DevId::Block { major, minor } = id else {

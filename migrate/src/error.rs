@@ -87,6 +87,9 @@ pub enum Refusal {
     /// Empty device.
     #[error("is empty")]
     Empty,
+    /// A bio-based source.
+    #[error("is a bio-based device (dm, md, NVMe multipath): the writes it has in flight when blkmig attaches cannot be waited for, so a live migration could miss one")]
+    BioBased,
     /// Target blocks larger than the source's.
     #[error("has {target_block}-byte logical blocks, larger than the source's {source_block}-byte blocks: a {source_block}-byte write to the source could not be mirrored to it")]
     BlockSize {
@@ -119,6 +122,7 @@ impl Refusal {
             Refusal::TooSmall { .. } => "ENOSPC",
             Refusal::UnalignedSize { .. } | Refusal::Empty | Refusal::BlockSize { .. } => "EINVAL",
             Refusal::TooManyRegions { .. } => "E2BIG",
+            Refusal::BioBased => "EMEDIUMTYPE",
         }
     }
 }

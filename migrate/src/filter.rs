@@ -66,6 +66,8 @@ pub fn errno_name(e: &i32) -> &'static str {
         libc::EALREADY => "EALREADY",
         libc::ECANCELED => "ECANCELED",
         libc::ENOPKG => "ENOPKG",
+        libc::EMEDIUMTYPE => "EMEDIUMTYPE",
+        libc::E2BIG => "E2BIG",
         _ => "errno",
     }
 }
@@ -176,6 +178,11 @@ impl Filtered {
                     }
                     libc::EOPNOTSUPP => {
                         "zoned devices cannot be migrated (zone writes bypass the region map)"
+                            .to_owned()
+                    }
+                    libc::EMEDIUMTYPE => {
+                        "the source is a bio-based device (dm, md, NVMe multipath): \
+                        the writes it has in flight when blkmig attaches cannot be waited for"
                             .to_owned()
                     }
                     libc::ENOENT => {

@@ -284,6 +284,7 @@ fn attach(a: &AttachArgs) -> Result<Probe> {
     }
     // The target must be unused: blkmig will own it. The source is live.
     tp.check_unused()?;
+    sp.check_request_based()?;
     let shared = Access {
         write: false,
         direct: false,
