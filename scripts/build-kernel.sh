@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the blkmig test kernel (Linux 6.12 + kmod/patches/*.patch + kmod/kernel.config +
-# tests/vm/kernel-vm.config), cached.
+# tests/vm/kernel-vm.config), cached. BLKMIG_KERNEL_VARIANT=debug adds tests/vm/kernel-debug.config
+# (lockdep, atomic-sleep checks, KFENCE, debug objects): the debug tier's kernel, cached apart.
 #
 #   scripts/build-kernel.sh              build if needed; print the kernel tree path on stdout
 #   scripts/build-kernel.sh --print-dir  print the path the tree has (or would have); no build
@@ -8,7 +9,7 @@
 #
 # The tree lives in ${BLKMIG_CACHE:-/var/cache/blkmig}/kernel-<key16>; the key is the sha256 of
 # the linux-source package version, the toolchain versions, every kmod/patches/*.patch (sorted
-# by name), the config fragments and this script. The bzImage is <tree>/arch/x86/boot/bzImage.
+# by name), the config fragments and the recipe version below. The bzImage is <tree>/arch/x86/boot/bzImage.
 # A tree is used only if its stamp file exists (written last, after every step succeeded); a
 # half-built tree is thrown away and rebuilt. The two most recently used trees are kept.
 # Every step runs under flock(/tmp/blkmig-kbuild.lock): never two kernel builds at once.
@@ -23,8 +24,20 @@ src_pkg=linux-source-6.12
 tarball=/usr/src/$src_pkg.tar.xz
 fragment=${BLKMIG_KERNEL_FRAGMENT:-$repo/kmod/kernel.config} # override only for development
 vm_fragment="$repo/tests/vm/kernel-vm.config" # what the VM tests' userspace needs
+variant=${BLKMIG_KERNEL_VARIANT:-normal}
+case "$variant" in
+normal) extra_fragments=() ;;
+debug) extra_fragments=("$repo/tests/vm/kernel-debug.config") ;;
+*)
+	printf 'build-kernel: error: BLKMIG_KERNEL_VARIANT=%s: use normal or debug\n' "$variant" >&2
+	exit 1
+	;;
+esac
 patch_dir="$repo/kmod/patches"
-keep=2
+keep=4 # two variants, the current and the previous tree of each
+# Part of the cache key: bump it whenever a change to this script changes what it builds (the
+# configuration steps, make's variables or targets); comments and messages need no bump.
+recipe=3
 
 : "${BINDGEN:=$repo/target/tools/bin/bindgen}"
 kmake=(make LLVM=-19 RUSTC=/usr/bin/rustc HOSTRUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
@@ -59,7 +72,10 @@ compute_key() {
 		done
 		printf 'config %s\n' "$(sha256sum <"$fragment" | cut -d' ' -f1)"
 		printf 'vm-config %s\n' "$(sha256sum <"$vm_fragment" | cut -d' ' -f1)"
-		printf 'script %s\n' "$(sha256sum <"$script" | cut -d' ' -f1)"
+		for f in "${extra_fragments[@]}"; do
+			printf 'extra-config %s %s\n' "$(basename "$f")" "$(sha256sum <"$f" | cut -d' ' -f1)"
+		done
+		printf 'recipe %s\n' "$recipe"
 	} | sha256sum | cut -d' ' -f1
 }
 key=$(compute_key)
@@ -107,7 +123,7 @@ fail() {
 	exit 1
 }
 
-log "building kernel ${key:0:16}: $src_pkg $src_version, ${#patches[@]} patch(es), $(basename "$fragment")"
+log "building kernel ${key:0:16} ($variant): $src_pkg $src_version, ${#patches[@]} patch(es), $(basename "$fragment")"
 [ -e "$dir" ] && log "removing half-built $dir"
 rm -rf "$dir"
 mkdir -p "$dir"
@@ -128,7 +144,7 @@ allconfig="$dir/.blkmig-allconfig"
 	cat "$dir/kernel/configs/tiny-base.config"
 	grep -v '^CONFIG_KERNEL_XZ=' "$dir/kernel/configs/tiny.config"
 	cat "$dir/arch/x86/configs/tiny.config"
-	cat "$fragment" "$vm_fragment"
+	cat "$fragment" "$vm_fragment" "${extra_fragments[@]}"
 } >"$allconfig"
 "${kmake[@]}" -C "$dir" allnoconfig "KCONFIG_ALLCONFIG=$allconfig" >>"$logfile" 2>&1 ||
 	fail "make allnoconfig failed"
@@ -147,7 +163,7 @@ while IFS= read -r line; do
 		! grep -q "^$opt=" "$dir/.config" || missing+=("$line (have: $(grep "^$opt=" "$dir/.config"))")
 		;;
 	esac
-done < <(cat "$fragment" "$vm_fragment")
+done < <(cat "$fragment" "$vm_fragment" "${extra_fragments[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
 	for m in "${missing[@]}"; do log "config option did not land: $m"; done
 	if printf '%s\n' "${missing[@]}" | grep -q '^CONFIG_RUST='; then

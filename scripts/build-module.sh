@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Build kmod/blkmig.ko against the cached test kernel (scripts/build-kernel.sh builds it if
-# needed) and print the .ko path on stdout.
+# Build blkmig.ko from kmod/ against the cached test kernel (scripts/build-kernel.sh builds it if
+# needed) and print the .ko path on stdout. The build runs in a copy of the sources per kernel
+# tree, target/kmod/<tree>/, so that modules for the normal and the debug kernel never share
+# objects.
 #
 #   scripts/build-module.sh           build (incremental)
 #   scripts/build-module.sh clean     remove the module's build products
+#
+# BLKMIG_CLIPPY=1 builds with the kernel's CLIPPY=1 (Debian's clippy-driver of the kernel's rustc)
+# in a directory of its own, and fails on any warning.
 #
 # BLKMIG_KERNEL_TREE=<dir> builds against that tree instead (tests/vm/run.sh passes the tree
 # whose bzImage it boots, so that a patch changed meanwhile cannot mix two kernels).
@@ -38,13 +43,35 @@ fi
 target=modules
 [ "${1:-}" = clean ] && target=clean
 
+build="$repo/target/kmod/$(basename "$tree")"
+clippy=()
+if [ "${BLKMIG_CLIPPY:-0}" = 1 ]; then
+	build="$build-clippy"
+	clippy=(CLIPPY=1 CLIPPY_DRIVER=/usr/bin/clippy-driver)
+	[ -x /usr/bin/clippy-driver ] || {
+		log "error: /usr/bin/clippy-driver is missing: run scripts/setup-toolchain.sh"
+		exit 1
+	}
+fi
+mkdir -p "$build/core/src"
+# -p keeps the sources' times, so that make rebuilds only what changed.
+cp -p "$repo"/kmod/Kbuild "$repo"/kmod/*.rs "$build/"
+cp -p "$repo"/kmod/core/src/*.rs "$build/core/src/"
+
 t0=$(date +%s.%N)
-if ! flock "$lock" "${kmake[@]}" -C "$tree" "M=$repo/kmod" "$target" >&2; then
-	log "error: module build failed (make -C $tree M=$repo/kmod $target)"
+out="$build.log"
+if ! flock "$lock" "${kmake[@]}" "${clippy[@]}" -C "$tree" "M=$build" "$target" >"$out" 2>&1; then
+	cat "$out" >&2
+	log "error: module build failed (make -C $tree M=$build $target)"
+	exit 1
+fi
+cat "$out" >&2
+if [ ${#clippy[@]} -gt 0 ] && grep -q '^warning' "$out"; then
+	log "error: clippy warnings in the module (see above)"
 	exit 1
 fi
 [ "$target" = clean ] && exit 0
-ko="$repo/kmod/blkmig.ko"
+ko="$build/blkmig.ko"
 [ -f "$ko" ] || {
 	log "error: $ko was not produced"
 	exit 1

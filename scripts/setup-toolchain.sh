@@ -32,10 +32,10 @@ if [ $need_kernel = 1 ]; then
 	pkgs+=(
 		"linux-source-6.12=$KERNEL_SOURCE_VERSION"
 		"rustc-web=$RUST_WEB_VERSION" "rust-web-src=$RUST_WEB_VERSION"
-		"libstd-rust-web-dev=$RUST_WEB_VERSION"
+		"libstd-rust-web-dev=$RUST_WEB_VERSION" "rust-web-clippy=$RUST_WEB_VERSION"
 		"clang-$CLANG" "lld-$CLANG" "llvm-$CLANG" "libclang-$CLANG-dev"
 		flex bison bc libelf-dev libssl-dev cpio kmod make gcc xz-utils zstd
-		qemu-system-x86 busybox-static dmsetup util-linux
+		qemu-system-x86 busybox-static dmsetup util-linux python3-ply python3-git
 	)
 fi
 

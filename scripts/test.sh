@@ -15,6 +15,10 @@ vm=1
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
+# The debug tier: the scenarios that exercise every path of the hold, the switch and the
+# failures, on the debug kernel (see docs/vm-tests.md for its run time).
+debug_scenarios="clone-source-errors live-migrate-ext4 live-kill-in-switch clone-freeze-loop clone-polled-io clone-target-fails clone-target-removed attach-rmmod-detach attach-partition"
+
 step "toolchain"
 if [ $vm = 1 ]; then scripts/setup-toolchain.sh; else scripts/setup-toolchain.sh --user; fi
 # shellcheck source=/dev/null
@@ -41,6 +45,19 @@ RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR="$repo/target/loom" \
 	cargo test -p blkmig-core --release --locked --test loom
 
 if [ $vm = 1 ]; then
+	step "kernel patch series: checkpatch --strict"
+	kdir=$(scripts/build-kernel.sh)
+	# checkpatch's SPDX check runs Debian's python3 (python3-ply, python3-git).
+	(cd "$kdir" && PATH=/usr/bin:$PATH perl scripts/checkpatch.pl --strict --terse "$repo"/kmod/patches/*.patch)
+	echo "ok: $(ls kmod/patches/*.patch | wc -l) patches, no errors, warnings or checks" >&2
+
+	step "module: the kernel's rustfmt settings, and clippy (CLIPPY=1) without warnings"
+	rustfmt --check --edition 2021 --config-path "$kdir/.rustfmt.toml" kmod/*.rs
+	BLKMIG_KERNEL_TREE=$kdir BLKMIG_CLIPPY=1 scripts/build-module.sh >/dev/null
+
 	step "VM scenarios"
 	tests/vm/run.sh
+
+	step "VM scenarios on the debug kernel (lockdep, atomic-sleep checks, KFENCE, debug objects)"
+	tests/vm/run.sh --debug $debug_scenarios
 fi

@@ -4,6 +4,8 @@
 # serial log.
 #
 #   tests/vm/run.sh [scenario...]       default: every tests/vm/scenarios/*.sh
+#   tests/vm/run.sh --debug [scenario...]   the same on the debug kernel (lockdep, atomic-sleep
+#                                       checks, KFENCE, debug objects; tests/vm/kernel-debug.config)
 #   tests/vm/run.sh --list
 #
 # Environment: BLKMIG_VM_SMP (default 2), BLKMIG_VM_MEM (512M), BLKMIG_VM_KEEP_DISKS=1 (keep the
@@ -17,6 +19,12 @@ set -uo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 vm="$repo/tests/vm"
 logs="$repo/target/vm-logs"
+export BLKMIG_KERNEL_VARIANT=normal
+if [ "${1:-}" = --debug ]; then
+	shift
+	BLKMIG_KERNEL_VARIANT=debug
+	logs="$repo/target/vm-logs-debug"
+fi
 smp=${BLKMIG_VM_SMP:-2}
 mem=${BLKMIG_VM_MEM:-512M}
 migrate_bin="$repo/target/x86_64-unknown-linux-gnu/release/migrate"
@@ -48,7 +56,12 @@ if [ $# -gt 0 ]; then
 		names+=("$n")
 	done
 else
-	for f in "$vm"/scenarios/*.sh; do names+=("$(basename "$f" .sh)"); done
+	# Scenarios marked "# kernel: debug" need the debug kernel (fault injection): only --debug
+	# runs them by default.
+	for f in "$vm"/scenarios/*.sh; do
+		[ "$(header "$f" kernel)" = debug ] && [ "$BLKMIG_KERNEL_VARIANT" != debug ] && continue
+		names+=("$(basename "$f" .sh)")
+	done
 fi
 
 need_module=0 need_migrate=0
@@ -71,7 +84,7 @@ if ! kdir=$("$repo/scripts/build-kernel.sh"); then
 	say "0 passed, ${#names[@]} failed"
 	exit 1
 fi
-timings+=("kernel ($kstate): $(since "$t")s")
+timings+=("kernel ($BLKMIG_KERNEL_VARIANT, $kstate): $(since "$t")s")
 bzimage="$kdir/arch/x86/boot/bzImage"
 
 module_arg=none module_err=
@@ -123,7 +136,9 @@ for n in "${names[@]}"; do
 	f="$vm/scenarios/$n.sh"
 	needs=" $(header "$f" needs) "
 	reason=
-	case "$needs" in *" module "*) [ -n "$module_err" ] && reason=$module_err ;; esac
+	[ "$(header "$f" kernel)" = debug ] && [ "$BLKMIG_KERNEL_VARIANT" != debug ] &&
+		reason="needs the debug kernel (tests/vm/run.sh --debug $n)"
+	case "$needs" in *" module "*) [ -n "$module_err" ] && reason=${reason:-$module_err} ;; esac
 	case "$needs" in *" migrate "*) [ -n "$migrate_err" ] && reason=${reason:-$migrate_err} ;; esac
 	t=$(now)
 	logf="$logs/$n.log"

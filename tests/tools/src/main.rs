@@ -56,6 +56,25 @@ enum Cmd {
         /// Seed of the block choice.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// How the rewrites are issued.
+        #[arg(long, value_enum, default_value_t = Io::Sync)]
+        io: Io,
+    },
+    /// Read LEN bytes at OFFSET of DEV again and again with O_DIRECT
+    /// through a polled io_uring (IORING_SETUP_IOPOLL, so the bios carry
+    /// REQ_POLLED) until STOP exists. Fails at the first error.
+    PollRead {
+        /// The device.
+        dev: PathBuf,
+        /// Byte offset.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Bytes per read.
+        #[arg(long, default_value_t = 4096)]
+        len: usize,
+        /// Stop when this file exists.
+        #[arg(long)]
+        stop: PathBuf,
     },
     /// Write the VM scenarios' sector pattern (`lib.sh` `pattern`) with
     /// O_DIRECT in I/Os of BS bytes. Unlike busybox dd, which quietly
@@ -112,6 +131,121 @@ fn stamp(buf: &[u8]) -> Result<(u64, u64), String> {
     Ok((word(8), word(16)))
 }
 
+/// How `write` issues its rewrites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Io {
+    /// pwrite(2).
+    Sync,
+    /// io_uring: the kernel tries each write with IOCB_NOWAIT (REQ_NOWAIT
+    /// bios) before it falls back to a worker.
+    Uring,
+    /// io_uring with IORING_SETUP_IOPOLL: polled bios (REQ_POLLED).
+    UringPoll,
+}
+
+/// How long one io_uring operation may take before it counts as hung.
+const RING_WAIT: Duration = Duration::from_secs(30);
+
+/// One io_uring, one operation at a time.
+struct Ring {
+    ring: io_uring::IoUring,
+}
+
+impl Ring {
+    fn new(poll: bool) -> Result<Self> {
+        let mut b = io_uring::IoUring::builder();
+        if poll {
+            b.setup_iopoll();
+        }
+        Ok(Self {
+            ring: b.build(4).context("io_uring_setup")?,
+        })
+    }
+
+    /// Runs `entry` and returns its result (bytes, or the error).
+    fn run(&mut self, entry: &io_uring::squeue::Entry) -> std::io::Result<usize> {
+        // SAFETY: The buffer `entry` names is alive until its completion,
+        // which `submit_and_wait(1)` waits for before returning.
+        unsafe { self.ring.submission().push(entry) }
+            .map_err(|_| std::io::Error::other("submission queue full"))?;
+        // A polled ring's wait may return before the completion is in: go
+        // on reaping (polling), for at most RING_WAIT.
+        let t0 = Instant::now();
+        self.ring.submit_and_wait(1)?;
+        let cqe = loop {
+            if let Some(cqe) = self.ring.completion().next() {
+                break cqe;
+            }
+            if t0.elapsed() > RING_WAIT {
+                return Err(std::io::Error::other(format!(
+                    "no completion within {} s",
+                    RING_WAIT.as_secs()
+                )));
+            }
+            self.ring.submit_and_wait(1)?;
+        };
+        usize::try_from(cqe.result()).map_err(|_| std::io::Error::from_raw_os_error(-cqe.result()))
+    }
+
+    fn write_at(&mut self, f: &File, buf: &[u8], off: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let e = io_uring::opcode::Write::new(
+            io_uring::types::Fd(f.as_raw_fd()),
+            buf.as_ptr(),
+            buf.len() as u32,
+        )
+        .offset(off)
+        .build();
+        match self.run(&e)? {
+            n if n == buf.len() => Ok(()),
+            n => Err(std::io::Error::other(format!("short write: {n} bytes"))),
+        }
+    }
+
+    fn read_at(&mut self, f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let e = io_uring::opcode::Read::new(
+            io_uring::types::Fd(f.as_raw_fd()),
+            buf.as_mut_ptr(),
+            buf.len() as u32,
+        )
+        .offset(off)
+        .build();
+        match self.run(&e)? {
+            n if n == buf.len() => Ok(()),
+            n => Err(std::io::Error::other(format!("short read: {n} bytes"))),
+        }
+    }
+}
+
+fn poll_read(dev: &Path, offset: u64, len: usize, stop: &Path) -> Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .with_context(|| format!("open {} with O_DIRECT", dev.display()))?;
+    let mut ring = Ring::new(true)?;
+    let mut buf = AlignedBuf::new(BLOCK, len);
+    let mut n = 0u64;
+    let mut worst = Duration::ZERO;
+    println!(
+        "poll-read: reading {len} bytes at {offset} of {} (polled)",
+        dev.display()
+    );
+    while !stop.exists() {
+        let t0 = Instant::now();
+        ring.read_at(&f, &mut buf, offset)
+            .with_context(|| format!("polled read {n} of {}", dev.display()))?;
+        worst = worst.max(t0.elapsed());
+        n += 1;
+    }
+    println!(
+        "poll-read: {n} polled reads, longest {:.1} ms",
+        worst.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
 fn open_direct(path: &Path, create: bool) -> Result<File> {
     OpenOptions::new()
         .read(true)
@@ -132,8 +266,14 @@ fn write(
     gap: Duration,
     slow: Duration,
     seed: u64,
+    io: Io,
 ) -> Result<()> {
     let f = open_direct(file, true)?;
+    let mut ring = match io {
+        Io::Sync => None,
+        Io::Uring => Some(Ring::new(false)?),
+        Io::UringPoll => Some(Ring::new(true)?),
+    };
     let mut buf = AlignedBuf::new(BLOCK, BLOCK);
     let mut last = vec![0u64; blocks as usize];
     // Stamp every block once, so that every block has a known last stamp.
@@ -170,8 +310,11 @@ fn write(
             seq += 1;
             fill(&mut buf, b, seq);
             let t0 = Instant::now();
-            f.write_all_at(&buf, b * BLOCK as u64)
-                .with_context(|| format!("write block {b}"))?;
+            match ring.as_mut() {
+                None => f.write_all_at(&buf, b * BLOCK as u64),
+                Some(r) => r.write_at(&f, &buf, b * BLOCK as u64),
+            }
+            .with_context(|| format!("write block {b} ({io:?})"))?;
             let dt = t0.elapsed();
             last[b as usize] = seq;
             writes += 1;
@@ -264,6 +407,7 @@ fn main() -> Result<()> {
             gap_us,
             slow_ms,
             seed,
+            io,
         } => write(
             &file,
             &log,
@@ -273,7 +417,14 @@ fn main() -> Result<()> {
             Duration::from_micros(gap_us),
             Duration::from_millis(slow_ms),
             seed,
+            io,
         ),
+        Cmd::PollRead {
+            dev,
+            offset,
+            len,
+            stop,
+        } => poll_read(&dev, offset, len, &stop),
         Cmd::Verify { file, log } => verify(&file, &log),
         Cmd::DioWrite {
             dev,

@@ -29,11 +29,11 @@ rm -f /tmp/freeze.stop
 ) &
 freezer=$!
 
-live_start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms
+live_start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms --rate-limit 40M
 touch /tmp/freeze.stop
 wait $freezer
 echo "  $(cat /tmp/freeze.n) freeze rounds during the migration"
-[ "$(cat /tmp/freeze.n)" -ge 10 ] || fail "the freeze loop ran only $(cat /tmp/freeze.n) rounds"
+[ "$(cat /tmp/freeze.n)" -ge 20 ] || fail "the freeze loop ran only $(cat /tmp/freeze.n) rounds (want 20)"
 live_finish /dev/vda /dev/vdb
 unload_module
 ok=$(echo "$SW_MAX_MS" | awk '{ print ($1 <= 2000) ? "yes" : "no" }')
