@@ -231,14 +231,17 @@ unsafe impl Send for WorkQueue {}
 unsafe impl Sync for WorkQueue {}
 
 impl WorkQueue {
-    /// Allocates a workqueue for memory reclaim.
+    /// Allocates a workqueue for memory reclaim. Its work items run
+    /// concurrently (the default `max_active`): one that blocks, such as a
+    /// submission to a frozen queue, never delays another, such as the end
+    /// of a hold.
     pub(crate) fn new() -> Result<Self> {
         // SAFETY: The format string is static and has no conversions.
         let wq = unsafe {
             bindings::alloc_workqueue(
                 c_str!("blkmig").as_char_ptr(),
                 bindings::wq_flags_WQ_MEM_RECLAIM,
-                1,
+                0,
             )
         };
         if wq.is_null() {
