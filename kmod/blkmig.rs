@@ -7,7 +7,7 @@
 
 // `try_pin_init!` over the migration's many fields nests deeper than the
 // default limit.
-#![recursion_limit = "256"]
+#![recursion_limit = "512"]
 
 use kernel::prelude::*;
 

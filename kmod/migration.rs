@@ -67,9 +67,18 @@ unsafe impl FromBytes for SyncedQuery {}
 // SAFETY: `#[repr(C)]` integers without padding.
 unsafe impl AsBytes for SyncedQuery {}
 
-/// Internal mode between CLONE and REDIRECT: writes held, reads to the
-/// target, the source being retired. Reported as CLONE (holding).
+/// Internal mode between CLONE and REDIRECT: writes held, reads of the first
+/// region held, the source being retired. Reported as CLONE (holding).
 const MODE_SWITCHING: u32 = 3;
+/// SWITCHING, and a failure came in: the switch, which owns the held bios
+/// and the source's head, ends in FAILED. Only the switch leaves either.
+/// Reported as CLONE (holding).
+const MODE_SWITCHING_FAILED: u32 = 4;
+
+/// Whether `mode` is one of the switch's own modes.
+const fn in_switch(mode: u32) -> bool {
+    mode == MODE_SWITCHING || mode == MODE_SWITCHING_FAILED
+}
 /// Bios reserved in each bio set (forward progress under memory pressure).
 const POOL: u32 = 64;
 /// Most bytes of the source's head the retire marker overwrites: one bio
@@ -189,13 +198,14 @@ struct Hold {
 ///
 /// # Invariants
 ///
-/// - `mode == MODE_SWITCHING` implies `holding`: the switch enters and
+/// - `in_switch(mode)` implies `holding`: the switch enters and
 ///   leaves SWITCHING with `holding` set, and every change of either is
 ///   made under the `hold` lock.
 /// - `owned` counts the bios the filter took (held or sent out) and has not
 ///   finished; the object outlives them (see `PinnedDrop`).
-/// - Only the switch leaves SWITCHING; a failure meanwhile is recorded in
-///   `fail_pending` and the switch ends in FAILED.
+/// - Only the switch leaves SWITCHING and SWITCHING_FAILED; a failure
+///   meanwhile turns the first into the second (compare-and-swap, against
+///   the switch's own to REDIRECT), and the switch ends in FAILED.
 #[pin_data(PinnedDrop)]
 pub(crate) struct Migration {
     /// First field: closed first when the object is dropped, so that the
@@ -209,9 +219,13 @@ pub(crate) struct Migration {
     mode: AtomicU32,
     failure: AtomicU32,
     failure_errno: AtomicI32,
-    /// A failure came in while SWITCHING: the switch, which owns the held
-    /// writes and the source's head, ends in FAILED itself.
-    fail_pending: AtomicBool,
+    /// The failure that made SWITCHING into SWITCHING_FAILED, recorded when
+    /// the switch ends in FAILED.
+    pending_failure: AtomicU32,
+    pending_errno: AtomicI32,
+    /// The source's head could be neither confirmed retired nor put back
+    /// after a failed switch: every bio fails rather than reach it.
+    fenced: AtomicBool,
     /// A bio crossed the source's edge in REDIRECT (said once).
     edge_warned: AtomicBool,
     holding: AtomicBool,
@@ -243,10 +257,13 @@ pub(crate) struct Migration {
     /// Ends the hold at its deadline; releases held writes after a failure.
     #[pin]
     hold_work: DelayedWork,
-    /// Submits the switch's own I/O (see `SyncIo`).
+    /// Submits the switch's own I/O (see `SyncIo`), on `io_wq`.
     #[pin]
     submit_work: DelayedWork,
     wq: WorkQueue,
+    /// A workqueue (with its own rescuer) for `submit_work` alone: a
+    /// submission that blocks never delays the hold's timer.
+    io_wq: WorkQueue,
     #[pin]
     ctx_set: BioSet,
     #[pin]
@@ -274,6 +291,8 @@ impl Drop for CtlGuard<'_> {
 
 /// How one I/O of the switch ended.
 enum IoEnd {
+    /// It could not be made or queued: it never happened.
+    NotStarted(Error),
     /// It completed, with this result.
     Done(Result),
     /// The deadline passed before the worker submitted it: it never will.
@@ -286,7 +305,7 @@ impl IoEnd {
     /// The errno a switch cancelled by this I/O returns.
     fn errno(self) -> Error {
         match self {
-            IoEnd::Done(Err(e)) => e,
+            IoEnd::Done(Err(e)) | IoEnd::NotStarted(e) => e,
             IoEnd::Done(Ok(())) => EIO,
             IoEnd::Cancelled | IoEnd::Stuck => errno(bindings::ETIMEDOUT),
         }
@@ -317,7 +336,7 @@ impl Migration {
         let target = self.target.bdev();
         let dev = target.dev();
         let raw = self.mode_raw();
-        let mode = if raw == MODE_SWITCHING {
+        let mode = if in_switch(raw) {
             Mode::Clone as u32
         } else {
             raw
@@ -406,38 +425,34 @@ impl Migration {
     /// Stops the migration: mirroring ends, every bio passes to the source,
     /// which stays authoritative. Never overrides REDIRECT or an earlier
     /// failure. Any context: held writes are released from the workqueue;
-    /// in SWITCHING the switch finishes the job (it owns the held writes and
+    /// in SWITCHING the switch finishes the job (it owns the held bios and
     /// may have the source's head to put back).
     fn fail(&self, why: Failure, errno: i32) {
         loop {
             let mode = self.mode_raw();
-            if mode == Mode::Clone as u32 {
-                if self
-                    .mode
-                    .compare_exchange(
-                        mode,
-                        Mode::Failed as u32,
-                        Ordering::SeqCst,
-                        Ordering::SeqCst,
-                    )
-                    .is_err()
-                {
-                    continue;
+            let next = match mode {
+                m if m == Mode::Clone as u32 => Mode::Failed as u32,
+                MODE_SWITCHING => {
+                    self.pending_failure.store(why as u32, Ordering::SeqCst);
+                    self.pending_errno.store(errno, Ordering::SeqCst);
+                    MODE_SWITCHING_FAILED
                 }
+                _ => return,
+            };
+            if self
+                .mode
+                .compare_exchange(mode, next, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                continue;
+            }
+            if next == Mode::Failed as u32 {
                 self.record_failure(why, errno);
                 if self.holding.load(Ordering::SeqCst) {
                     self.hold_work.schedule(&self.wq, 0);
                 }
-                return;
             }
-            if mode == MODE_SWITCHING {
-                self.record_failure(why, errno);
-                self.fail_pending.store(true, Ordering::SeqCst);
-                if self.mode_raw() == Mode::Clone as u32 {
-                    // The switch went back to CLONE meanwhile.
-                    continue;
-                }
-            }
+            self.events.wake_all();
             return;
         }
     }
@@ -460,12 +475,12 @@ impl Migration {
                 errno
             );
         }
-        self.events.wake_all();
     }
 
     /// Failed, or failing inside the switch.
     fn failing(&self) -> bool {
-        self.failed() || self.fail_pending.load(Ordering::SeqCst)
+        let mode = self.mode_raw();
+        mode == Mode::Failed as u32 || mode == MODE_SWITCHING_FAILED
     }
 
     // --- the data path ----------------------------------------------------
@@ -474,13 +489,17 @@ impl Migration {
     /// device it was submitted to.
     fn route(&self, bio: Bio) -> Option<Bio> {
         match self.mode_raw() {
+            _ if self.fenced.load(Ordering::SeqCst) => {
+                bio.end(bindings::BLK_STS_IOERR);
+                None
+            }
             m if m == Mode::Failed as u32 => Some(bio),
             m if m == Mode::Redirect as u32 => self.redirect(bio),
-            MODE_SWITCHING => match bio.op() {
-                // The target may be failing: nothing goes anywhere until
-                // the switch has put the source back.
-                _ if self.fail_pending.load(Ordering::SeqCst) => self.hold_bio(bio),
-                Op::Read => self.redirect(bio),
+            m if in_switch(m) => match bio.op() {
+                // The source still holds every byte outside its head, and
+                // no write changes it: reads go on there; reads of the head
+                // wait while it is retired.
+                Op::Read if !self.touches_head(&bio) => Some(bio),
                 _ => self.hold_bio(bio),
             },
             _ => match bio.op() {
@@ -498,6 +517,15 @@ impl Migration {
         let start = bio.disk_sector().checked_sub(self.source().start_sect())?;
         let len = bio.nr_sectors();
         (start.checked_add(len)? <= self.geometry.sectors()).then_some((start, len))
+    }
+
+    /// Whether `bio` reaches the source's first region (or cannot be placed
+    /// in the source).
+    fn touches_head(&self, bio: &Bio) -> bool {
+        match self.span(bio) {
+            Some((start, len)) => self.geometry.regions_of(start, len).start == 0 && len > 0,
+            None => !bio.is_for(self.source()) || bio.nr_sectors() == 0,
+        }
     }
 
     /// Queues `bio` while writes are held. Returns it routed anew if the
@@ -644,7 +672,7 @@ impl Migration {
         // hold.
         let n = self.inflight_writes.fetch_add(1, Ordering::SeqCst);
         let held = self.holding.load(Ordering::SeqCst)
-            && (self.mode_raw() == MODE_SWITCHING
+            && (in_switch(self.mode_raw())
                 || current_tgid() != self.hold_owner.load(Ordering::SeqCst));
         if held || self.mode_raw() != Mode::Clone as u32 {
             self.write_unaccount();
@@ -731,7 +759,7 @@ impl Migration {
         let held = {
             let mut h = self.hold.lock();
             let mode = self.mode_raw();
-            if !self.holding.load(Ordering::SeqCst) || mode == MODE_SWITCHING {
+            if !self.holding.load(Ordering::SeqCst) || in_switch(mode) {
                 // The switch bounds its own waits and releases the hold.
                 return;
             }
@@ -741,6 +769,11 @@ impl Migration {
                     let left = u32::try_from(ms_until(h.deadline_ns)).unwrap_or(u32::MAX);
                     drop(h);
                     self.hold_work.schedule(&self.wq, left.max(1));
+                    if self.failed() {
+                        // A failure's immediate release must not wait for
+                        // the re-armed deadline.
+                        self.hold_work.schedule(&self.wq, 0);
+                    }
                     return;
                 }
                 pr_warn!("write hold timed out: writes released, switch cancelled\n");
@@ -800,34 +833,50 @@ impl Migration {
     /// failure came in meanwhile, and releases the held bios. Returns
     /// whether the mode is `to` now.
     fn leave_switching(&self, to: Mode) -> bool {
-        let reached = {
-            let _h = self.hold.lock();
-            let next = if self.fail_pending.load(Ordering::SeqCst) {
-                Mode::Failed
-            } else {
-                to
-            };
-            self.mode
-                .compare_exchange(
-                    MODE_SWITCHING,
-                    next as u32,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
-                && next == to
-        };
+        let reached = self.end_switch_mode(to);
         self.release();
         reached
     }
 
+    /// Moves out of SWITCHING to `to`, or out of SWITCHING_FAILED to
+    /// FAILED (recording the failure). Returns whether the mode is `to`.
+    fn end_switch_mode(&self, to: Mode) -> bool {
+        let _h = self.hold.lock();
+        if self
+            .mode
+            .compare_exchange(
+                MODE_SWITCHING,
+                to as u32,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            return true;
+        }
+        if self
+            .mode
+            .compare_exchange(
+                MODE_SWITCHING_FAILED,
+                Mode::Failed as u32,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            let why = Failure::from_raw(self.pending_failure.load(Ordering::SeqCst))
+                .unwrap_or(Failure::TargetWrite);
+            self.record_failure(why, self.pending_errno.load(Ordering::SeqCst));
+        }
+        false
+    }
     /// Runs one I/O of the switch (`bio`, if it could be made) through the
     /// worker and waits for it, at most until `deadline_ns`.
     fn sync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
         if let Err(e) = bio.and_then(|bio| self.sync.queue(bio)) {
-            return IoEnd::Done(Err(e));
+            return IoEnd::NotStarted(e);
         }
-        self.submit_work.schedule(&self.wq, 0);
+        self.submit_work.schedule(&self.io_wq, 0);
         if self
             .events
             .wait_until(ms_until(deadline_ns), || self.sync.idle())
@@ -908,7 +957,9 @@ impl Migration {
             _ => return Err(EINVAL),
         }
         if !self.sync.idle() {
-            // The I/O of an earlier, timed-out attempt is still in flight.
+            // The I/O of an earlier, timed-out attempt is still in flight:
+            // no switch now, and no hold that waits for one.
+            self.release();
             return Err(EBUSY);
         }
         let deadline = {
@@ -950,8 +1001,9 @@ impl Migration {
             return Err(e);
         }
 
-        // 2. SWITCHING: every write is queued, the copier's too, and reads
-        //    go to the target, which holds every byte of the source.
+        // 2. SWITCHING: every write is queued, the copier's too, and so are
+        //    reads of the source's head; other reads go on to the source,
+        //    which nothing changes now.
         {
             let h = self.hold.lock();
             let live = self.holding.load(Ordering::SeqCst) && now_ns() < deadline;
@@ -1011,6 +1063,10 @@ impl Migration {
                 self.leave_switching(Mode::Clone);
                 return Err(EIO);
             }
+            IoEnd::NotStarted(e) => {
+                self.leave_switching(Mode::Clone);
+                return Err(e);
+            }
             IoEnd::Cancelled | IoEnd::Stuck => {
                 self.leave_switching(Mode::Clone);
                 return Err(errno(bindings::ETIMEDOUT));
@@ -1027,6 +1083,11 @@ impl Migration {
                 return Err(end.errno());
             }
         }
+        if self.failing() {
+            // Nothing has been written to the source yet.
+            self.leave_switching(Mode::Clone);
+            return Err(EIO);
+        }
         let budget = deadline + MARKER_BUDGET_MS * 1_000_000;
         self.retire_source(budget)?;
 
@@ -1035,19 +1096,19 @@ impl Migration {
         //    writes are still held.
         let switched = {
             let _h = self.hold.lock();
-            !self.fail_pending.load(Ordering::SeqCst)
-                && self
-                    .mode
-                    .compare_exchange(
-                        MODE_SWITCHING,
-                        Mode::Redirect as u32,
-                        Ordering::SeqCst,
-                        Ordering::SeqCst,
-                    )
-                    .is_ok()
+            self.mode
+                .compare_exchange(
+                    MODE_SWITCHING,
+                    Mode::Redirect as u32,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
         };
         if !switched {
-            self.restore_head(budget);
+            // SWITCHING_FAILED: every bio stays held, and reads of the head
+            // wait, until the head is back; then FAILED.
+            self.undo_retire();
             self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
@@ -1056,23 +1117,32 @@ impl Migration {
         Ok(())
     }
 
-    /// Writes the saved head back over the retire marker (the switch is
-    /// cancelled after the marker was written), within `budget_ns`.
-    fn restore_head(&self, budget_ns: i64) {
-        if !self.sync.idle() {
-            // The marker write is still in flight: writing the head now
-            // could land before it.
-            self.retire_failed.store(true, Ordering::Relaxed);
-            pr_err!("the switch was cancelled while the retire marker was in flight: the source may be retired; restore its head from the saved copy\n");
+    /// The switch failed after the retire marker was written (the mode is
+    /// still SWITCHING_FAILED, so every bio is held): puts the saved head
+    /// back. The switch's I/O in flight (a marker or a flush that did not
+    /// finish in time) is waited for first, within its own budget, so that
+    /// it cannot land after the head. If the head cannot be put back, the
+    /// source is fenced: every bio fails rather than reach a source whose
+    /// first region is the marker.
+    fn undo_retire(&self) {
+        let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+        let idle = self
+            .events
+            .wait_until(ms_until(budget), || self.sync.idle());
+        let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+        if idle
+            && matches!(
+                self.sync_run(self.head_bio(true, false), budget),
+                IoEnd::Done(Ok(()))
+            )
+        {
             return;
         }
-        if !matches!(
-            self.sync_run(self.head_bio(true, false), budget_ns),
-            IoEnd::Done(Ok(()))
-        ) {
-            self.retire_failed.store(true, Ordering::Relaxed);
-            pr_err!("could not put the source's head back after a cancelled switch: restore it from the saved copy\n");
-        }
+        self.retire_failed.store(true, Ordering::Relaxed);
+        // The held bios, and every bio after them, end in error (`route`
+        // sees the fence).
+        self.fenced.store(true, Ordering::SeqCst);
+        pr_err!("the target failed during the switch and the source's head could not be put back: every I/O to the source fails; restore its head from the saved copy\n");
     }
 
     /// Writes the retire marker over the source's head and flushes the
@@ -1083,6 +1153,11 @@ impl Migration {
     fn retire_source(&self, budget_ns: i64) -> Result {
         match self.sync_run(self.head_bio(true, true), budget_ns) {
             IoEnd::Done(Ok(())) => {}
+            IoEnd::NotStarted(e) => {
+                // Never submitted: the source is untouched.
+                self.leave_switching(Mode::Clone);
+                return Err(e);
+            }
             IoEnd::Cancelled => {
                 // Never submitted: the source is untouched.
                 self.leave_switching(Mode::Clone);
@@ -1097,8 +1172,10 @@ impl Migration {
                 return Ok(());
             }
             IoEnd::Done(Err(e)) => {
-                // Failed, maybe in part: put the saved bytes back.
-                let restored = self.sync_run(self.head_bio(true, false), budget_ns);
+                // Failed, maybe in part: put the saved bytes back, with a
+                // budget of its own.
+                let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+                let restored = self.sync_run(self.head_bio(true, false), budget);
                 if matches!(restored, IoEnd::Done(Ok(()))) {
                     pr_warn!("could not write the retire marker ({:?}); switch cancelled, the source stays authoritative\n", e);
                     self.leave_switching(Mode::Clone);
@@ -1291,6 +1368,7 @@ impl Filter for Migration {
             head_pages.push(Page::alloc_page(zeroed)?, flags::GFP_KERNEL)?;
         }
         let wq = WorkQueue::new()?;
+        let io_wq = WorkQueue::new()?;
         let m = KBox::try_pin_init(
             try_pin_init!(&this in Self {
                 target,
@@ -1301,7 +1379,9 @@ impl Filter for Migration {
                 mode: AtomicU32::new(Mode::Clone as u32),
                 failure: AtomicU32::new(Failure::None as u32),
                 failure_errno: AtomicI32::new(0),
-                fail_pending: AtomicBool::new(false),
+                pending_failure: AtomicU32::new(Failure::None as u32),
+                pending_errno: AtomicI32::new(0),
+                fenced: AtomicBool::new(false),
                 edge_warned: AtomicBool::new(false),
                 holding: AtomicBool::new(false),
                 hold_owner: AtomicI32::new(0),
@@ -1324,6 +1404,7 @@ impl Filter for Migration {
                 hold_work <- DelayedWork::new(hold_work_fn),
                 submit_work <- DelayedWork::new(submit_work_fn),
                 wq,
+                io_wq,
                 ctx_set <- BioSet::new(POOL, bio::CTX_PAD, false),
                 plain_set <- BioSet::new(POOL, 0, false),
                 io_set <- BioSet::new(4, 0, true),
@@ -1428,9 +1509,11 @@ impl PinnedDrop for Migration {
                 self.owned.load(Ordering::SeqCst)
             );
         }
-        // A completion may still be returning through our code after its
-        // last count: those run with preemption off or in interrupt
-        // context, which an RCU grace period waits out.
+        // A completion's last count and wake-up run in an RCU read-side
+        // section (`count_down`, `sync_end`): after a grace period none of
+        // them touches this object any more. (The few instructions that
+        // return from such a callback after its section are the same window
+        // every module that completes bios has.)
         sys::synchronize_rcu();
         if self.mode_raw() == Mode::Redirect as u32 {
             // The source's page cache was filled from the target: drop it
