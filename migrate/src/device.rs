@@ -123,6 +123,27 @@ impl Probe {
 }
 
 impl Probe {
+    /// Refuses a zoned block device: zone appends and zone resets write
+    /// without going through the filter's region accounting.
+    pub fn check_not_zoned(&self) -> Result<()> {
+        let DevId::Block { major, minor } = self.id else {
+            return Ok(());
+        };
+        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+        let disk = if sys.join("partition").exists() {
+            sys.join("..")
+        } else {
+            sys
+        };
+        match std::fs::read_to_string(disk.join("queue/zoned")) {
+            Ok(model) if model.trim() != "none" => Err(Error::refused(
+                &self.path,
+                Refusal::Zoned(model.trim().to_owned()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses a block device whose disk is bio-based (dm, md, NVMe
     /// multipath): blk-mq disks have an `mq` directory in sysfs, and only
     /// for them can the kernel wait, at attach, for the writes already in

@@ -87,6 +87,9 @@ pub enum Refusal {
     /// Empty device.
     #[error("is empty")]
     Empty,
+    /// A zoned device.
+    #[error("is a zoned block device ({0}): zone appends and resets would bypass the migration's write tracking")]
+    Zoned(String),
     /// A bio-based source.
     #[error("is a bio-based device (dm, md, NVMe multipath): the writes it has in flight when blkmig attaches cannot be waited for, so a live migration could miss one")]
     BioBased,
@@ -123,6 +126,7 @@ impl Refusal {
             Refusal::UnalignedSize { .. } | Refusal::Empty | Refusal::BlockSize { .. } => "EINVAL",
             Refusal::TooManyRegions { .. } => "E2BIG",
             Refusal::BioBased => "EMEDIUMTYPE",
+            Refusal::Zoned(_) => "EOPNOTSUPP",
         }
     }
 }

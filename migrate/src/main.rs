@@ -282,7 +282,10 @@ fn attach(a: &AttachArgs) -> Result<Probe> {
         }
         .into());
     }
-    // The target must be unused: blkmig will own it. The source is live.
+    // Neither may be zoned; the source must be request-based; the target
+    // must be unused: blkmig will own it. The source is live.
+    sp.check_not_zoned()?;
+    tp.check_not_zoned()?;
     tp.check_unused()?;
     sp.check_request_based()?;
     let shared = Access {

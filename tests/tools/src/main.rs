@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use blkmig::buffer::AlignedBuf;
+use blkmig::core::abi;
 use clap::{Parser, Subcommand};
 
 const BLOCK: usize = 4096;
@@ -92,6 +93,12 @@ enum Cmd {
         #[arg(long, default_value_t = 512)]
         bs: usize,
     },
+    /// Raw requests to the blkmig filter of DEV, for the VM scenarios that
+    /// check the ABI's refusals: prints what the kernel answered.
+    Abi {
+        #[command(subcommand)]
+        req: AbiReq,
+    },
     /// Check that every block holds its last stamp.
     Verify {
         /// The data file.
@@ -129,6 +136,132 @@ fn stamp(buf: &[u8]) -> Result<(u64, u64), String> {
         return Err("crc mismatch (torn or corrupt block)".into());
     }
     Ok((word(8), word(16)))
+}
+
+#[derive(Subcommand)]
+enum AbiReq {
+    /// STATUS on a file opened read-only: prints the errno (EBADF expected).
+    StatusReadOnly { dev: PathBuf },
+    /// HOLD_WRITES with a nonzero reserved field: prints the errno.
+    HoldReserved { dev: PathBuf },
+    /// COPY_BEGIN with a nonzero reserved field: prints the errno.
+    CopyReserved { dev: PathBuf },
+    /// COPY_BEGIN of REGION: prints the result and the word.
+    CopyBegin { dev: PathBuf, region: u64 },
+    /// COPY_END of REGION with WORD: prints the result.
+    CopyEnd {
+        dev: PathBuf,
+        region: u64,
+        word: u64,
+    },
+}
+
+fn errno_of(e: &blkmig::filter::FilterError) -> String {
+    blkmig::filter::errno_name(&e.errno).to_owned()
+}
+
+fn region_op(dev: &Path, cmd: abi::CtlCmd, op: abi::RegionOp) -> Result<abi::RegionOp> {
+    let f = blkmig::filter::Filtered::open(dev)?;
+    let mut buf = [0u8; std::mem::size_of::<abi::RegionOp>()];
+    let fields: [&[u8]; 4] = [
+        &op.region.to_ne_bytes(),
+        &op.word.to_ne_bytes(),
+        &op.result.to_ne_bytes(),
+        &op.reserved.to_ne_bytes(),
+    ];
+    let mut at = 0;
+    for b in fields {
+        buf[at..at + b.len()].copy_from_slice(b);
+        at += b.len();
+    }
+    f.ctl(cmd, &mut buf)?;
+    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap_or([0; 4]));
+    Ok(abi::RegionOp {
+        region: u64_at(0),
+        word: u64_at(8),
+        result: u32_at(16),
+        reserved: u32_at(20),
+    })
+}
+
+fn abi_probe(req: AbiReq) -> Result<()> {
+    match req {
+        AbiReq::StatusReadOnly { dev } => {
+            use std::os::fd::AsRawFd;
+            let f = File::open(&dev).with_context(|| format!("open {}", dev.display()))?;
+            let mut st = [0u8; std::mem::size_of::<abi::Status>()];
+            let mut name = [0u8; abi::BLKFILTER_NAME_LENGTH];
+            name[..abi::FILTER_NAME.len()].copy_from_slice(abi::FILTER_NAME);
+            let mut arg = abi::BlkfilterCtl {
+                name,
+                cmd: abi::CtlCmd::Status as u32,
+                optlen: st.len() as u32,
+                opt: st.as_mut_ptr() as u64,
+            };
+            // SAFETY: BLKFILTER_CTL reads and writes one `BlkfilterCtl`
+            // (`arg`) and at most `optlen` bytes at `opt` (`st`), both alive
+            // for the call.
+            let r = unsafe {
+                libc::ioctl(
+                    f.as_raw_fd(),
+                    abi::BLKFILTER_CTL as _,
+                    std::ptr::from_mut(&mut arg),
+                )
+            };
+            if r == 0 {
+                println!("ok");
+            } else {
+                let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                println!("{}", blkmig::filter::errno_name(&e));
+            }
+        }
+        AbiReq::HoldReserved { dev } => {
+            let f = blkmig::filter::Filtered::open(&dev)?;
+            let mut buf = [0u8; 8];
+            buf[0..4].copy_from_slice(&1000u32.to_ne_bytes());
+            buf[4..8].copy_from_slice(&1u32.to_ne_bytes());
+            match f.ctl(abi::CtlCmd::HoldWrites, &mut buf) {
+                Ok(_) => {
+                    let _ = f.ctl(abi::CtlCmd::Release, &mut []);
+                    println!("ok");
+                }
+                Err(e) => println!("{}", errno_of(&e)),
+            }
+        }
+        AbiReq::CopyReserved { dev } => {
+            let op = abi::RegionOp {
+                region: 1,
+                reserved: 1,
+                ..Default::default()
+            };
+            match region_op(&dev, abi::CtlCmd::CopyBegin, op) {
+                Ok(op) => println!("ok {}", op.result),
+                Err(e) => match e.downcast_ref::<blkmig::filter::FilterError>() {
+                    Some(fe) => println!("{}", errno_of(fe)),
+                    None => return Err(e),
+                },
+            }
+        }
+        AbiReq::CopyBegin { dev, region } => {
+            let op = abi::RegionOp {
+                region,
+                ..Default::default()
+            };
+            let op = region_op(&dev, abi::CtlCmd::CopyBegin, op)?;
+            println!("{} {}", op.result, op.word);
+        }
+        AbiReq::CopyEnd { dev, region, word } => {
+            let op = abi::RegionOp {
+                region,
+                word,
+                ..Default::default()
+            };
+            let op = region_op(&dev, abi::CtlCmd::CopyEnd, op)?;
+            println!("{}", op.result);
+        }
+    }
+    Ok(())
 }
 
 /// How `write` issues its rewrites.
@@ -426,6 +559,7 @@ fn main() -> Result<()> {
             stop,
         } => poll_read(&dev, offset, len, &stop),
         Cmd::Verify { file, log } => verify(&file, &log),
+        Cmd::Abi { req } => abi_probe(req),
         Cmd::DioWrite {
             dev,
             sector,

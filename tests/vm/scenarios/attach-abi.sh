@@ -1,0 +1,38 @@
+#!/bin/sh
+# attach-abi: the filter's ABI refusals, with raw requests (stampwriter abi):
+# - a filter request on a file opened read-only is refused with EBADF (a filter sees and may
+#   change every write: as for BLKDISCARD);
+# - nonzero reserved fields (HOLD_WRITES, COPY_BEGIN) are refused with EINVAL;
+# - a COPY_END prepared under an earlier attachment never commits: region words carry a
+#   per-attach generation (with words that restart at zero, the stale word matched and the
+#   region was marked in sync with nothing copied);
+# - within one attachment, COPY_BEGIN then COPY_END commits.
+# disks: 64M 64M
+# needs: module migrate
+# timeout: 120
+. /tests/lib.sh
+
+load_module
+must migrate attach /dev/vda /dev/vdb
+expect_eq "$(stampwriter abi status-read-only /dev/vda)" EBADF "STATUS on a read-only file"
+expect_eq "$(stampwriter abi hold-reserved /dev/vda)" EINVAL "HOLD_WRITES with reserved != 0"
+expect_eq "$(stampwriter abi copy-reserved /dev/vda)" EINVAL "COPY_BEGIN with reserved != 0"
+expect_mode /dev/vda clone
+expect_eq "$(status_field /dev/vda writes_held)" 0 "writes held after the refused hold"
+
+step "a COPY_END from an earlier attachment does not commit"
+set -- $(stampwriter abi copy-begin /dev/vda 1)
+expect_eq "$1" 0 "COPY_BEGIN result"
+word=$2
+must migrate detach /dev/vda
+must migrate attach /dev/vda /dev/vdb
+expect_eq "$(stampwriter abi copy-end /dev/vda 1 "$word")" 3 "COPY_END with a word of the earlier attachment (3 = conflict)"
+expect_eq "$(status_field /dev/vda regions_synced)" 0 "regions in sync"
+
+step "within one attachment, begin then end commits"
+set -- $(stampwriter abi copy-begin /dev/vda 1)
+expect_eq "$1" 0 "COPY_BEGIN result"
+expect_eq "$(stampwriter abi copy-end /dev/vda 1 "$2")" 0 "COPY_END result (0 = committed)"
+expect_eq "$(status_field /dev/vda regions_synced)" 1 "regions in sync"
+must migrate detach /dev/vda
+unload_module
