@@ -89,6 +89,8 @@ const RETIRE_BYTES: u64 = 256 * PAGE_SIZE as u64;
 /// marker's write and the source's flush (the one I/O a held writer may
 /// wait for beyond the hold timeout).
 const MARKER_BUDGET_MS: i64 = 1000;
+/// The regions of a bio that is not accounted in the map.
+const NO_REGIONS: Regions = Regions { start: 0, end: 0 };
 /// At most this many accounted writes in flight: a region's in-flight
 /// count (20 bits) can then never carry into its epoch.
 const INFLIGHT_MAX: u64 = INFLIGHT_MASK >> 1;
@@ -528,6 +530,26 @@ impl Migration {
         }
     }
 
+    /// Sends clones of `bio` to `legs` from the migration's bio sets (see
+    /// [`bio::send`]).
+    fn send(
+        &self,
+        bio: Bio,
+        kind: Kind,
+        regions: Regions,
+        legs: Legs<'_>,
+    ) -> core::result::Result<(), Bio> {
+        bio::send(
+            self,
+            &self.ctx_set,
+            &self.plain_set,
+            bio,
+            kind,
+            regions,
+            legs,
+        )
+    }
+
     /// Queues `bio` while writes are held. Returns it routed anew if the
     /// hold has ended meanwhile.
     fn hold_bio(&self, bio: Bio) -> Option<Bio> {
@@ -576,16 +598,7 @@ impl Migration {
             source: false,
             target: Some((self.target.bdev(), sector)),
         };
-        let none = Regions { start: 0, end: 0 };
-        match bio::send(
-            self,
-            &self.ctx_set,
-            &self.plain_set,
-            bio,
-            Kind::Redirect,
-            none,
-            legs,
-        ) {
+        match self.send(bio, Kind::Redirect, NO_REGIONS, legs) {
             Ok(()) => None,
             Err(bio) => {
                 bio.end(bindings::BLK_STS_IOERR);
@@ -618,16 +631,7 @@ impl Migration {
             source: true,
             target: None,
         };
-        let none = Regions { start: 0, end: 0 };
-        match bio::send(
-            self,
-            &self.ctx_set,
-            &self.plain_set,
-            bio,
-            Kind::HeadRead,
-            none,
-            legs,
-        ) {
+        match self.send(bio, Kind::HeadRead, NO_REGIONS, legs) {
             Ok(()) => None,
             Err(bio) => {
                 self.head_read_done();
@@ -706,15 +710,7 @@ impl Migration {
             source: true,
             target,
         };
-        match bio::send(
-            self,
-            &self.ctx_set,
-            &self.plain_set,
-            bio,
-            Kind::Write,
-            regions,
-            legs,
-        ) {
+        match self.send(bio, Kind::Write, regions, legs) {
             Ok(()) => None,
             Err(bio) => {
                 // Not sent: stop the migration before the write lands
@@ -813,7 +809,14 @@ impl Migration {
         self.hold_work.schedule(&self.wq, ms);
         // The writes accounted before the hold (and the copier's own)
         // drain; new ones are queued.
-        let drained = self.events.wait_until(ms_until(deadline), || {
+        self.drain_writes(deadline)
+    }
+
+    /// Waits until no accounted write is in flight, at most until
+    /// `deadline_ns`. If the migration fails or the deadline passes first,
+    /// the hold ends (`EIO`, `ETIMEDOUT`).
+    fn drain_writes(&self, deadline_ns: i64) -> Result {
+        let drained = self.events.wait_until(ms_until(deadline_ns), || {
             self.inflight_writes.load(Ordering::SeqCst) == 0 || self.failed()
         });
         if self.failed() {
@@ -976,17 +979,7 @@ impl Migration {
 
         // 1. Every accounted write has drained, every region is synced, and
         //    the source has the size it had at attach.
-        let drained = self.events.wait_until(ms_until(deadline), || {
-            self.inflight_writes.load(Ordering::SeqCst) == 0 || self.failed()
-        });
-        if self.failed() {
-            self.release();
-            return Err(EIO);
-        }
-        if !drained {
-            self.release();
-            return Err(errno(bindings::ETIMEDOUT));
-        }
+        self.drain_writes(deadline)?;
         if self.source().nr_sectors() != self.geometry.sectors() {
             self.fail(Failure::SourceResized, bindings::EINVAL as i32);
             self.release();

@@ -123,17 +123,25 @@ impl Probe {
 }
 
 impl Probe {
-    /// Refuses a zoned block device: zone appends and zone resets write
-    /// without going through the filter's region accounting.
-    pub fn check_not_zoned(&self) -> Result<()> {
+    /// The sysfs directory of the whole disk of a block device (of the
+    /// device itself if it is a whole disk).
+    fn sysfs_disk(&self) -> Option<PathBuf> {
         let DevId::Block { major, minor } = self.id else {
-            return Ok(());
+            return None;
         };
         let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-        let disk = if sys.join("partition").exists() {
+        Some(if sys.join("partition").exists() {
             sys.join("..")
         } else {
             sys
+        })
+    }
+
+    /// Refuses a zoned block device: zone appends and zone resets write
+    /// without going through the filter's region accounting.
+    pub fn check_not_zoned(&self) -> Result<()> {
+        let Some(disk) = self.sysfs_disk() else {
+            return Ok(());
         };
         match std::fs::read_to_string(disk.join("queue/zoned")) {
             Ok(model) if model.trim() != "none" => Err(Error::refused(
@@ -149,14 +157,8 @@ impl Probe {
     /// for them can the kernel wait, at attach, for the writes already in
     /// flight.
     pub fn check_request_based(&self) -> Result<()> {
-        let DevId::Block { major, minor } = self.id else {
+        let Some(disk) = self.sysfs_disk() else {
             return Ok(());
-        };
-        let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
-        let disk = if sys.join("partition").exists() {
-            sys.join("..")
-        } else {
-            sys
         };
         if disk.exists() && !disk.join("mq").exists() {
             return Err(Error::refused(&self.path, Refusal::BioBased));

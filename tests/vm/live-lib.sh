@@ -212,3 +212,31 @@ _synced_at() {
 	_n=$(status_field "$1" regions_synced)
 	[ "${_n:-0}" -ge "$2" ]
 }
+
+# clone_partition_in_sync: vda1 (16 MiB at sector 2048, raw, pattern A written with O_DIRECT)
+# migrated to vdb with --no-switch: CLONE, every region but the two boundary ones in sync
+clone_partition_in_sync() {
+	live_prepare
+	write_mbr /dev/vda 2048 32768
+	[ -b /dev/vda1 ] || fail "/dev/vda1 did not appear"
+	direct_io /dev/vda1 0 A 32768 65536
+	step "migrate start /dev/vda1 /dev/vdb --no-switch"
+	must migrate start /dev/vda1 /dev/vdb --no-switch
+	expect_mode /dev/vda1 clone
+}
+
+# live_check_intact SRC: after a migration that failed: the writer keeps writing to SRC for 2 s
+# and stops cleanly; detach; umount; SRC carries no retire marker, is fsck-clean, and every
+# block of the writer's file holds its last stamp
+live_check_intact() {
+	step "the application keeps writing to the source, untouched by the failure"
+	sleep 2
+	sw_alive
+	sw_stop
+	must migrate detach "$1"
+	expect_no_filter "$1"
+	must umount /mnt/src
+	dd if="$1" bs=4096 count=1 iflag=direct 2>/dev/null | head -c 16 | grep -qa 'BLKMIG-RETIRED' &&
+		fail "the source carries the retire marker after a failed migration"
+	recheck_from_disk "$1" "sw_verify $SW_FILE"
+}

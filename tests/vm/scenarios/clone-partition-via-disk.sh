@@ -9,14 +9,7 @@
 . /tests/lib.sh
 . /tests/live-lib.sh
 
-load_module
-write_mbr /dev/vda 2048 32768
-[ -b /dev/vda1 ] || fail "/dev/vda1 did not appear"
-direct_io /dev/vda1 0 A 32768 65536
-
-step "migrate start /dev/vda1 /dev/vdb --no-switch: every region but the two boundary ones in sync"
-must migrate start /dev/vda1 /dev/vdb --no-switch
-expect_mode /dev/vda1 clone
+clone_partition_in_sync
 synced=$(status_field /dev/vda1 regions_synced)
 [ "${synced:-0}" -ge 14 ] || fail "only ${synced:-?} of 16 regions in sync after --no-switch"
 m0=$(status_field /dev/vda1 writes_mirrored)

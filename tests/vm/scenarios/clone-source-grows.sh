@@ -10,14 +10,7 @@
 . /tests/lib.sh
 . /tests/live-lib.sh
 
-load_module
-write_mbr /dev/vda 2048 32768
-[ -b /dev/vda1 ] || fail "/dev/vda1 did not appear"
-direct_io /dev/vda1 0 A 32768 65536
-
-step "migrate start /dev/vda1 /dev/vdb --no-switch"
-must migrate start /dev/vda1 /dev/vdb --no-switch
-expect_mode /dev/vda1 clone
+clone_partition_in_sync
 
 step "grow vda1 to 32 MiB and write its new tail"
 must resizepart /dev/vda 1 65536
