@@ -289,12 +289,17 @@ impl Migration {
             .then(|| self.copy_bytes as f64 / self.copy_secs)
     }
 
-    /// Zeroes the target's first and last regions.
+    /// Zeroes the target's first and last regions, unless they are in sync:
+    /// a copier that died inside the switch window after committing them
+    /// left them SYNCED, every write to them has been mirrored since, and
+    /// nothing would copy them again.
     pub async fn wipe_boundaries(&self) -> Result<(), MigrateError> {
         let mut rs = vec![0];
         if self.geo.regions() > 1 {
             rs.push(self.geo.regions() - 1);
         }
+        let unsynced = self.unsynced()?;
+        rs.retain(|r| unsynced.contains(r));
         for r in rs {
             let Some((off, len)) = self.geo.region_span(r) else {
                 continue;

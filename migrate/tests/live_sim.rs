@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blkmig::core::abi::{self, Mode};
+use blkmig::core::abi::{self, Mode, RegionOp};
 use blkmig::device::{Access, Device, Probe};
 use blkmig::migration::{head_path, MigrateError, MigrateOptions, Migration};
 use blkmig::progress::Progress;
@@ -315,4 +315,65 @@ async fn a_rate_limited_migration_with_a_hot_region_converges() {
     opts.rate_limit = Some(blkmig::units::Bytes(16 << 20));
     opts.max_pause = Duration::from_millis(50);
     complete(&rig, opts, stop, threads).await;
+}
+
+/// A copier that dies inside the switch window after it committed the
+/// boundary regions (the first and the last, which are copied only in the
+/// window): they stay SYNCED, every later write to them is mirrored, and the
+/// resumed migration must not wipe them on the target, since nothing would
+/// copy them again. (It did: the target's first and last regions were zeros
+/// after the switch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_after_the_boundaries_committed_keeps_them() {
+    let rig = rig(7);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), false);
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The switch window of a copier that dies before SWITCH: writes held,
+    // the boundary regions copied and committed under the protocol.
+    rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
+    let last = rig.sim.geometry().regions() - 1;
+    let mut ops: Vec<RegionOp> = [0, last]
+        .iter()
+        .map(|&region| RegionOp {
+            region,
+            ..RegionOp::default()
+        })
+        .collect();
+    rig.sim
+        .copy_begin(&mut ops)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for op in &ops {
+        assert_eq!(
+            op.result,
+            abi::REGION_OK,
+            "boundary region {} busy",
+            op.region
+        );
+        let (off, len) = rig
+            .sim
+            .geometry()
+            .region_span(op.region)
+            .unwrap_or_else(|| panic!("region {}", op.region));
+        let mut buf = vec![0u8; len as usize];
+        rig.src
+            .read_exact_at(&mut buf, off)
+            .unwrap_or_else(|e| panic!("{e}"));
+        rig.tgt
+            .write_all_at(&buf, off)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    rig.sim.copy_end(&mut ops).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        ops.iter().all(|op| op.result == abi::REGION_OK),
+        "boundary regions did not commit: {ops:?}"
+    );
+    // ...and the copier dies here. The hold times out; a new one resumes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    complete(&rig, options(&rig), stop, threads).await;
 }
