@@ -240,3 +240,33 @@ live_check_intact() {
 		fail "the source carries the retire marker after a failed migration"
 	recheck_from_disk "$1" "sw_verify $SW_FILE"
 }
+
+# freeze_in_switch_window PID SRC: run the copier PID (a `migrate start` on SRC) in ~20 ms
+# slices (SIGCONT, a builtin busy loop, SIGSTOP, `migrate status --json`) until the status of
+# the frozen copier says it holds writes in clone mode: it is then inside its switch window (after
+# HOLD_WRITES, before SWITCH completed), and is left stopped. Sets HIT=yes (found) or no (it
+# switched, failed or exited first), and SLICES. The slices stretch only the copier's own time,
+# not the kernel's deadline.
+freeze_in_switch_window() {
+	HIT=no
+	SLICES=0
+	_t_end=$(($(cs_now) + 30000))
+	while [ "$(cs_now)" -lt $_t_end ]; do
+		_i=0
+		while [ $_i -lt 30 ]; do _i=$((_i + 1)); done
+		kill -STOP "$1" 2>/dev/null || break
+		SLICES=$((SLICES + 1))
+		_st=$(migrate status "$2" --json 2>/dev/null)
+		case "$_st" in
+		*'"holding":true'*'"mode":"clone"'* | *'"mode":"clone"'*'"holding":true'*)
+			HIT=yes
+			return 0
+			;;
+		*'"mode":"clone"'* | '') ;; # cloning, or not attached yet
+		*) break ;;                 # switched or failed: too late
+		esac
+		kill -CONT "$1" 2>/dev/null || break
+	done
+	kill -CONT "$1" 2>/dev/null
+	return 0
+}

@@ -26,27 +26,10 @@ live_begin /dev/vda
 step "migrate start --hold-timeout-ms 1000, run in ~20 ms slices until it is frozen while holding"
 migrate start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms -v >/tmp/mig1.log 2>&1 &
 mig=$!
-hit=no
-slices=0
-t_end=$(($(cs_now) + 30000))
-while [ "$(cs_now)" -lt $t_end ]; do
-	# let it run for a few ms (a builtin loop: no fork), then freeze it and look
-	_i=0
-	while [ $_i -lt 30 ]; do _i=$((_i + 1)); done
-	kill -STOP $mig 2>/dev/null || break
-	slices=$((slices + 1))
-	st=$(migrate status /dev/vda --json 2>/dev/null)
-	case "$st" in
-	*'"holding":true'*'"mode":"clone"'* | *'"mode":"clone"'*'"holding":true'*)
-		kill -9 $mig
-		hit=yes
-		break
-		;;
-	*'"mode":"clone"'* | '') ;; # cloning, or not attached yet
-	*) break ;;                 # switched or failed: too late
-	esac
-	kill -CONT $mig 2>/dev/null || break
-done
+freeze_in_switch_window $mig /dev/vda
+hit=$HIT
+slices=$SLICES
+[ $hit = yes ] && kill -9 $mig
 t_kill=$(cs_now)
 kill -9 $mig 2>/dev/null
 wait $mig

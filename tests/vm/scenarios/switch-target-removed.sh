@@ -19,23 +19,8 @@ live_begin /dev/vda
 step "migrate start --hold-timeout-ms 2000, frozen inside its switch window"
 migrate start /dev/vda /dev/vdb --hold-timeout-ms 2000 --max-pause 200ms >/tmp/mig1.log 2>&1 &
 mig=$!
-hit=no
-t_end=$(($(cs_now) + 30000))
-while [ "$(cs_now)" -lt $t_end ]; do
-	_i=0
-	while [ $_i -lt 30 ]; do _i=$((_i + 1)); done
-	kill -STOP $mig 2>/dev/null || break
-	st=$(migrate status /dev/vda --json 2>/dev/null)
-	case "$st" in
-	*'"holding":true'*'"mode":"clone"'* | *'"mode":"clone"'*'"holding":true'*)
-		hit=yes
-		break
-		;;
-	*'"mode":"clone"'* | '') ;;
-	*) break ;;
-	esac
-	kill -CONT $mig 2>/dev/null || break
-done
+freeze_in_switch_window $mig /dev/vda
+hit=$HIT
 echo "BLKMIG-TARGET-REMOVED-IN-SWITCH hit=$hit"
 [ $hit = yes ] || fail "the copier was never seen frozen inside a switch window"
 
