@@ -252,27 +252,46 @@ impl BioSet {
         page_at: impl Fn(usize) -> (&'a kernel::page::Page, u32),
         io: &SyncIo,
     ) -> Option<PageBio> {
-        let vecs = u16::try_from(n).ok()?;
-        // SAFETY: `dev` is live, the set has bio_vec pools (callers use a
-        // set made with `bvecs`); GFP_NOIO waits for the mempool instead of
+        let bio = self.own_bio(dev, sector, opf, u16::try_from(n).ok()?, io)?;
+        for i in 0..n {
+            let (page, len) = page_at(i);
+            // SAFETY: The bio is ours until submitted, with room for `n`
+            // pages. The pages outlive the I/O: their owner waits for `io`
+            // before it frees them.
+            if unsafe { bindings::bio_add_page(bio.0.as_ptr(), page.as_ptr(), len, 0) }
+                != len as i32
+            {
+                return None;
+            }
+        }
+        Some(bio)
+    }
+
+    /// A bio of the filter's own on `dev` at `sector` (relative to `dev`),
+    /// with room for `vecs` pages, flagged so that no filter takes it, and
+    /// completed by [`sync_end`] into `io`. Allocates with `GFP_NOIO`; the
+    /// set must have bio_vec pools if `vecs` is not 0.
+    fn own_bio(
+        &self,
+        dev: &BlockDevice,
+        sector: u64,
+        opf: u32,
+        vecs: u16,
+        io: &SyncIo,
+    ) -> Option<PageBio> {
+        // SAFETY: `dev` is live, the set initialised (with bio_vec pools
+        // where pages are added); GFP_NOIO waits for the mempool instead of
         // failing or recursing into a filtered device.
         let bio = unsafe {
             bindings::bio_alloc_bioset(dev.as_ptr(), vecs, opf, bindings::GFP_NOIO, self.as_ptr())
         };
         let bio = NonNull::new(bio)?;
         let b = bio.as_ptr();
-        // SAFETY: `b` is ours until submitted. The pages outlive the I/O:
-        // their owner waits for `io` before it frees them.
+        // SAFETY: `b` is ours until submitted; `io` outlives the I/O (its
+        // owner waits for it before it goes).
         unsafe {
             (*b).bi_iter.bi_sector = sector;
             bindings::bio_set_flag(b, bindings::BIO_FILTERED);
-            for i in 0..n {
-                let (page, len) = page_at(i);
-                if bindings::bio_add_page(b, page.as_ptr(), len, 0) != len as i32 {
-                    bindings::bio_put(b);
-                    return None;
-                }
-            }
             (*b).bi_end_io = Some(sync_end);
             (*b).bi_private = ptr::from_ref(io).cast_mut().cast::<c_void>();
         }
@@ -361,31 +380,25 @@ impl SyncIo {
         }
         // SAFETY: Never submitted: ours to put.
         unsafe { bindings::bio_put(b) };
+        self.one_done();
+        true
+    }
+
+    /// One bio is finished (completed or taken back): the last wakes the
+    /// waiters, inside an RCU read-side section (the owner waits for a grace
+    /// period after the count reached 0 before it frees the wait queue).
+    fn one_done(&self) {
         let _rcu = crate::sys::rcu_read_lock();
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             // SAFETY: The wait queue outlives `self` (`new`'s requirement).
             unsafe { (*self.events).wake_all() };
         }
-        true
     }
 
     /// An empty PREFLUSH to `dev`, to hand to [`SyncIo::queue`].
     pub(crate) fn flush_bio(&self, set: &BioSet, dev: &BlockDevice) -> Result<PageBio> {
         let opf = bindings::req_op_REQ_OP_WRITE | bindings::REQ_PREFLUSH | bindings::REQ_SYNC;
-        // SAFETY: `dev` is live and the set initialised; GFP_NOIO waits for
-        // the mempool instead of failing.
-        let bio = unsafe {
-            bindings::bio_alloc_bioset(dev.as_ptr(), 0, opf, bindings::GFP_NOIO, set.as_ptr())
-        };
-        let bio = NonNull::new(bio).ok_or(ENOMEM)?;
-        // SAFETY: Ours until submitted; `self` outlives the I/O (its owner
-        // waits for it).
-        unsafe {
-            bindings::bio_set_flag(bio.as_ptr(), bindings::BIO_FILTERED);
-            (*bio.as_ptr()).bi_end_io = Some(sync_end);
-            (*bio.as_ptr()).bi_private = ptr::from_ref(self).cast_mut().cast::<c_void>();
-        }
-        Ok(PageBio(bio))
+        set.own_bio(dev, 0, opf, 0, self).ok_or(ENOMEM)
     }
 
     /// The result of the I/O that has finished: `Ok` or the errno.
@@ -421,10 +434,7 @@ unsafe extern "C" fn sync_end(bio: *mut bindings::bio) {
             io.status.store(status, Ordering::Release);
         }
         bindings::bio_put(bio);
-        let _rcu = crate::sys::rcu_read_lock();
-        if io.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            (*io.events).wake_all();
-        }
+        io.one_done();
     }
 }
 

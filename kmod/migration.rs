@@ -479,6 +479,12 @@ impl Migration {
         }
     }
 
+    /// Whether the source no longer has the size it had at attach (the map
+    /// covers that size only).
+    fn resized(&self) -> bool {
+        self.source().nr_sectors() != self.geometry.sectors()
+    }
+
     /// Failed, or failing inside the switch.
     fn failing(&self) -> bool {
         let mode = self.mode_raw();
@@ -654,7 +660,7 @@ impl Migration {
         if let Some((start, len)) = self.span(bio) {
             return Some(self.geometry.regions_of(start, len));
         }
-        if self.source().nr_sectors() != self.geometry.sectors() {
+        if self.resized() {
             // Past the end the map covers: the source has grown.
             self.fail(Failure::SourceResized, bindings::EINVAL as i32);
         } else if !bio.is_for(self.source()) {
@@ -980,7 +986,7 @@ impl Migration {
         // 1. Every accounted write has drained, every region is synced, and
         //    the source has the size it had at attach.
         self.drain_writes(deadline)?;
-        if self.source().nr_sectors() != self.geometry.sectors() {
+        if self.resized() {
             self.fail(Failure::SourceResized, bindings::EINVAL as i32);
             self.release();
             return Err(EIO);
