@@ -296,6 +296,27 @@ impl Tracker for Filtered {
         Ok(())
     }
 
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
+            self.ctl_slice(CtlCmd::VerifyBegin, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
+            self.ctl_slice(CtlCmd::VerifyEnd, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
+            self.ctl_slice(CtlCmd::Unsync, chunk)?;
+        }
+        Ok(())
+    }
+
     fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, TrackerError> {
         const HEAD: usize = size_of::<SyncedQuery>();
         let mut out = Vec::with_capacity(count as usize);

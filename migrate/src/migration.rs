@@ -12,6 +12,9 @@
 //! The first and last regions (superblocks, partition tables, labels) are
 //! wiped on the target at the start and copied only inside the switch
 //! window, so a half-copied target is never recognisable as the filesystem.
+//! The target's head (the first `Geometry::head_bytes` of region 0) is never
+//! written here: the module writes it in the switch, after the retire
+//! marker is on the source.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -289,7 +292,9 @@ impl Migration {
             .then(|| self.copy_bytes as f64 / self.copy_secs)
     }
 
-    /// Zeroes the target's first and last regions, unless they are in sync:
+    /// Zeroes the target's head (only the switch writes it, after the
+    /// retire marker, so that both devices are never recognisable at once)
+    /// and the rest of its first and last regions unless they are in sync:
     /// a copier that died inside the switch window after committing them
     /// left them SYNCED, every write to them has been mirrored since, and
     /// nothing would copy them again.
@@ -360,11 +365,17 @@ impl Migration {
                 .pop()
                 .unwrap_or_else(|| AlignedBuf::new(self.align, self.geo.region_bytes() as usize));
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
+            // The target's head is the switch's to write (after the retire
+            // marker): region 0 is copied from the end of the head on.
+            let skip = if r == 0 { self.geo.head_bytes() } else { 0 };
             set.spawn_blocking(move || {
-                let n = len as usize;
-                let res = src
-                    .read_exact_at(&mut buf[..n], off)
-                    .and_then(|()| tgt.write_all_at(&buf[..n], off));
+                let (n, k) = (len as usize, skip as usize);
+                let res = if k >= n {
+                    Ok(())
+                } else {
+                    src.read_exact_at(&mut buf[k..n], off + skip)
+                        .and_then(|()| tgt.write_all_at(&buf[k..n], off + skip))
+                };
                 (i, buf, res)
             });
             bytes += len;
@@ -448,7 +459,7 @@ impl Migration {
     /// `migrate` can restore it from, durably.
     async fn save_head(&self) -> Result<PathBuf, MigrateError> {
         let path = head_path(&self.opts.state_dir, &self.src);
-        let (off, len) = self.geo.region_span(0).unwrap_or((0, 0));
+        let (off, len) = (0, self.geo.head_bytes());
         let (src, align, p) = (self.src.clone(), self.align, path.clone());
         tokio::task::spawn_blocking(move || -> Result<(), MigrateError> {
             let mut buf = AlignedBuf::new(align, len as usize);

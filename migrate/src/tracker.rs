@@ -31,6 +31,13 @@ pub trait Tracker: Send + Sync {
     fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError>;
     /// COPY_END for each op (fills `result`).
     fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError>;
+    /// VERIFY_BEGIN for each op (fills `word` and `result`).
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError>;
+    /// VERIFY_END for each op (fills `result`: `REGION_OK` if the
+    /// comparison holds).
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError>;
+    /// Clears SYNCED on each op's region (it is copied again).
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError>;
     /// SYNCED bits of regions `first..first + count` (one bool each).
     fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, TrackerError>;
     /// Hold new writes and wait until writes in flight have drained. The

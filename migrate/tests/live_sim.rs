@@ -191,6 +191,65 @@ async fn complete(
     check_switched(rig);
 }
 
+/// The target's head is written only by the switch, after the retire
+/// marker: a crash at any instant before leaves a target no tool
+/// recognises, even while the filesystem rewrites its superblock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_targets_head_stays_blank_until_the_switch() {
+    let rig = rig(7);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = writers(&rig, stop.clone(), false);
+    // A "superblock" writer: 4 KiB at offset 0, over and over.
+    let (sim, shadow, stop2) = (rig.sim.clone(), rig.shadow.clone(), stop.clone());
+    threads.push(std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop2.load(Ordering::Relaxed) {
+            let data = pattern(4096, 1000 + n);
+            sim.write(0, &data);
+            shadow.lock().unwrap_or_else(|e| e.into_inner())[..4096].copy_from_slice(&data);
+            n += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        n
+    }));
+    let head = rig.sim.geometry().head_bytes() as usize;
+    // The migration wipes it first; the watcher starts on a blank one.
+    rig.tgt_file
+        .write_all_at(&vec![0u8; head], 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (sim, tgt, done) = (
+        rig.sim.clone(),
+        rig.tgt_file.try_clone().unwrap_or_else(|e| panic!("{e}")),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let done2 = done.clone();
+    let watch = std::thread::spawn(move || {
+        let mut looks = 0u64;
+        let mut buf = vec![0u8; head];
+        while !done2.load(Ordering::Relaxed) {
+            // Read the mode before the head: a blank head read after the
+            // mode said CLONE was read before the switch began.
+            let cloning = sim.mode() == Mode::Clone;
+            tgt.read_exact_at(&mut buf, 0)
+                .unwrap_or_else(|e| panic!("{e}"));
+            if cloning && sim.mode() == Mode::Clone {
+                assert!(
+                    buf.iter().all(|&b| b == 0),
+                    "the target's head was written while cloning"
+                );
+                looks += 1;
+            }
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        looks
+    });
+    complete(&rig, options(&rig), stop, threads).await;
+    done.store(true, Ordering::Relaxed);
+    let looks = watch.join().unwrap_or_else(|_| panic!("watcher panicked"));
+    assert!(looks > 10, "the watcher looked only {looks} times");
+    assert!(rig.sim.head_writes.load(Ordering::Relaxed) > 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrates_under_writes_and_switches() {
     let rig = rig(1);

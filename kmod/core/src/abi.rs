@@ -90,7 +90,7 @@ pub const BLKFILTER_CTL: u32 = ioc(
 );
 
 /// Version of blkmig's own payloads; bumped on any incompatible change.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Smallest and largest region size, as log2 of bytes (4 KiB .. 1 GiB).
 pub const REGION_SHIFT_MIN: u32 = 12;
@@ -143,6 +143,18 @@ pub enum CtlCmd {
     Release = 6,
     /// In/out: [`SyncedQuery`] followed by a bitmap of SYNCED bits.
     SyncedMap = 7,
+    /// In/out: array of [`RegionOp`]. For each SYNCED region with no write
+    /// in flight, `word` is its word now: a comparison of the region on
+    /// both devices made from here on holds if `VerifyEnd` finds it
+    /// unchanged. `REGION_BUSY` or `REGION_NOT_SYNCED` otherwise.
+    VerifyBegin = 8,
+    /// In/out: array of [`RegionOp`] with the words `VerifyBegin` returned:
+    /// `REGION_OK` if no write was submitted to the region since (the
+    /// comparison holds), `REGION_CONFLICT` if one was (compare again).
+    VerifyEnd = 9,
+    /// In/out: array of [`RegionOp`]: clear SYNCED (a region whose copy
+    /// failed verification is copied again). `word` is ignored.
+    Unsync = 10,
 }
 
 impl CtlCmd {
@@ -156,6 +168,9 @@ impl CtlCmd {
             5 => Self::Switch,
             6 => Self::Release,
             7 => Self::SyncedMap,
+            8 => Self::VerifyBegin,
+            9 => Self::VerifyEnd,
+            10 => Self::Unsync,
             _ => return None,
         })
     }
@@ -278,6 +293,15 @@ pub struct Status {
     pub target_major: u32,
     /// Target device number.
     pub target_minor: u32,
+    /// This attachment's random identity: it is written into the retire
+    /// marker, so that the saved head of a source is matched to its marker.
+    pub migration_id: u64,
+    /// Write holds so far (switch attempts that held writes).
+    pub holds: u64,
+    /// Longest time one write waited in a hold, in nanoseconds, failed
+    /// attempts included (0 if none was held). Measured by the module: the
+    /// figure does not depend on the copier's clock or scheduling.
+    pub hold_longest_ns: u64,
 }
 
 /// `RegionOp::result`: done.
@@ -292,6 +316,8 @@ pub const REGION_CONFLICT: u32 = 3;
 pub const REGION_RANGE: u32 = 4;
 /// `RegionOp::result`: the migration is not in CLONE mode.
 pub const REGION_NOT_CLONING: u32 = 5;
+/// `RegionOp::result`: the region is not synced (`VerifyBegin`): copy it.
+pub const REGION_NOT_SYNCED: u32 = 6;
 
 /// One element of the arrays of [`CtlCmd::CopyBegin`] and [`CtlCmd::CopyEnd`].
 #[repr(C)]
@@ -331,7 +357,16 @@ pub struct SyncedQuery {
     pub count: u64,
 }
 
-/// The retire marker written over the source's first sector at the switch.
+/// Most bytes of the source's head the retire marker overwrites (the
+/// source's *head*): every filesystem and volume signature blkid probes at
+/// the start of a device lies within it. The head is the first
+/// `min(RETIRE_BYTES, size of region 0)` bytes
+/// ([`crate::region::Geometry::head_bytes`]). The copier never writes the
+/// target's head and the module never mirrors to it: the switch writes it,
+/// after the marker, so that the two devices are never both recognisable.
+pub const RETIRE_BYTES: u64 = 1 << 20;
+
+/// The retire marker written over the source's head at the switch.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetireMarker {
@@ -349,6 +384,10 @@ pub struct RetireMarker {
     pub switched_at: u64,
     /// Size of the target in sectors.
     pub target_sectors: u64,
+    /// [`Status::migration_id`] of the attachment that switched.
+    pub migration_id: u64,
+    /// Bytes of the head the marker replaced (saved by `migrate`).
+    pub head_bytes: u64,
 }
 
 /// First bytes of a retired source.
@@ -366,13 +405,15 @@ assert_layout!(BlkfilterDetach, 32, name @ 0);
 assert_layout!(BlkfilterCtl, 48, name @ 0, cmd @ 32, optlen @ 36, opt @ 40);
 assert_layout!(AttachOptions, 24, version @ 0, region_shift @ 4, target_major @ 8,
     target_minor @ 12, hold_timeout_ms @ 16, flags @ 20);
-assert_layout!(Status, 112, version @ 0, mode @ 4, region_shift @ 8, flags @ 12,
+assert_layout!(Status, 136, version @ 0, mode @ 4, region_shift @ 8, flags @ 12,
     source_sectors @ 16, target_sectors @ 24, regions_total @ 32, regions_synced @ 40,
     copy_conflicts @ 48, copy_busy @ 56, writes_seen @ 64, writes_mirrored @ 72,
     writes_held @ 80, bios_redirected @ 88, failure @ 96, failure_errno @ 100,
-    target_major @ 104, target_minor @ 108);
+    target_major @ 104, target_minor @ 108, migration_id @ 112, holds @ 120,
+    hold_longest_ns @ 128);
 assert_layout!(RegionOp, 24, region @ 0, word @ 8, result @ 16, reserved @ 20);
 assert_layout!(HoldRequest, 8, timeout_ms @ 0, reserved @ 4);
 assert_layout!(SyncedQuery, 16, first @ 0, count @ 8);
-assert_layout!(RetireMarker, 48, magic @ 0, version @ 16, target_major @ 20,
-    target_minor @ 24, reserved @ 28, switched_at @ 32, target_sectors @ 40);
+assert_layout!(RetireMarker, 64, magic @ 0, version @ 16, target_major @ 20,
+    target_minor @ 24, reserved @ 28, switched_at @ 32, target_sectors @ 40,
+    migration_id @ 48, head_bytes @ 56);

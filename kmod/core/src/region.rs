@@ -143,6 +143,27 @@ impl Geometry {
         Some((start, end - start))
     }
 
+    /// Bytes of the device's head (see [`crate::abi::RETIRE_BYTES`]): the
+    /// retire marker's span on the source, and the bytes of the target
+    /// only the switch writes. Always within region 0.
+    pub const fn head_bytes(&self) -> u64 {
+        let first = if self.bytes() < self.region_bytes() {
+            self.bytes()
+        } else {
+            self.region_bytes()
+        };
+        if first < crate::abi::RETIRE_BYTES {
+            first
+        } else {
+            crate::abi::RETIRE_BYTES
+        }
+    }
+
+    /// Whether `nr_sectors` sectors at `sector` touch the head.
+    pub const fn touches_head(&self, sector: u64, nr_sectors: u64) -> bool {
+        nr_sectors != 0 && sector < (self.head_bytes() >> SECTOR_SHIFT)
+    }
+
     /// Regions touched by `nr_sectors` sectors starting at `sector`, clamped
     /// to the device. An empty or out-of-device range touches no region.
     pub const fn regions_of(&self, sector: u64, nr_sectors: u64) -> Regions {
@@ -169,6 +190,17 @@ pub enum Begin {
     Busy,
     /// Already in sync; nothing to copy.
     Synced,
+}
+
+/// Outcome of [`RegionMap::verify_begin`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Compare now; check with this word.
+    Compare(u64),
+    /// A write is in flight: try later.
+    Busy,
+    /// Not in sync: it needs a copy, not a comparison.
+    NotSynced,
 }
 
 /// Outcome of [`RegionMap::copy_end`].
@@ -277,6 +309,28 @@ impl<'a> RegionMap<'a> {
         )
     }
 
+    /// The copier wants to compare region `r` on both devices: a SYNCED
+    /// region with no write in flight gives its word, which
+    /// [`RegionMap::verify_end`] checks.
+    pub fn verify_begin(&self, r: u64) -> Option<Verify> {
+        let word = self.word(r)?.load(Ordering::Acquire);
+        Some(if !is_synced(word) {
+            Verify::NotSynced
+        } else if inflight(word) != 0 {
+            Verify::Busy
+        } else {
+            Verify::Compare(word)
+        })
+    }
+
+    /// Whether a comparison of region `r` that started with `begin` holds:
+    /// no write was submitted to the region since (every submission
+    /// advances the epoch) and it is still SYNCED.
+    pub fn verify_end(&self, r: u64, begin: u64) -> Option<bool> {
+        let w = self.word(r)?;
+        Some(is_synced(begin) && inflight(begin) == 0 && w.load(Ordering::Acquire) == begin)
+    }
+
     /// Region `r` no longer tracks the source (a discard the target could
     /// not do): it must be copied again.
     pub fn unsync(&self, r: u64) {
@@ -334,6 +388,47 @@ mod tests {
         assert_eq!(Geometry::new(100, 11), Err(GeometryError::RegionSize));
         assert_eq!(Geometry::new(100, 31), Err(GeometryError::RegionSize));
         assert_eq!(Geometry::new(0, 20), Err(GeometryError::Empty));
+    }
+
+    #[test]
+    fn head_is_within_region_zero() {
+        let g = |sectors, shift| Geometry::new(sectors, shift).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(g(1 << 21, 22).head_bytes(), crate::abi::RETIRE_BYTES);
+        assert_eq!(g(1 << 21, 12).head_bytes(), 4096);
+        // A device smaller than the head and than a region.
+        assert_eq!(g(16, 20).head_bytes(), 8192);
+        let g = g(1 << 21, 20);
+        assert!(g.touches_head(2047, 1));
+        assert!(!g.touches_head(2048, 8));
+        assert!(!g.touches_head(0, 0));
+    }
+
+    #[test]
+    fn a_comparison_holds_only_without_a_write_since_it_began() {
+        let words = [AtomicU64::new(0)];
+        let m = RegionMap::new(&words);
+        let r = Regions { start: 0, end: 1 };
+        assert_eq!(m.verify_begin(0), Some(Verify::NotSynced));
+        let Some(Begin::Copy(w)) = m.copy_begin(0) else {
+            panic!("region should be copyable");
+        };
+        assert_eq!(m.copy_end(0, w), Some(End::Committed));
+        let Some(Verify::Compare(v)) = m.verify_begin(0) else {
+            panic!("a synced region should be comparable");
+        };
+        assert_eq!(m.verify_end(0, v), Some(true));
+        // A write submitted (and completed) during the comparison voids it.
+        assert!(m.write_submit(r));
+        assert_eq!(m.verify_begin(0), Some(Verify::Busy));
+        m.write_complete(r);
+        assert_eq!(m.verify_end(0, v), Some(false));
+        // A region unsynced during the comparison voids it too.
+        let Some(Verify::Compare(v)) = m.verify_begin(0) else {
+            panic!("a synced region should be comparable");
+        };
+        m.unsync(0);
+        assert_eq!(m.verify_end(0, v), Some(false));
+        assert_eq!(m.verify_end(1, v), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use blkmig::core::abi::{self, Mode, RegionOp, Status};
-use blkmig::core::region::{Begin, End, Geometry, RegionMap};
+use blkmig::core::region::{Begin, End, Geometry, RegionMap, Verify};
 use blkmig::tracker::{Tracker, TrackerError};
 
 struct State {
@@ -39,7 +39,14 @@ pub struct SimFilter {
     pub head_at_switch: Mutex<Option<Vec<u8>>>,
     /// Longest time a write waited on the hold.
     pub longest_hold_wait: Mutex<Duration>,
+    /// Holds so far.
+    holds: AtomicU64,
+    /// Writes that touched the head and were not mirrored.
+    pub head_writes: AtomicU64,
 }
+
+/// The simulation's attachment identity (the module's is random).
+pub const SIM_MIGRATION_ID: u64 = 0x5eed_0000_0000_0001;
 
 fn err(what: &str, errno: i32) -> TrackerError {
     TrackerError {
@@ -85,6 +92,8 @@ impl SimFilter {
             mirrored: AtomicU64::new(0),
             head_at_switch: Mutex::new(None),
             longest_hold_wait: Mutex::new(Duration::ZERO),
+            holds: AtomicU64::new(0),
+            head_writes: AtomicU64::new(0),
         })
     }
 
@@ -142,7 +151,17 @@ impl SimFilter {
         let regions = self
             .geo
             .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
-        let mirror = self.map().write_submit(regions) && st.mode == Mode::Clone;
+        let mut mirror = self.map().write_submit(regions) && st.mode == Mode::Clone;
+        if self
+            .geo
+            .touches_head(off >> 9, (data.len() as u64).div_ceil(512))
+        {
+            // As the module: the target's head is the switch's alone; the
+            // regions are copied again instead.
+            (regions.start..regions.end).for_each(|r| self.map().unsync(r));
+            self.head_writes.fetch_add(1, Ordering::Relaxed);
+            mirror = false;
+        }
         st.inflight += 1;
         drop(st);
         self.src
@@ -177,6 +196,13 @@ impl Tracker for SimFilter {
             copy_busy: self.busy.load(Ordering::Relaxed),
             writes_mirrored: self.mirrored.load(Ordering::Relaxed),
             writes_held: st.writes_held,
+            migration_id: SIM_MIGRATION_ID,
+            holds: self.holds.load(Ordering::Relaxed),
+            hold_longest_ns: self
+                .longest_hold_wait
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_nanos() as u64,
             ..Status::default()
         })
     }
@@ -215,6 +241,43 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        let cloning = self.lock().mode == Mode::Clone;
+        for o in ops {
+            (o.word, o.result) = match self.map().verify_begin(o.region) {
+                _ if !cloning => (0, abi::REGION_NOT_CLONING),
+                Some(Verify::Compare(w)) => (w, abi::REGION_OK),
+                Some(Verify::Busy) => (0, abi::REGION_BUSY),
+                Some(Verify::NotSynced) => (0, abi::REGION_NOT_SYNCED),
+                None => (0, abi::REGION_RANGE),
+            };
+        }
+        Ok(())
+    }
+
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for o in ops {
+            o.result = match self.map().verify_end(o.region, o.word) {
+                Some(true) => abi::REGION_OK,
+                Some(false) => abi::REGION_CONFLICT,
+                None => abi::REGION_RANGE,
+            };
+        }
+        Ok(())
+    }
+
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+        for o in ops {
+            o.result = if o.region < self.geo.regions() {
+                self.map().unsync(o.region);
+                abi::REGION_OK
+            } else {
+                abi::REGION_RANGE
+            };
+        }
+        Ok(())
+    }
+
     fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, TrackerError> {
         Ok((first..(first + count).min(self.geo.regions()))
             .map(|r| blkmig::core::region::is_synced(self.map().load(r)))
@@ -230,6 +293,7 @@ impl Tracker for SimFilter {
         }
         st.holding = true;
         st.hold_gen += 1;
+        self.holds.fetch_add(1, Ordering::Relaxed);
         let gen = st.hold_gen;
         // The kernel's timer: release and cancel if the switch does not come.
         let shared = self.shared.clone();
@@ -269,8 +333,9 @@ impl Tracker for SimFilter {
         if !self.map().all_synced() {
             return Err(err("regions are not synced", libc::EAGAIN));
         }
-        // Retire the source: marker + zeros over its first region.
-        let (_, len) = self.geo.region_span(0).unwrap_or((0, 0));
+        // Retire the source: marker + zeros over its head; then the
+        // target's head, which nothing wrote before.
+        let len = self.geo.head_bytes();
         let mut head = vec![0u8; len as usize];
         self.src
             .read_exact_at(&mut head, 0)
@@ -278,11 +343,16 @@ impl Tracker for SimFilter {
         *self
             .head_at_switch
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(head);
+            .unwrap_or_else(|e| e.into_inner()) = Some(head.clone());
         let mut marker = vec![0u8; len as usize];
         marker[..16].copy_from_slice(&abi::RETIRE_MAGIC);
+        marker[48..56].copy_from_slice(&SIM_MIGRATION_ID.to_ne_bytes());
+        marker[56..64].copy_from_slice(&len.to_ne_bytes());
         self.src
             .write_all_at(&marker, 0)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.tgt
+            .write_all_at(&head, 0)
             .unwrap_or_else(|e| panic!("{e}"));
         st.mode = Mode::Redirect;
         st.holding = false;
