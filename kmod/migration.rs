@@ -4,8 +4,10 @@
 //! CLONE: reads pass to the source (reads of the first region are tracked
 //! for the switch); every write is accounted in the region map (epoch and
 //! in-flight count of each region it touches) and sent to the source as a
-//! clone; a write touching a SYNCED region is also mirrored to the target.
-//! The original completes when all its clones have, with the source's
+//! clone; a write touching a SYNCED region is also mirrored to the target,
+//! unless it touches the head (the first `Geometry::head_bytes`): the
+//! target's head is written only by the switch, so its regions are unsynced
+//! and copied again instead. The original completes when all its clones have, with the source's
 //! status. The copier drives COPY_BEGIN/COPY_END.
 //!
 //! Hold: HOLD_WRITES queues every new write (but the copier's own) in the
@@ -17,9 +19,11 @@
 //! synced, the mode becomes SWITCHING (every write queued, reads to the
 //! target), the last in-flight I/O drains, the checks are made again, the
 //! target is flushed, the source's head is read and saved, the retire
-//! marker is written over it, and the mode becomes REDIRECT, where every
-//! bio goes to the target. Every wait is bounded by the hold's deadline
-//! (the marker write by a fixed budget past it).
+//! marker is written over it (FUA, then a flush of the source), the saved
+//! head is written to the target (FUA), and the mode becomes REDIRECT, where
+//! every bio goes to the target. At no instant do both devices hold the
+//! head. Every wait is bounded by the hold's deadline (the marker and head
+//! writes by a fixed budget past it).
 
 use core::{
     mem::{offset_of, size_of},
@@ -46,7 +50,7 @@ use crate::{
     bdev::{BlockDevice, DevT, OpenDevice},
     bio::{self, Bio, BioList, BioSet, Kind, Legs, Op, PageBio, SyncIo},
     filter::{Filter, Holder},
-    region::{Begin, End, Geometry, RegionMap, Regions, INFLIGHT_MASK, SYNCED},
+    region::{Begin, End, Geometry, RegionMap, Regions, Verify, INFLIGHT_MASK, SYNCED},
     sync::{AtomicU64, Ordering},
     sys,
     wait::{DelayedWork, WaitQueue, WorkQueue},
@@ -81,10 +85,9 @@ const fn in_switch(mode: u32) -> bool {
 }
 /// Bios reserved in each bio set (forward progress under memory pressure).
 const POOL: u32 = 64;
-/// Most bytes of the source's head the retire marker overwrites: one bio
-/// of `BIO_MAX_VECS` pages. Every filesystem and volume signature blkid
-/// probes at the start of a device lies within it.
-const RETIRE_BYTES: u64 = 256 * PAGE_SIZE as u64;
+// The head (`abi::RETIRE_BYTES` at most) is read and written by one bio of
+// at most `BIO_MAX_VECS` pages.
+const _: () = assert!(abi::RETIRE_BYTES <= 256 * PAGE_SIZE as u64);
 /// How long past the hold's deadline the switch waits for the retire
 /// marker's write and the source's flush (the one I/O a held writer may
 /// wait for beyond the hold timeout).
@@ -194,6 +197,8 @@ struct Counters {
 struct Hold {
     deadline_ns: i64,
     held: BioList,
+    /// When the first bio of `held` was queued (0 if none is).
+    first_held_ns: i64,
 }
 
 /// One attached migration.
@@ -245,10 +250,16 @@ pub(crate) struct Migration {
     /// Bios the filter took and has not finished.
     owned: AtomicU64,
     stats: Counters,
+    /// This attachment's identity, written into the retire marker.
+    migration_id: u64,
+    /// Holds so far.
+    holds: AtomicU64,
+    /// Longest time one bio waited in a hold, in nanoseconds.
+    hold_longest_ns: AtomicU64,
     retire_failed: AtomicBool,
     marker_page: Page,
     zero_page: Page,
-    /// The source's first `RETIRE_BYTES`, read inside the switch before the
+    /// The source's first head (`Geometry::head_bytes`), read inside the switch before the
     /// marker overwrites them (written back if the marker write fails).
     head_pages: KVec<Page>,
     /// Woken when a count the switch or detach waits for drops to zero.
@@ -369,6 +380,9 @@ impl Migration {
             failure_errno: self.failure_errno.load(Ordering::Relaxed),
             target_major: dev.major(),
             target_minor: dev.minor(),
+            migration_id: self.migration_id,
+            holds: self.holds.load(Ordering::Relaxed),
+            hold_longest_ns: self.hold_longest_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -536,6 +550,12 @@ impl Migration {
         }
     }
 
+    /// Whether the write `bio` (within the source) reaches the head.
+    fn writes_head(&self, bio: &Bio) -> bool {
+        self.span(bio)
+            .is_some_and(|(start, len)| self.geometry.touches_head(start, len))
+    }
+
     /// Sends clones of `bio` to `legs` from the migration's bio sets (see
     /// [`bio::send`]).
     fn send(
@@ -566,8 +586,22 @@ impl Migration {
         }
         self.owned.fetch_add(1, Ordering::SeqCst);
         self.held_count.fetch_add(1, Ordering::Relaxed);
+        if h.first_held_ns == 0 {
+            h.first_held_ns = now_ns();
+        }
         h.held.push(bio);
         None
+    }
+
+    /// Takes the held bios out of `h`, and records how long the first of
+    /// them (the one that waited longest) was held.
+    fn take_held(&self, h: &mut Hold) -> BioList {
+        if h.first_held_ns != 0 {
+            let waited = u64::try_from(now_ns() - h.first_held_ns).unwrap_or(0);
+            self.hold_longest_ns.fetch_max(waited, Ordering::Relaxed);
+            h.first_held_ns = 0;
+        }
+        h.held.take()
     }
 
     /// Sends `bio` to the target only.
@@ -701,7 +735,17 @@ impl Migration {
             self.write_unaccount();
             return Some(bio);
         };
-        let mirror = self.map().write_submit(regions);
+        let mut mirror = self.map().write_submit(regions);
+        if mirror && self.writes_head(&bio) {
+            // The target's head is the switch's to write, after the retire
+            // marker: until then the target must not look like the
+            // filesystem. The regions are copied again instead (the write
+            // counts as in flight, so no copier commits in between).
+            for r in regions.start..regions.end {
+                self.map().unsync(r);
+            }
+            mirror = false;
+        }
         self.stats.writes_seen.fetch_add(1, Ordering::Relaxed);
         self.owned.fetch_add(1, Ordering::SeqCst);
         let target = if mirror {
@@ -738,7 +782,7 @@ impl Migration {
         let held = {
             let mut h = self.hold.lock();
             self.holding.store(false, Ordering::SeqCst);
-            h.held.take()
+            self.take_held(&mut h)
         };
         self.dispatch(held);
     }
@@ -781,7 +825,7 @@ impl Migration {
                 pr_warn!("write hold timed out: writes released, switch cancelled\n");
             }
             self.holding.store(false, Ordering::SeqCst);
-            h.held.take()
+            self.take_held(&mut h)
         };
         self.dispatch(held);
     }
@@ -811,6 +855,7 @@ impl Migration {
             self.hold_owner.store(current_tgid(), Ordering::SeqCst);
             h.deadline_ns = deadline;
             self.holding.store(true, Ordering::SeqCst);
+            self.holds.fetch_add(1, Ordering::Relaxed);
         }
         self.hold_work.schedule(&self.wq, ms);
         // The writes accounted before the hold (and the copier's own)
@@ -899,10 +944,16 @@ impl Migration {
         }
     }
 
-    /// A bio over the source's first `RETIRE_BYTES` (its head): a read
+    /// A bio over the source's first head (`Geometry::head_bytes`) (its head): a read
     /// into `head_pages`, or a write of them, or of the retire marker (the
     /// marker page, then zeros).
     fn head_bio(&self, write: bool, marker: bool) -> Result<PageBio> {
+        self.head_bio_on(self.source(), write, marker)
+    }
+
+    /// [`Self::head_bio`] on `bdev` (the source, or the target for the
+    /// write of its head).
+    fn head_bio_on(&self, bdev: &BlockDevice, write: bool, marker: bool) -> Result<PageBio> {
         let len = self.retire_len();
         let page_at = |i: usize| {
             let l = (len - (i as u64) * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as u32;
@@ -920,7 +971,7 @@ impl Migration {
         };
         self.io_set
             .page_bio(
-                self.source(),
+                bdev,
                 0,
                 opf,
                 self.head_pages.len(),
@@ -932,8 +983,7 @@ impl Migration {
 
     /// Bytes of the source's head the marker overwrites.
     fn retire_len(&self) -> u64 {
-        let (_, first) = self.geometry.region_span(0).unwrap_or((0, 0));
-        first.min(RETIRE_BYTES)
+        self.geometry.head_bytes()
     }
 
     /// Fills the marker page: magic, the target's identity and size, now.
@@ -947,6 +997,8 @@ impl Migration {
             reserved: 0,
             switched_at: sys::wall_clock_seconds(),
             target_sectors: target.nr_sectors(),
+            migration_id: self.migration_id,
+            head_bytes: self.retire_len(),
         };
         // SAFETY: `marker` is valid for its size, which fits in the page;
         // the page is in no bio now (the switch's I/O is idle).
@@ -1090,9 +1142,28 @@ impl Migration {
         let budget = deadline + MARKER_BUDGET_MS * 1_000_000;
         self.retire_source(budget)?;
 
-        // 5. REDIRECT, unless the migration failed meanwhile (the target
-        //    went away): then the source's head goes back first, while the
-        //    writes are still held.
+        // 5. Only now the target gets its head: at no instant do both
+        //    devices hold it. A write that fails or does not finish in
+        //    time fails the migration; the source's head goes back below.
+        match self.sync_run(
+            self.head_bio_on(self.target.bdev(), true, false),
+            budget,
+        ) {
+            IoEnd::Done(Ok(())) => {}
+            end => {
+                let e = match end {
+                    IoEnd::Done(Err(e)) | IoEnd::NotStarted(e) => e.to_errno().abs(),
+                    _ => bindings::ETIMEDOUT as i32,
+                };
+                pr_err!("could not write the target's head ({}); the source's head goes back\n", e);
+                self.fail(Failure::TargetWrite, e);
+            }
+        }
+
+        // 6. REDIRECT, unless the migration failed meanwhile (the target
+        //    went away, or its head could not be written): then the
+        //    source's head goes back first, while the writes are still
+        //    held.
         let switched = {
             let _h = self.hold.lock();
             self.mode
@@ -1209,6 +1280,29 @@ impl Migration {
             }
             op.result = if !cloning {
                 abi::REGION_NOT_CLONING
+            } else if cmd == CtlCmd::VerifyBegin {
+                match self.map().verify_begin(op.region) {
+                    Some(Verify::Compare(word)) => {
+                        op.word = word;
+                        abi::REGION_OK
+                    }
+                    Some(Verify::Busy) => abi::REGION_BUSY,
+                    Some(Verify::NotSynced) => abi::REGION_NOT_SYNCED,
+                    None => abi::REGION_RANGE,
+                }
+            } else if cmd == CtlCmd::VerifyEnd {
+                match self.map().verify_end(op.region, op.word) {
+                    Some(true) => abi::REGION_OK,
+                    Some(false) => abi::REGION_CONFLICT,
+                    None => abi::REGION_RANGE,
+                }
+            } else if cmd == CtlCmd::Unsync {
+                if op.region < self.geometry.regions() {
+                    self.map().unsync(op.region);
+                    abi::REGION_OK
+                } else {
+                    abi::REGION_RANGE
+                }
             } else if cmd == CtlCmd::CopyBegin {
                 match self.map().copy_begin(op.region) {
                     Some(Begin::Copy(word)) => {
@@ -1360,8 +1454,7 @@ impl Filter for Migration {
         let zeroed = flags::GFP_KERNEL | flags::__GFP_ZERO;
         let marker_page = Page::alloc_page(zeroed)?;
         let zero_page = Page::alloc_page(zeroed)?;
-        let (_, first) = geometry.region_span(0).ok_or(EINVAL)?;
-        let npages = first.min(RETIRE_BYTES).div_ceil(PAGE_SIZE as u64) as usize;
+        let npages = geometry.head_bytes().div_ceil(PAGE_SIZE as u64) as usize;
         let mut head_pages = KVec::with_capacity(npages, flags::GFP_KERNEL)?;
         for _ in 0..npages {
             head_pages.push(Page::alloc_page(zeroed)?, flags::GFP_KERNEL)?;
@@ -1384,13 +1477,19 @@ impl Filter for Migration {
                 edge_warned: AtomicBool::new(false),
                 holding: AtomicBool::new(false),
                 hold_owner: AtomicI32::new(0),
-                hold <- new_spinlock!(Hold { deadline_ns: 0, held: BioList::new() }, "blkmig_hold"),
+                hold <- new_spinlock!(
+                    Hold { deadline_ns: 0, held: BioList::new(), first_held_ns: 0 },
+                    "blkmig_hold"
+                ),
                 ctl_busy: AtomicBool::new(false),
                 inflight_writes: AtomicU64::new(0),
                 held_count: AtomicU64::new(0),
                 head_reads: AtomicU64::new(0),
                 owned: AtomicU64::new(0),
                 stats: Counters::default(),
+                migration_id: sys::random_u64(),
+                holds: AtomicU64::new(0),
+                hold_longest_ns: AtomicU64::new(0),
                 retire_failed: AtomicBool::new(false),
                 marker_page,
                 zero_page,
@@ -1447,7 +1546,13 @@ impl Filter for Migration {
                 *len = size_of::<Status>() as u32;
                 Ok(())
             }
-            Some(c @ (CtlCmd::CopyBegin | CtlCmd::CopyEnd)) => self.copy(c, buf, len),
+            Some(
+                c @ (CtlCmd::CopyBegin
+                | CtlCmd::CopyEnd
+                | CtlCmd::VerifyBegin
+                | CtlCmd::VerifyEnd
+                | CtlCmd::Unsync),
+            ) => self.copy(c, buf, len),
             Some(CtlCmd::SyncedMap) => self.synced_map(buf, len),
             Some(CtlCmd::HoldWrites) => {
                 let _busy = self.ctl_claim()?;
