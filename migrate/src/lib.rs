@@ -8,6 +8,7 @@ pub mod error;
 pub mod filter;
 pub mod migration;
 pub mod progress;
+pub mod recover;
 pub mod tracker;
 pub mod units;
 

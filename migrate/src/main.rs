@@ -52,13 +52,38 @@ enum Cmd {
         /// The filtered source device.
         source: PathBuf,
     },
-    /// Show the state of the migration of SOURCE.
+    /// Show the state of the migration of SOURCE. With no filter attached
+    /// (after a reboot), say what the disks hold: a retired source and its
+    /// saved head, an interrupted switch, or a source that is authoritative.
     Status {
-        /// The filtered source device.
+        /// The source device.
         source: PathBuf,
+        /// The target, to tell a completed switch from an interrupted one
+        /// when no filter is attached.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Where `migrate start` saved the source's head.
+        #[arg(long, default_value = "/var/lib/blkmig")]
+        state_dir: PathBuf,
         /// One JSON object on stdout, for automation.
         #[arg(long)]
         json: bool,
+    },
+    /// After a crash inside the switch (the source retired, the target's
+    /// head not yet written; neither device mountable): write the saved
+    /// head to TARGET, which then holds the filesystem, or with --rollback
+    /// back to SOURCE. Changes nothing in any other state.
+    Recover {
+        /// The retired source.
+        source: PathBuf,
+        /// The migration's target.
+        target: PathBuf,
+        /// Put the source back instead of finishing on the target.
+        #[arg(long)]
+        rollback: bool,
+        /// Where `migrate start` saved the source's head.
+        #[arg(long, default_value = "/var/lib/blkmig")]
+        state_dir: PathBuf,
     },
 }
 
@@ -371,7 +396,25 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
             }
             tp
         }
-        Err(e) if e.errno == libc::ENOENT => attach(&a.attach)?,
+        Err(e) if e.errno == libc::ENOENT => {
+            let tp = attach(&a.attach)?;
+            let st = f.status()?;
+            let sp = Probe::new(&a.attach.source)?;
+            let rec = blkmig::recover::MigrationRecord {
+                migration_id: st.migration_id,
+                source: a.attach.source.clone(),
+                target: a.attach.target.clone(),
+                target_dev: format!("{}:{}", st.target_major, st.target_minor),
+                region_bytes: 1 << st.region_shift,
+                started_at: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            if let Err(e) = blkmig::recover::record_start(&a.state_dir, sp.id, &rec) {
+                tracing::warn!(error = %e, dir = %a.state_dir.display(), "cannot record the migration in the state directory");
+            }
+            tp
+        }
         Err(e) => return Err(e.into()),
     };
     let direct = |write| Access {
@@ -405,6 +448,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         Ok(s) => s,
         Err(MigrateError::Interrupted) => {
             Filtered::open(&a.attach.source)?.detach()?;
+            blkmig::recover::record_abandoned(&a.state_dir, sp.id);
             anyhow::bail!(
                 "interrupted: the migration was abandoned, blkmig detached; {} is untouched and in use as before",
                 a.attach.source.display()
@@ -502,8 +546,99 @@ fn status_json(st: &Status) -> serde_json::Value {
     })
 }
 
-fn cmd_status(source: &Path, json: bool) -> Result<()> {
-    let st = Filtered::open(source)?.status()?;
+/// `migrate status` with no filter attached: what the disks hold.
+fn status_offline(
+    source: &Path,
+    target: Option<&Path>,
+    state_dir: &Path,
+    json: bool,
+) -> Result<()> {
+    use blkmig::recover::Finding;
+    let finding = blkmig::recover::inspect(source, target, state_dir)?;
+    if json {
+        let mut j = serde_json::to_value(&finding)?;
+        j["mode"] = "detached".into();
+        println!("{j}");
+        return Ok(());
+    }
+    let src = source.display();
+    let saved = |p: &Option<PathBuf>| match p {
+        Some(p) => format!("its head is saved in {}", p.display()),
+        None => format!("its saved head is not in {}", state_dir.display()),
+    };
+    println!("source:  {src} (blkmig not attached)");
+    match &finding {
+        Finding::SourceAuthoritative { started: None } => {
+            println!("state:   {src} holds the filesystem; no migration of it is recorded");
+        }
+        Finding::SourceAuthoritative { started: Some(r) } => {
+            println!(
+                "state:   {src} holds the filesystem. A migration to {} (device {}) started and did not switch:
+         the target is half-copied and no tool recognises it. Run `migrate start {src} {}` to start again
+         (regions already on the target are compared, not copied), or reuse the target.",
+                r.target.display(),
+                r.target_dev,
+                r.target.display()
+            );
+        }
+        Finding::Retired { marker, saved_head } => {
+            println!(
+                "state:   {src} is retired: it switched to device {} ({} bytes) at {} (migration {:016x}); {}.
+         Name the target (--target) to check that it holds the filesystem.",
+                marker.target_dev,
+                marker.target_bytes,
+                marker.switched_at,
+                marker.migration_id,
+                saved(saved_head)
+            );
+        }
+        Finding::TargetAuthoritative { marker, saved_head } => {
+            println!(
+                "state:   the switch completed: {} holds the filesystem; {src} is retired (migration {:016x}; {}).",
+                target.unwrap_or(Path::new("?")).display(),
+                marker.migration_id,
+                saved(saved_head)
+            );
+        }
+        Finding::InterruptedSwitch { marker, saved_head } => {
+            let tgt = target.unwrap_or(Path::new("?")).display();
+            println!(
+                "state:   the switch was interrupted: {src} is retired and the head of {tgt} is not written yet;
+         neither device is mountable now (migration {:016x}; {}).
+         Run `migrate recover {src} {tgt}` to finish on {tgt}, or add --rollback to go back to {src}.",
+                marker.migration_id,
+                saved(saved_head)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -> Result<()> {
+    use blkmig::recover::Recovered;
+    match blkmig::recover::recover(source, target, state_dir, rollback)? {
+        Recovered::Finished => eprintln!(
+            "{} holds the filesystem now (its head is written); {} stays retired",
+            target.display(),
+            source.display()
+        ),
+        Recovered::RolledBack => eprintln!(
+            "{} holds the filesystem again (its head is back); {} is not recognisable",
+            source.display(),
+            target.display()
+        ),
+    }
+    Ok(())
+}
+
+fn cmd_status(source: &Path, target: Option<&Path>, state_dir: &Path, json: bool) -> Result<()> {
+    let st = match Filtered::open(source)?.status() {
+        Ok(st) => st,
+        Err(e) if e.errno == libc::ENOENT => {
+            return status_offline(source, target, state_dir, json)
+        }
+        Err(e) => return Err(e.into()),
+    };
     if json {
         println!("{}", status_json(&st));
     } else {
@@ -583,7 +718,18 @@ fn main() -> ExitCode {
         Cmd::Abort { source } => cmd_abort(&source),
         Cmd::Attach(a) => cmd_attach(a),
         Cmd::Detach { source } => cmd_detach(&source),
-        Cmd::Status { source, json } => cmd_status(&source, json),
+        Cmd::Status {
+            source,
+            target,
+            state_dir,
+            json,
+        } => cmd_status(&source, target.as_deref(), &state_dir, json),
+        Cmd::Recover {
+            source,
+            target,
+            rollback,
+            state_dir,
+        } => cmd_recover(&source, &target, &state_dir, rollback),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -169,11 +169,7 @@ pub fn failure_text(st: &Status) -> String {
 
 /// The file the source's first region is saved in.
 pub fn head_path(state_dir: &Path, src: &Device) -> PathBuf {
-    let id = match src.id() {
-        crate::device::DevId::Block { major, minor } => format!("{major}-{minor}"),
-        crate::device::DevId::File { dev, ino } => format!("file-{dev}-{ino}"),
-    };
-    state_dir.join(id).join("source-head.bin")
+    crate::recover::source_dir(state_dir, src.id()).join(crate::recover::HEAD_FILE)
 }
 
 /// One live migration, from CLONE to REDIRECT.
@@ -197,6 +193,8 @@ pub struct Migration {
     best: (u64, u64),
     /// Whether the operator was told that the migration does not converge.
     told_stalled: bool,
+    /// The attachment (written into the retire marker).
+    migration_id: u64,
 }
 
 struct Batch {
@@ -248,6 +246,7 @@ impl Migration {
             in_window: false,
             best: (u64::MAX, 0),
             told_stalled: false,
+            migration_id: status.migration_id,
         })
     }
 
@@ -455,35 +454,36 @@ impl Migration {
         Ok(committed)
     }
 
-    /// Saves the source's first region (read now: writes are held) where
-    /// `migrate` can restore it from, durably.
+    /// Saves the source's head (read now: writes are held) where `migrate`
+    /// can restore it from, durably, with what it belongs to
+    /// ([`crate::recover::HeadMeta`]): after a crash between the retire
+    /// marker and the target's head, it is what makes either device whole.
     async fn save_head(&self) -> Result<PathBuf, MigrateError> {
         let path = head_path(&self.opts.state_dir, &self.src);
         let (off, len) = (0, self.geo.head_bytes());
         let (src, align, p) = (self.src.clone(), self.align, path.clone());
+        let (id, target) = (self.migration_id, self.tgt.path().to_owned());
         tokio::task::spawn_blocking(move || -> Result<(), MigrateError> {
             let mut buf = AlignedBuf::new(align, len as usize);
             src.read_exact_at(&mut buf, off)?;
+            let meta = crate::recover::HeadMeta {
+                migration_id: id,
+                head_bytes: len,
+                crc32: crc32fast::hash(&buf),
+                source: src.path().to_owned(),
+                target,
+            };
             let state = |source| MigrateError::State {
                 path: p.clone(),
                 source,
             };
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir).map_err(state)?;
-            }
-            let tmp = p.with_extension("tmp");
-            {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp).map_err(state)?;
-                f.write_all(&buf).map_err(state)?;
-                f.sync_all().map_err(state)?;
-            }
-            std::fs::rename(&tmp, &p).map_err(state)?;
-            if let Some(dir) = p.parent() {
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(state)?;
-            }
+            let json =
+                serde_json::to_vec_pretty(&meta).map_err(|e| state(std::io::Error::other(e)))?;
+            // The bytes first: a description never points at a head that
+            // is not there.
+            crate::recover::write_durably(&p, &buf).map_err(state)?;
+            crate::recover::write_durably(&p.with_file_name(crate::recover::HEAD_META_FILE), &json)
+                .map_err(state)?;
             Ok(())
         })
         .await
