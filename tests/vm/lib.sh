@@ -53,6 +53,15 @@ expect_errno() {
 	grep -qE "\\(($_want)\\)" "$ERR" || fail "'$*' failed (exit $RC) but stderr does not name ($_want): $(head -c 300 "$ERR" | tr '\n' ' ')"
 }
 
+# expect_fail_msg TEXT CMD ARGS...: CMD fails and its stderr contains TEXT
+expect_fail_msg() {
+	_want=$1
+	shift
+	run_capture "$@"
+	[ "$RC" -ne 0 ] || fail "expected '$*' to fail ($_want), it succeeded"
+	grep -qF "$_want" "$ERR" || fail "'$*' failed (exit $RC) but stderr does not say '$_want': $(head -c 300 "$ERR" | tr '\n' ' ')"
+}
+
 # --- migrate CLI ----------------------------------------------------------------------------
 
 # status_mode DEV: print the mode from `migrate status DEV --json` (empty if it failed)
@@ -297,4 +306,29 @@ check_all_sums() {
 direct_io() {
 	stampwriter dio-write "$1" "$2" "$3" "$4" --bs "${5:-512}" >/tmp/dio.out 2>&1 ||
 		fail "O_DIRECT write of pattern $3 to $1 at sector $2 failed: $(tr '\n' ' ' </tmp/dio.out)"
+}
+
+# --- scenarios of several boots ("# boots: N") -------------------------------------------------
+# BLKMIG_BOOT is this boot's number (1..N); /notes is a small filesystem of its own that every
+# boot sees.
+
+# note KEY VALUE: keep VALUE for the next boot (durably: only /notes is synced)
+note() {
+	echo "$2" >"/notes/$1"
+	sync -f "/notes/$1"
+}
+
+# noted KEY: what an earlier boot kept under KEY (empty if nothing)
+noted() {
+	cat "/notes/$1" 2>/dev/null
+}
+
+# hard_reset: reset the machine now, like a crash: nothing is synced or unmounted (but /notes,
+# which is synced first); the next boot of the scenario follows
+hard_reset() {
+	sync -f /notes
+	echo "[$(cut -d' ' -f1 /proc/uptime)s] == hard reset (boot $BLKMIG_BOOT): no sync, no unmount"
+	reboot -n -f
+	sleep 30
+	fail "the machine did not reset"
 }
