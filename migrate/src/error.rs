@@ -101,6 +101,9 @@ pub enum Refusal {
         /// The source's logical block size.
         source_block: u32,
     },
+    /// The state directory is on the device itself.
+    #[error("holds the state directory {0}: the source's saved head must survive the switch and a crash inside it; use --state-dir on another disk")]
+    HoldsStateDir(PathBuf),
     /// The region map would be too large.
     #[error("needs {regions} regions of {region_bytes} bytes, more than the {max} a migration may have: use --region-size {suggest} or larger")]
     TooManyRegions {
@@ -120,7 +123,10 @@ impl Refusal {
     pub fn errno_name(&self) -> &'static str {
         match self {
             Refusal::NotADevice | Refusal::NotBlock => "ENOTBLK",
-            Refusal::Mounted(_) | Refusal::Busy | Refusal::LoopBacking(_) => "EBUSY",
+            Refusal::Mounted(_)
+            | Refusal::Busy
+            | Refusal::LoopBacking(_)
+            | Refusal::HoldsStateDir(_) => "EBUSY",
             Refusal::SameDevice(_) | Refusal::Overlaps(_) => "EXDEV",
             Refusal::TooSmall { .. } => "ENOSPC",
             Refusal::UnalignedSize { .. } | Refusal::Empty | Refusal::BlockSize { .. } => "EINVAL",

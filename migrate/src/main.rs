@@ -356,6 +356,9 @@ fn cmd_attach(a: AttachArgs) -> Result<()> {
 }
 
 async fn cmd_start(a: StartArgs) -> Result<()> {
+    for p in [&a.attach.source, &a.attach.target] {
+        blkmig::recover::check_state_dir(&a.state_dir, &Probe::new(p)?)?;
+    }
     let f = Filtered::open(&a.attach.source)?;
     let tp = match f.status() {
         Ok(st) => {
@@ -616,6 +619,13 @@ fn status_offline(
 
 fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -> Result<()> {
     use blkmig::recover::Recovered;
+    if let Ok(st) = Filtered::open(source)?.status() {
+        anyhow::bail!(
+            "blkmig is attached to {} ({} mode): the migration is live, there is nothing to recover (see `migrate status`)",
+            source.display(),
+            migration::mode_name(st.mode)
+        );
+    }
     match blkmig::recover::recover(source, target, state_dir, rollback)? {
         Recovered::Finished => eprintln!(
             "{} holds the filesystem now (its head is written); {} stays retired",
@@ -634,7 +644,10 @@ fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -
 fn cmd_status(source: &Path, target: Option<&Path>, state_dir: &Path, json: bool) -> Result<()> {
     let st = match Filtered::open(source)?.status() {
         Ok(st) => st,
-        Err(e) if e.errno == libc::ENOENT => {
+        // No filter attached, or no filter hook in this kernel (booted
+        // without the blkmig patches after the migration: ENOTTY, or EINVAL
+        // from drivers that answer unknown ioctls so): read the disks.
+        Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTTY | libc::EINVAL) => {
             return status_offline(source, target, state_dir, json)
         }
         Err(e) => return Err(e.into()),

@@ -94,6 +94,46 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The whole disk a block device number belongs to (itself if it is one).
+fn whole_disk(major: u32, minor: u32) -> (u32, u32) {
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
+    if !sys.join("partition").exists() {
+        return (major, minor);
+    }
+    fs::read_to_string(sys.join("../dev"))
+        .ok()
+        .and_then(|t| {
+            let (a, b) = t.trim().split_once(':')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .unwrap_or((major, minor))
+}
+
+/// Refuses a state directory that lives on `dev` (or on its disk, when
+/// `dev` is a whole disk, or on the same partition): after the switch the
+/// source is retired, and the target has no head until the switch ends.
+pub fn check_state_dir(state_dir: &Path, dev: &Probe) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let DevId::Block { major, minor } = dev.id else {
+        return Ok(());
+    };
+    // The directory may not exist yet: the nearest ancestor that does.
+    let Some(meta) = state_dir.ancestors().find_map(|a| fs::metadata(a).ok()) else {
+        return Ok(());
+    };
+    let st = meta.dev();
+    let (smaj, smin) = (libc::major(st), libc::minor(st));
+    let on_it = (smaj, smin) == (major, minor)
+        || (whole_disk(smaj, smin) == (major, minor) && whole_disk(major, minor) == (major, minor));
+    if on_it {
+        return Err(Error::refused(
+            &dev.path,
+            Refusal::HoldsStateDir(state_dir.to_owned()),
+        ));
+    }
+    Ok(())
+}
+
 /// Records that a migration started (for `migrate status` after a reboot).
 pub fn record_start(state_dir: &Path, src: DevId, rec: &MigrationRecord) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
