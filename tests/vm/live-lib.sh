@@ -316,8 +316,9 @@ not_recognisable() {
 	echo "  blkid: ${_b:-nothing}; mount fails"
 }
 
-# offline_state SRC [TGT]: the "state" `migrate status SRC --json` reports with no filter
-# attached (reading the disks and the state directory); fails if the command fails
+# offline_state SRC [TGT]: sets OFFLINE_STATE to the "state" `migrate status SRC --json`
+# reports with no filter attached (reading the disks and the state directory); its JSON is in
+# $OUT. Fails if the command fails.
 offline_state() {
 	if [ -n "${2:-}" ]; then
 		run_capture migrate status "$1" --target "$2" --state-dir "$CRASH_STATE" --json
@@ -325,13 +326,16 @@ offline_state() {
 		run_capture migrate status "$1" --state-dir "$CRASH_STATE" --json
 	fi
 	[ "$RC" -eq 0 ] || fail "migrate status $1 (no filter attached) failed (exit $RC): $(head -c 300 "$ERR" | tr '\n' ' ')"
-	sed -n 's/.*"state"[[:space:]]*:[[:space:]]*"\([a-z_]*\)".*/\1/p' "$OUT" | head -n1
+	OFFLINE_STATE=$(sed -n 's/.*"state"[[:space:]]*:[[:space:]]*"\([a-z_]*\)".*/\1/p' "$OUT" | head -n1)
 }
 
 # expect_offline_state SRC TGT STATE: offline_state says STATE; the text output is printed
 expect_offline_state() {
-	_st=$(offline_state "$1" "$2")
+	offline_state "$1" "$2"
+	_st=$OFFLINE_STATE
 	[ -n "$_st" ] || fail "migrate status $1 --target $2 printed no state: $(head -c 300 "$OUT" | tr '\n' ' ')"
+	cp "$OUT" /tmp/offline.json
 	migrate status "$1" --target "$2" --state-dir "$CRASH_STATE" | sed 's/^/  /'
+	cp /tmp/offline.json "$OUT"
 	expect_eq "$_st" "$3" "state of $1 and $2 after the reset"
 }
