@@ -546,6 +546,9 @@ fn status_json(st: &Status) -> serde_json::Value {
         "failure_text": migration::failure_text(st),
         "failure_errno": st.failure_errno,
         "target_dev": format!("{}:{}", st.target_major, st.target_minor),
+        "migration_id": st.migration_id,
+        "holds": st.holds,
+        "hold_longest_ns": st.hold_longest_ns,
     })
 }
 
