@@ -88,8 +88,8 @@ struct CopyArgs {
     /// Regions in flight at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     queue_depth: u16,
-    /// Limit the copy to this many bytes per second (e.g. 200M).
-    #[arg(long)]
+    /// Limit the copy to this many bytes per second (e.g. 200M, at least 1K).
+    #[arg(long, value_parser = blkmig::units::parse_rate)]
     rate_limit: Option<Bytes>,
     /// Read the target back and compare crc32 checksums with the source's.
     #[arg(long)]
@@ -108,11 +108,14 @@ struct StartArgs {
     /// Regions copied at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     queue_depth: u16,
-    /// Limit the background copy to this many bytes per second (e.g. 200M).
-    #[arg(long)]
+    /// Limit the background copy to this many bytes per second (e.g. 200M,
+    /// at least 1K).
+    #[arg(long, value_parser = blkmig::units::parse_rate)]
     rate_limit: Option<Bytes>,
     /// Switch only when the estimated pause of writes fits this budget.
-    #[arg(long, default_value = "100ms", value_parser = blkmig::units::parse_duration)]
+    /// It must exceed the time the switch takes to copy the first and last
+    /// regions (2 x region size / copy rate).
+    #[arg(long, default_value = "100ms", value_parser = blkmig::units::parse_positive_duration)]
     max_pause: Duration,
     /// Copy and keep mirroring, but do not switch (rerun without it to switch).
     #[arg(long)]
@@ -133,10 +136,22 @@ struct AttachArgs {
     /// Region size (power of two, 4K..1G, a multiple of the block size).
     #[arg(long, default_value = "1M")]
     region_size: Bytes,
-    /// How long writes may be held for the switch, in milliseconds.
-    #[arg(long, default_value_t = abi::HOLD_TIMEOUT_MS_DEFAULT,
+    /// How long writes may be held for one switch attempt (e.g. 5s, 800ms;
+    /// at most 60s): the kernel then releases them and cancels the switch.
+    #[arg(long, default_value = "5s", value_parser = blkmig::units::parse_hold_timeout)]
+    hold_timeout: Duration,
+    /// The hold timeout in milliseconds (older spelling of --hold-timeout).
+    #[arg(long, hide = true, conflicts_with = "hold_timeout",
         value_parser = clap::value_parser!(u32).range(1..=abi::HOLD_TIMEOUT_MS_MAX as i64))]
-    hold_timeout_ms: u32,
+    hold_timeout_ms: Option<u32>,
+}
+
+impl AttachArgs {
+    /// The hold timeout in milliseconds, from either spelling.
+    fn hold_timeout_ms(&self) -> u32 {
+        self.hold_timeout_ms
+            .unwrap_or_else(|| u32::try_from(self.hold_timeout.as_millis()).unwrap_or(u32::MAX))
+    }
 }
 
 fn style(p: &ProgressArgs) -> Style {
@@ -312,7 +327,7 @@ fn attach(a: &AttachArgs) -> Result<Probe> {
         AttachOptions {
             version: abi::ABI_VERSION,
             region_shift: geo.shift(),
-            hold_timeout_ms: a.hold_timeout_ms,
+            hold_timeout_ms: a.hold_timeout_ms(),
             ..Default::default()
         },
     )?;
@@ -393,7 +408,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         rate_limit: a.rate_limit,
         max_pause: a.max_pause,
         no_switch: a.no_switch,
-        hold_timeout_ms: a.attach.hold_timeout_ms,
+        hold_timeout_ms: a.attach.hold_timeout_ms(),
         state_dir: a.state_dir.clone(),
     };
     let res = match Migration::new(tracker.clone(), src, tgt, &st, opts, progress, cancel) {

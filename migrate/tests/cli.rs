@@ -1,0 +1,134 @@
+//! The `migrate` binary under abuse: bad options, closed pipes, a full
+//! disk, paths that are not block devices. On image files; nothing here
+//! needs root or the kernel module.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pattern;
+
+fn migrate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_migrate"))
+}
+
+fn run(args: &[&str]) -> Output {
+    migrate()
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run migrate: {e}"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits for `child` at most `limit`; kills it and fails if it runs longer.
+fn wait_at_most(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            return st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two image files: a patterned source of `size` bytes and an empty target.
+struct Images {
+    dir: tempfile::TempDir,
+}
+
+impl Images {
+    fn new(size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        fs::write(dir.path().join("src.img"), pattern(size, 11)).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(dir.path().join("tgt.img"), vec![0u8; size]).unwrap_or_else(|e| panic!("{e}"));
+        Self { dir }
+    }
+
+    fn src(&self) -> PathBuf {
+        self.dir.path().join("src.img")
+    }
+
+    fn tgt(&self) -> PathBuf {
+        self.dir.path().join("tgt.img")
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_else(|| panic!("non-UTF-8 path"))
+}
+
+#[test]
+fn sizes_take_units_in_either_case_and_decimals() {
+    let im = Images::new(1 << 20);
+    for size in ["1m", "64k", "0.5M", "512K"] {
+        let o = run(&[
+            "copy",
+            s(&im.src()),
+            s(&im.tgt()),
+            "-q",
+            "--region-size",
+            size,
+        ]);
+        assert!(o.status.success(), "--region-size {size}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_zero_rate_limit_is_refused() {
+    let im = Images::new(1 << 20);
+    let mut child = migrate()
+        .args([
+            "copy",
+            s(&im.src()),
+            s(&im.tgt()),
+            "-q",
+            "--rate-limit",
+            "0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let st = wait_at_most(&mut child, Duration::from_secs(10), "--rate-limit 0");
+    let o = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--rate-limit"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_zero_pause_budget_is_refused() {
+    let im = Images::new(1 << 20);
+    let o = run(&["start", s(&im.src()), s(&im.tgt()), "--max-pause", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--max-pause"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_hold_timeout_is_a_bounded_duration() {
+    let im = Images::new(1 << 20);
+    let (src, tgt) = (im.src(), im.tgt());
+    for ok in [
+        ["--hold-timeout", "800ms"],
+        ["--hold-timeout", "5s"],
+        ["--hold-timeout-ms", "800"],
+    ] {
+        let o = run(&["attach", s(&src), s(&tgt), ok[0], ok[1]]);
+        // Accepted: it gets as far as looking at the (file) source.
+        assert_eq!(o.status.code(), Some(1), "{ok:?}: {}", stderr(&o));
+    }
+    for bad in ["61s", "0s", "fast"] {
+        let o = run(&["attach", s(&src), s(&tgt), "--hold-timeout", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--hold-timeout"), "{}", stderr(&o));
+    }
+}
