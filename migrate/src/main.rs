@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blkmig::copy::{self, CopyOptions};
-use blkmig::core::abi::{self, AttachOptions, Mode, Status};
-use blkmig::device::{Access, Device, Kind, Probe};
-use blkmig::error::{Error, Refusal};
+use blkmig::core::abi::{self, Status};
+use blkmig::device::{Access, Device};
 use blkmig::filter::Filtered;
-use blkmig::migration::{self, MigrateError, MigrateOptions, Migration};
+use blkmig::live::{self, AttachRequest, Attached, Begin, Start};
+use blkmig::migration::{self, MigrateOptions};
 use blkmig::progress::{Progress, Reporter, Style};
-use blkmig::tracker::Tracker;
 use blkmig::units::Bytes;
 use clap::{Args, Parser, Subcommand};
 
@@ -187,17 +186,8 @@ fn cancel_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     Ok(cancel)
 }
 
-/// Probes both paths and refuses, before anything is opened for writing,
-/// the same device twice, overlapping partitions, and mounted devices.
-fn probe_pair(source: &Path, target: &Path) -> Result<(Probe, Probe), Error> {
-    let s = Probe::new(source)?;
-    let t = Probe::new(target)?;
-    s.check_distinct(&t)?;
-    Ok((s, t))
-}
-
 async fn cmd_copy(a: CopyArgs) -> Result<()> {
-    let (sp, tp) = probe_pair(&a.source, &a.target)?;
+    let (sp, tp) = live::probe_pair(&a.source, &a.target)?;
     sp.check_unused()?;
     tp.check_unused()?;
     let access = |write| Access {
@@ -273,134 +263,53 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Checks SOURCE and TARGET for a live migration and attaches blkmig.
-fn attach(a: &AttachArgs) -> Result<Probe> {
-    let (sp, tp) = probe_pair(&a.source, &a.target)?;
-    for p in [&sp, &tp] {
-        if p.kind != Kind::Block {
-            return Err(Error::refused(&p.path, Refusal::NotBlock).into());
+impl AttachArgs {
+    fn request(&self) -> AttachRequest {
+        AttachRequest {
+            source: self.source.clone(),
+            target: self.target.clone(),
+            region_size: self.region_size,
+            hold_timeout_ms: self.hold_timeout_ms(),
         }
     }
-    // A source that is already being migrated: say so before anything else
-    // (its target is, rightly, busy).
-    if let Ok(st) = Filtered::open(&a.source)?.status() {
-        return Err(blkmig::filter::FilterError {
-            path: a.source.clone(),
-            what: "cannot attach blkmig",
-            meaning: format!(
-                "blkmig is already attached to this device, in {} mode, migrating to device {}:{}",
-                migration::mode_name(st.mode),
-                st.target_major,
-                st.target_minor
-            ),
-            errno: libc::EALREADY,
-        }
-        .into());
-    }
-    // Neither may be zoned; the source must be request-based; the target
-    // must be unused: blkmig will own it. The source is live.
-    sp.check_not_zoned()?;
-    tp.check_not_zoned()?;
-    tp.check_unused()?;
-    sp.check_request_based()?;
-    let shared = Access {
-        write: false,
-        direct: false,
-        exclusive: false,
-    };
-    let src = Device::open(&sp, shared)?;
-    let tgt = Device::open(
-        &tp,
-        Access {
-            exclusive: true,
-            ..shared
-        },
-    )?;
-    copy::check_target_size(&src, &tgt)?;
-    copy::check_block_sizes(&src, &tgt)?;
-    let geo = copy::geometry(&src, &tgt, a.region_size)?;
-    copy::check_region_count(&src, &geo)?;
-    drop(tgt);
-    let f = Filtered::open(&a.source)?;
-    f.attach(
-        &tp,
-        AttachOptions {
-            version: abi::ABI_VERSION,
-            region_shift: geo.shift(),
-            hold_timeout_ms: a.hold_timeout_ms(),
-            ..Default::default()
-        },
-    )?;
+}
+
+fn print_attached(a: &AttachArgs, at: &Attached) {
     eprintln!(
         "blkmig attached to {} (target {}, {} regions of {})",
         a.source.display(),
         a.target.display(),
-        geo.regions(),
-        Bytes(geo.region_bytes())
+        at.regions,
+        Bytes(at.region_bytes)
     );
-    Ok(tp)
 }
 
 fn cmd_attach(a: AttachArgs) -> Result<()> {
-    attach(&a).map(|_| ())
+    let at = live::attach(&a.request())?;
+    print_attached(&a, &at);
+    Ok(())
 }
 
 async fn cmd_start(a: StartArgs) -> Result<()> {
-    let f = Filtered::open(&a.attach.source)?;
-    let tp = match f.status() {
-        Ok(st) => {
-            // Already attached: resume, if it is ours and still cloning.
-            let tp = Probe::new(&a.attach.target)?;
-            let ours = matches!(tp.id, blkmig::device::DevId::Block { major, minor }
-                if (major, minor) == (st.target_major, st.target_minor));
-            if !ours {
-                anyhow::bail!(
-                    "{} is already being migrated to device {}:{}, not to {}",
-                    a.attach.source.display(),
-                    st.target_major,
-                    st.target_minor,
-                    a.attach.target.display()
-                );
-            }
-            match Mode::from_raw(st.mode) {
-                Some(Mode::Redirect) => {
-                    eprintln!(
-                        "{} has already switched to {}: nothing to do",
-                        a.attach.source.display(),
-                        a.attach.target.display()
-                    );
-                    return Ok(());
-                }
-                Some(Mode::Failed) => anyhow::bail!(
-                    "the migration of {} failed: {}; run `migrate abort {}`",
-                    a.attach.source.display(),
-                    migration::failure_text(&st),
-                    a.attach.source.display()
-                ),
-                _ => eprintln!(
-                    "resuming the migration of {}: {} of {} regions in sync",
-                    a.attach.source.display(),
-                    st.regions_synced,
-                    st.regions_total
-                ),
-            }
-            tp
+    let src = a.attach.source.display();
+    let ready = match live::start(&a.attach.request())? {
+        Start::AlreadySwitched => {
+            eprintln!(
+                "{src} has already switched to {}: nothing to do",
+                a.attach.target.display()
+            );
+            return Ok(());
         }
-        Err(e) if e.errno == libc::ENOENT => attach(&a.attach)?,
-        Err(e) => return Err(e.into()),
+        Start::Ready(r) => r,
     };
-    let direct = |write| Access {
-        write,
-        direct: true,
-        exclusive: false,
-    };
-    let sp = Probe::new(&a.attach.source)?;
-    let src = Arc::new(Device::open(&sp, direct(false))?);
-    let tgt = Arc::new(Device::open(&tp, direct(true))?);
-    let st = f.status()?;
-    let tracker: Arc<dyn Tracker> = Arc::new(f);
+    match &ready.begin {
+        Begin::Attached(at) => print_attached(&a.attach, at),
+        Begin::Resumed { synced, total } => {
+            eprintln!("resuming the migration of {src}: {synced} of {total} regions in sync")
+        }
+    }
     let cancel = cancel_on_ctrl_c()?;
-    let progress = Progress::migration(st.source_sectors << 9, st.regions_total);
+    let progress = Progress::migration(ready.bytes(), ready.regions());
     let style = style(&a.progress);
     let rep = Reporter::start(progress.clone(), style, interval(&a.progress)?);
     let opts = MigrateOptions {
@@ -411,22 +320,9 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         hold_timeout_ms: a.attach.hold_timeout_ms(),
         state_dir: a.state_dir.clone(),
     };
-    let res = match Migration::new(tracker.clone(), src, tgt, &st, opts, progress, cancel) {
-        Ok(m) => m.run().await,
-        Err(e) => Err(e),
-    };
+    let res = ready.run(opts, progress, cancel).await;
     rep.finish().await;
-    let summary = match res {
-        Ok(s) => s,
-        Err(MigrateError::Interrupted) => {
-            Filtered::open(&a.attach.source)?.detach()?;
-            anyhow::bail!(
-                "interrupted: the migration was abandoned, blkmig detached; {} is untouched and in use as before",
-                a.attach.source.display()
-            );
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let summary = res?;
     if style == Style::Json {
         let mut j = serde_json::to_value(&summary)?;
         j["event"] = "done".into();
@@ -471,21 +367,13 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
 }
 
 fn cmd_detach(source: &Path) -> Result<()> {
-    Filtered::open(source)?.detach()?;
+    live::detach(source)?;
     eprintln!("blkmig detached from {}", source.display());
     Ok(())
 }
 
 fn cmd_abort(source: &Path) -> Result<()> {
-    let f = Filtered::open(source)?;
-    let st = f.status()?;
-    if Mode::from_raw(st.mode) == Some(Mode::Redirect) {
-        anyhow::bail!(
-            "{} has already switched to its target: there is nothing to abort (unmount it, then `migrate detach`)",
-            source.display()
-        );
-    }
-    f.detach()?;
+    live::abort(source)?;
     eprintln!(
         "migration of {} abandoned; blkmig detached, the source is untouched",
         source.display()
@@ -603,7 +491,8 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("migrate: {e:#}");
+            let words: Vec<String> = e.chain().map(blkmig::error::describe).collect();
+            eprintln!("migrate: {}", words.join(": "));
             ExitCode::FAILURE
         }
     }

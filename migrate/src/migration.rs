@@ -28,8 +28,9 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use crate::buffer::AlignedBuf;
 use crate::device::Device;
 use crate::error::Error;
+use crate::filter::FilterError;
 use crate::progress::Progress;
-use crate::tracker::{Tracker, TrackerError};
+use crate::tracker::Tracker;
 use crate::units::Bytes;
 
 /// How to run a migration.
@@ -76,15 +77,17 @@ pub struct Summary {
     pub saved_head: Option<PathBuf>,
 }
 
-/// Why a migration stopped.
+/// Why a migration stopped or could not start. One type for the migration
+/// layer: device errors (including an interruption) and filter errors are
+/// its sources.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// Device I/O.
+    /// Device I/O, a refusal of a device, or an interruption (Ctrl-C).
     #[error(transparent)]
-    Device(Error),
+    Device(#[from] Error),
     /// The filter refused a request.
     #[error(transparent)]
-    Filter(TrackerError),
+    Filter(FilterError),
     /// The filter went away: someone ran `migrate abort` or `detach`.
     #[error("the migration was aborted elsewhere: blkmig is no longer attached to the source (migrate abort or detach); the source is untouched")]
     Aborted,
@@ -105,26 +108,67 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
-    /// Cancelled (Ctrl-C).
-    #[error("interrupted")]
-    Interrupted,
+    /// The source is being migrated to another device than the one asked.
+    #[error("{source_path} is already being migrated to device {major}:{minor}, not to {target}",
+        source_path = .source_path.display(), target = .target.display())]
+    OtherTarget {
+        /// The source.
+        source_path: PathBuf,
+        /// The target asked for.
+        target: PathBuf,
+        /// The attached target's major number.
+        major: u32,
+        /// The attached target's minor number.
+        minor: u32,
+    },
+    /// `abort` after the switch: there is nothing to abort.
+    #[error("{source_path} has already switched to its target: there is nothing to abort (unmount it, then `migrate detach`)",
+        source_path = .source_path.display())]
+    AlreadySwitched {
+        /// The source.
+        source_path: PathBuf,
+    },
+    /// Interrupted (Ctrl-C): the migration was abandoned and blkmig
+    /// detached.
+    #[error("interrupted: the migration was abandoned, blkmig detached; {source_path} is untouched and in use as before",
+        source_path = .source_path.display())]
+    Abandoned {
+        /// The source.
+        source_path: PathBuf,
+    },
+    /// The switch window can never fit the pause budget: it copies the
+    /// first and last regions with writes held.
+    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the first and last regions ({window}) with writes held, which takes about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
+        window = Bytes(*.window_bytes), rate = Bytes(*.rate_bytes_per_sec as u64))]
+    PauseUnreachable {
+        /// The operator's budget, ms.
+        budget_ms: u128,
+        /// Bytes the switch window must copy.
+        window_bytes: u64,
+        /// The measured copy rate.
+        rate_bytes_per_sec: f64,
+        /// The estimated window, ms.
+        need_ms: f64,
+        /// A budget that would do, ms.
+        suggest_ms: u64,
+    },
 }
 
-impl From<TrackerError> for MigrateError {
-    fn from(e: TrackerError) -> Self {
-        if e.errno == libc::ENOENT {
-            MigrateError::Aborted
-        } else {
-            MigrateError::Filter(e)
-        }
+impl MigrateError {
+    /// Whether the migration stopped because it was cancelled (Ctrl-C).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, MigrateError::Device(Error::Interrupted))
     }
 }
 
-impl From<Error> for MigrateError {
-    fn from(e: Error) -> Self {
+impl From<FilterError> for MigrateError {
+    fn from(e: FilterError) -> Self {
         match e {
-            Error::Interrupted => MigrateError::Interrupted,
-            e => MigrateError::Device(e),
+            FilterError::Refused {
+                errno: libc::ENOENT,
+                ..
+            } => MigrateError::Aborted,
+            e => MigrateError::Filter(e),
         }
     }
 }
@@ -316,7 +360,7 @@ impl Migration {
                 tgt.write_all_at(&zeros, off)
             })
             .await
-            .map_err(|_| MigrateError::Interrupted)??;
+            .map_err(|e| Error::joined(&e, "wipe"))??;
         }
         Ok(())
     }
@@ -435,8 +479,8 @@ impl Migration {
                 bufs.push(buf);
                 failed.get_or_insert(e.into());
             }
-            Err(_) => {
-                failed.get_or_insert(MigrateError::Interrupted);
+            Err(e) => {
+                failed.get_or_insert(Error::joined(&e, "copy").into());
             }
         }
     }
@@ -447,7 +491,7 @@ impl Migration {
         let mut committed = 0;
         for chunk in regions.chunks(batch) {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(MigrateError::Interrupted);
+                return Err(Error::Interrupted.into());
             }
             let b = self.copy_batch(chunk).await?;
             committed += b.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
@@ -487,7 +531,7 @@ impl Migration {
             Ok(())
         })
         .await
-        .map_err(|_| MigrateError::Interrupted)??;
+        .map_err(|e| Error::joined(&e, "save"))??;
         Ok(path)
     }
 
@@ -553,7 +597,7 @@ impl Migration {
         self.wipe_boundaries().await?;
         loop {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(MigrateError::Interrupted);
+                return Err(Error::Interrupted.into());
             }
             self.check_mode()?;
             self.summary.rounds += 1;
@@ -632,7 +676,7 @@ impl Migration {
                 src.read_exact_at(&mut buf, off)
             })
             .await
-            .map_err(|_| MigrateError::Interrupted)??;
+            .map_err(|e| Error::joined(&e, "read"))??;
             bytes += len;
         }
         self.copy_secs += 2.0 * started.elapsed().as_secs_f64().max(1e-6);

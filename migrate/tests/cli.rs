@@ -132,3 +132,31 @@ fn the_hold_timeout_is_a_bounded_duration() {
         assert!(stderr(&o).contains("--hold-timeout"), "{}", stderr(&o));
     }
 }
+
+#[test]
+fn live_commands_on_a_file_say_it_is_not_a_block_device() {
+    let im = Images::new(1 << 20);
+    for args in [
+        vec!["status", s(&im.src())],
+        vec!["abort", s(&im.src())],
+        vec!["detach", s(&im.src())],
+        vec!["start", s(&im.src()), s(&im.tgt())],
+    ] {
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("is not a block device"), "{args:?}: {err}");
+        assert!(!err.contains("kernel"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn the_errno_is_printed_once() {
+    let im = Images::new(1 << 20);
+    let o = run(&["copy", "/nonexistent/disk.img", s(&im.tgt())]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("ENOENT").count(), 1, "{err}");
+    assert!(!err.contains("os error"), "{err}");
+    assert!(err.contains("No such file or directory"), "{err}");
+}

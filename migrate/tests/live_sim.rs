@@ -324,7 +324,10 @@ async fn a_cancelled_copier_can_be_resumed() {
         c.store(true, Ordering::Relaxed);
     });
     let res = migration(&rig, opts, cancel).run().await;
-    assert!(matches!(res, Err(MigrateError::Interrupted)), "{res:?}");
+    assert!(
+        res.as_ref().is_err_and(MigrateError::is_interrupted),
+        "{res:?}"
+    );
     assert_eq!(rig.sim.mode(), Mode::Clone);
     complete(&rig, options(&rig), stop, threads).await;
 }

@@ -256,3 +256,25 @@ fn refuses_an_image_file_that_backs_a_loop_device() {
         err(&o)
     );
 }
+
+/// The live commands name what this machine lacks (the kernel's filter
+/// hook, or the module) instead of passing on the driver's errno (a loop
+/// device answers an unknown ioctl with EINVAL).
+#[test]
+fn live_commands_name_the_missing_hook_or_module() {
+    if !enabled() {
+        return;
+    }
+    let dev = Loop::new(&pattern(4 << 20, 3), false);
+    let o = migrate(&["status", &dev.dev]);
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let hook = "this kernel has no block-device filter hook (BLKFILTER_* ioctls): boot a kernel with the blkmig patches";
+    let module = "the blkmig module is not loaded: modprobe blkmig";
+    let attached = "no blkmig filter is attached";
+    assert!(
+        e.contains(hook) || e.contains(module) || e.contains(attached),
+        "{e}"
+    );
+    assert!(!e.contains("Invalid argument"), "{e}");
+}
