@@ -329,23 +329,14 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         println!("{j}");
     }
     if style != Style::Quiet {
-        let pause = summary
-            .pause_ms
-            .map(|p| format!("{p:.1} ms"))
-            .unwrap_or_else(|| "no switch".into());
         eprintln!(
-            "copied {} in {:.1}s ({} re-copies, {} busy, {} rounds); writes paused {}{}",
+            "copied {} in {:.1}s ({} re-copies, {} busy, {} rounds); {}",
             Bytes(summary.bytes_copied),
             summary.seconds,
             summary.recopies,
             summary.busy,
             summary.rounds,
-            pause,
-            if summary.failed_switches > 0 {
-                format!(" after {} failed switch attempts", summary.failed_switches)
-            } else {
-                String::new()
-            }
+            summary.pause_text(),
         );
         if summary.switched {
             eprintln!(
@@ -402,58 +393,81 @@ fn status_json(st: &Status) -> serde_json::Value {
         "failure_text": migration::failure_text(st),
         "failure_errno": st.failure_errno,
         "target_dev": format!("{}:{}", st.target_major, st.target_minor),
+        "holds": st.holds,
+        "hold_longest_ns": st.hold_longest_ns,
+        "migration_id": format!("{:016x}", st.migration_id),
     })
+}
+
+fn status_text(source: &Path, st: &Status) -> String {
+    let pct = if st.regions_total == 0 {
+        100.0
+    } else {
+        st.regions_synced as f64 * 100.0 / st.regions_total as f64
+    };
+    let mut t = format!(
+        "source:  {} ({})\n",
+        source.display(),
+        Bytes(st.source_sectors << 9)
+    );
+    t += &format!(
+        "target:  {}:{} ({})\n",
+        st.target_major,
+        st.target_minor,
+        Bytes(st.target_sectors << 9)
+    );
+    t += &format!(
+        "mode:    {}{}\n",
+        mode_name(st.mode),
+        if st.flags & abi::STATUS_HOLDING != 0 {
+            " (writes held)"
+        } else {
+            ""
+        }
+    );
+    t += &format!(
+        "synced:  {} of {} regions of {} ({pct:.1}%)\n",
+        st.regions_synced,
+        st.regions_total,
+        Bytes(1 << st.region_shift)
+    );
+    t += &format!(
+        "writes:  {} seen, {} mirrored, {} held\n",
+        st.writes_seen, st.writes_mirrored, st.writes_held
+    );
+    t += &format!(
+        "copies:  {} conflicts, {} busy\n",
+        st.copy_conflicts, st.copy_busy
+    );
+    t += &format!(
+        "holds:   {}, the longest {:.1} ms\n",
+        st.holds,
+        st.hold_longest_ns as f64 / 1e6
+    );
+    t += &format!("id:      {:016x}\n", st.migration_id);
+    if st.failure != 0 {
+        t += &format!("failure: {}\n", migration::failure_text(st));
+    }
+    t
 }
 
 fn cmd_status(source: &Path, json: bool) -> Result<()> {
     let st = Filtered::open(source)?.status()?;
     if json {
-        println!("{}", status_json(&st));
+        out(&status_json(&st).to_string())
     } else {
-        let pct = if st.regions_total == 0 {
-            100.0
-        } else {
-            st.regions_synced as f64 * 100.0 / st.regions_total as f64
-        };
-        println!(
-            "source:  {} ({})",
-            source.display(),
-            Bytes(st.source_sectors << 9)
-        );
-        println!(
-            "target:  {}:{} ({})",
-            st.target_major,
-            st.target_minor,
-            Bytes(st.target_sectors << 9)
-        );
-        println!(
-            "mode:    {}{}",
-            mode_name(st.mode),
-            if st.flags & abi::STATUS_HOLDING != 0 {
-                " (writes held)"
-            } else {
-                ""
-            }
-        );
-        println!(
-            "synced:  {} of {} regions of {} ({pct:.1}%)",
-            st.regions_synced,
-            st.regions_total,
-            Bytes(1 << st.region_shift)
-        );
-        println!(
-            "writes:  {} seen, {} mirrored, {} held",
-            st.writes_seen, st.writes_mirrored, st.writes_held
-        );
-        println!(
-            "copies:  {} conflicts, {} busy",
-            st.copy_conflicts, st.copy_busy
-        );
-        if st.failure != 0 {
-            println!("failure: {}", migration::failure_text(&st));
-        }
+        out(status_text(source, &st).trim_end())
     }
-    Ok(())
+}
+
+/// Writes `line` to standard output: a closed pipe or a full disk is an
+/// error to report, not a panic.
+fn out(line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "{line}")
+        .and_then(|()| o.flush())
+        .context("cannot write to standard output")
 }
 
 fn init_tracing(verbose: u8) {
@@ -495,5 +509,32 @@ fn main() -> ExitCode {
             eprintln!("migrate: {}", words.join(": "));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            holds: 3,
+            hold_longest_ns: 5_000_000_000,
+            migration_id: 0x5eed_0000_0000_0001,
+            regions_total: 4,
+            region_shift: 20,
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn status_shows_the_holds_and_the_migration_id() {
+        let j = status_json(&status());
+        assert_eq!(j["holds"], 3);
+        assert_eq!(j["hold_longest_ns"], 5_000_000_000u64);
+        assert_eq!(j["migration_id"], "5eed000000000001");
+        let t = status_text(Path::new("/dev/sdb"), &status());
+        assert!(t.contains("holds:   3, the longest 5000.0 ms"), "{t}");
+        assert!(t.contains("id:      5eed000000000001"), "{t}");
     }
 }

@@ -33,6 +33,14 @@ use crate::progress::Progress;
 use crate::tracker::Tracker;
 use crate::units::Bytes;
 
+/// Shortest and longest wait between rounds in which nothing committed.
+const IDLE_MIN: Duration = Duration::from_millis(5);
+/// See [`IDLE_MIN`].
+const IDLE_MAX: Duration = Duration::from_millis(250);
+/// Regions copied before the measured rate is trusted to refuse a pause
+/// budget.
+const RATE_SAMPLE_REGIONS: u64 = 16;
+
 /// How to run a migration.
 #[derive(Clone, Debug)]
 pub struct MigrateOptions {
@@ -65,8 +73,15 @@ pub struct Summary {
     pub rounds: u64,
     /// Switch attempts that did not complete.
     pub failed_switches: u64,
-    /// How long writes were held for the switch that completed (ms).
+    /// Write holds the kernel made for this migration (switch attempts
+    /// that held writes, failed ones and earlier runs' included).
+    pub holds: u64,
+    /// The longest time one write waited in a hold (ms), failed attempts
+    /// included, as the kernel measured it; `None` if no write was held.
     pub pause_ms: Option<f64>,
+    /// How long the switch that completed kept its window open, from the
+    /// hold to the switch, as the copier timed it (ms).
+    pub switch_window_ms: Option<f64>,
     /// Estimated pause when the switch was decided (ms).
     pub estimated_pause_ms: Option<f64>,
     /// Whether the filter is now in REDIRECT mode.
@@ -75,6 +90,25 @@ pub struct Summary {
     pub seconds: f64,
     /// Where the source's first region was saved.
     pub saved_head: Option<PathBuf>,
+}
+
+impl Summary {
+    /// The pause in words: the longest hold the kernel enforced, the holds
+    /// and failed attempts, and the copier's own timing of the window.
+    pub fn pause_text(&self) -> String {
+        let mut t = match self.pause_ms {
+            Some(p) => format!(
+                "writes held at most {p:.1} ms ({} holds, {} failed switch attempts)",
+                self.holds, self.failed_switches
+            ),
+            None if self.switched => "no write was held".to_owned(),
+            None => "no switch yet".to_owned(),
+        };
+        if let Some(w) = self.switch_window_ms {
+            t += &format!("; the switch window lasted {w:.1} ms");
+        }
+        t
+    }
 }
 
 /// Why a migration stopped or could not start. One type for the migration
@@ -574,7 +608,7 @@ impl Migration {
         self.in_window = false;
         match res {
             Ok(true) => {
-                self.summary.pause_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                self.summary.switch_window_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
                 self.summary.switched = true;
                 self.progress.set(self.geo.bytes());
                 self.progress.set_unsynced(0);
@@ -595,6 +629,9 @@ impl Migration {
         let started = Instant::now();
         self.check_mode()?;
         self.wipe_boundaries().await?;
+        // Waiting for busy or hot regions: the wait grows while nothing
+        // commits, so a stuck region does not cost a core.
+        let mut idle = IDLE_MIN;
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted.into());
@@ -624,6 +661,7 @@ impl Migration {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+                self.check_reachable(rate, body.is_empty())?;
             } else if body.is_empty() {
                 // Nothing was copied to measure a rate on (a resumed or
                 // tiny migration): time a read of what is left.
@@ -631,13 +669,48 @@ impl Migration {
                 continue;
             }
             let committed = self.copy_all(&body).await?;
-            if committed == 0 && !body.is_empty() {
-                // Everything left is busy: let the writes complete.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            if committed == 0 {
+                // Everything left is busy or raced: let the writes complete.
+                tokio::time::sleep(idle).await;
+                idle = (idle * 2).min(IDLE_MAX);
+            } else {
+                idle = IDLE_MIN;
             }
         }
+        // The pause is the kernel's figure: the longest any write waited in
+        // a hold, failed attempts included, whatever the copier's clock saw.
+        let st = self.tracker.status()?;
+        self.summary.holds = st.holds;
+        self.summary.pause_ms = (st.holds > 0).then_some(st.hold_longest_ns as f64 / 1e6);
         self.summary.seconds = started.elapsed().as_secs_f64();
         Ok(self.summary)
+    }
+
+    /// Refuses a budget the switch can never meet: its window copies at
+    /// least the first and last regions, so a budget below that time at the
+    /// measured rate would wait forever. Judged once the rate rests on
+    /// enough copying (or nothing else is left to copy).
+    fn check_reachable(&self, rate: f64, nothing_else: bool) -> Result<(), MigrateError> {
+        let mut boundaries = vec![0];
+        if self.geo.regions() > 1 {
+            boundaries.push(self.geo.regions() - 1);
+        }
+        let window = self.bytes_of(&boundaries);
+        let need = window as f64 / rate;
+        let budget = self.opts.max_pause.as_secs_f64();
+        let measured = self.copy_bytes >= RATE_SAMPLE_REGIONS * self.geo.region_bytes();
+        if need <= budget || !(nothing_else || measured) {
+            return Ok(());
+        }
+        // Half as much again as the estimate, in whole tens of ms.
+        let suggest_ms = ((need * 1.5e3 / 10.0).ceil() as u64).max(1) * 10;
+        Err(MigrateError::PauseUnreachable {
+            budget_ms: self.opts.max_pause.as_millis(),
+            window_bytes: window,
+            rate_bytes_per_sec: rate,
+            need_ms: need * 1e3,
+            suggest_ms,
+        })
     }
 
     /// Tells the operator, once, when the unsynced set has stopped shrinking
@@ -682,5 +755,30 @@ impl Migration {
         self.copy_secs += 2.0 * started.elapsed().as_secs_f64().max(1e-6);
         self.copy_bytes += bytes.max(1);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_text_is_the_longest_hold_with_the_attempts() {
+        let s = Summary {
+            switched: true,
+            holds: 2,
+            failed_switches: 1,
+            pause_ms: Some(5000.0),
+            switch_window_ms: Some(18.8),
+            ..Summary::default()
+        };
+        assert_eq!(
+            s.pause_text(),
+            "writes held at most 5000.0 ms (2 holds, 1 failed switch attempts); the switch window lasted 18.8 ms"
+        );
+        let v = serde_json::to_value(&s).unwrap_or_default();
+        for k in ["pause_ms", "switch_window_ms", "holds", "failed_switches"] {
+            assert!(v.get(k).is_some(), "missing {k} in {v}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use blkmig::core::abi::{self, CtlCmd, Mode, RegionOp, Status};
-use blkmig::core::region::{Begin, End, Geometry, RegionMap, Verify};
+use blkmig::core::region::{Begin, End, Geometry, RegionMap, Regions, Verify};
 use blkmig::filter::{FilterError, Request};
 use blkmig::tracker::Tracker;
 
@@ -179,6 +179,25 @@ impl SimFilter {
         let mut st = self.lock();
         st.inflight -= 1;
         self.notify();
+    }
+}
+
+impl SimFilter {
+    /// A write to `region` that is submitted and never completes (until
+    /// [`SimFilter::end_stuck_write`]): the region stays busy.
+    pub fn begin_stuck_write(&self, region: u64) {
+        self.map().write_submit(Regions {
+            start: region,
+            end: region + 1,
+        });
+    }
+
+    /// Completes the write of [`SimFilter::begin_stuck_write`].
+    pub fn end_stuck_write(&self, region: u64) {
+        self.map().write_complete(Regions {
+            start: region,
+            end: region + 1,
+        });
     }
 }
 
