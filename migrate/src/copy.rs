@@ -177,10 +177,16 @@ pub async fn for_each_region(
     let n = geo.regions();
     let next = Arc::new(AtomicU64::new(0));
     let limit = limiter(rate, geo.region_bytes());
-    // At most 1 GiB: Geometry bounds the region shift.
-    let region_len = geo.region_bytes() as usize;
+    let plan = crate::buffer::plan(
+        geo.region_bytes(),
+        geo.bytes(),
+        n,
+        depth,
+        crate::buffer::mem_available(),
+    )?;
+    let region_len = plan.len;
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..depth.max(1) {
+    for _ in 0..plan.depth {
         let (next, limit, progress, cancel, f) = (
             next.clone(),
             limit.clone(),

@@ -164,6 +164,14 @@ pub enum Error {
         /// Largest logical block size of the two devices.
         block: u32,
     },
+    /// Not even one region's buffer fits in memory.
+    #[error("a region of {region} needs a buffer of that size, more than half the memory available ({available}): use a smaller --region-size")]
+    Memory {
+        /// The buffer one region needs.
+        region: Bytes,
+        /// MemAvailable.
+        available: Bytes,
+    },
     /// Verification found a region that differs.
     #[error("verification failed: region {region} (bytes {offset}..{end}) differs between {source_path} and {target_path}",
         end = .offset + .len, source_path = .source_path.display(), target_path = .target_path.display())]

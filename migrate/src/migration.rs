@@ -265,6 +265,8 @@ pub struct Migration {
     cancel: Arc<AtomicBool>,
     limit: Option<Arc<DefaultDirectRateLimiter>>,
     align: usize,
+    /// Length of a copy buffer: a region, or the device if it is smaller.
+    buf_len: usize,
     summary: Summary,
     /// Bytes copied and seconds spent copying, for the rate estimate.
     copy_bytes: u64,
@@ -307,7 +309,19 @@ impl Migration {
             )))
         });
         let align = src.mem_align().max(tgt.mem_align());
+        let plan = crate::buffer::plan(
+            geo.region_bytes(),
+            geo.bytes(),
+            geo.regions(),
+            opts.queue_depth,
+            crate::buffer::mem_available(),
+        )?;
+        let opts = MigrateOptions {
+            queue_depth: plan.depth,
+            ..opts
+        };
         Ok(Self {
+            buf_len: plan.len,
             tracker,
             src,
             tgt,
@@ -441,7 +455,7 @@ impl Migration {
             }
             let mut buf = bufs
                 .pop()
-                .unwrap_or_else(|| AlignedBuf::new(self.align, self.geo.region_bytes() as usize));
+                .unwrap_or_else(|| AlignedBuf::new(self.align, self.buf_len));
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
             // The target's head is the switch's to write (after the retire
             // marker): region 0 is copied from the end of the head on.

@@ -160,3 +160,47 @@ fn the_errno_is_printed_once() {
     assert!(!err.contains("os error"), "{err}");
     assert!(err.contains("No such file or directory"), "{err}");
 }
+
+/// Peak resident memory of a child, in bytes, after it exits.
+fn exit_and_peak_rss(child: &Child) -> (i32, u64) {
+    let pid = i32::try_from(child.id()).unwrap_or_else(|e| panic!("{e}"));
+    let mut status = 0;
+    // SAFETY: `rusage` is plain old data, valid when zeroed.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `status` and `usage` are valid for writes for the call; the
+    // pid is our child's, not yet reaped (`Child::wait` is not called).
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    // ru_maxrss is in KiB.
+    (code, u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024)
+}
+
+#[test]
+#[expect(clippy::zombie_processes, reason = "reaped by wait4 in exit_and_peak_rss")]
+fn buffers_never_exceed_the_device_or_the_memory_budget() {
+    let im = Images::new(64 << 20);
+    let child = migrate()
+        .args([
+            "copy",
+            s(&im.src()),
+            s(&im.tgt()),
+            "-q",
+            "--region-size",
+            "1G",
+        ])
+        .args(["--queue-depth", "8"])
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (code, rss) = exit_and_peak_rss(&child);
+    assert_eq!(code, 0);
+    assert!(rss < 200 << 20, "peak RSS {rss} bytes for a 64 MiB image");
+    assert_eq!(
+        fs::read(im.src()).unwrap_or_default(),
+        fs::read(im.tgt()).unwrap_or_default()
+    );
+}
