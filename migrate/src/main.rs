@@ -17,6 +17,15 @@ use blkmig::progress::{Progress, Reporter, Style};
 use blkmig::units::Bytes;
 use clap::{Args, Parser, Subcommand};
 
+/// A line for the operator on stderr; if stderr itself cannot be written,
+/// there is nowhere left to say so.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "migrate",
@@ -212,8 +221,9 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
     let progress = Progress::new("copy", src.size().0);
     let rep = Reporter::start(progress.clone(), style, every);
     let res = copy::copy(src.clone(), tgt.clone(), &opts, progress, cancel.clone()).await;
-    rep.finish().await;
+    let shown = rep.finish(res.is_ok()).await;
     let report = res?;
+    shown.context("cannot write progress to standard output")?;
     let mut verified = None;
     if a.verify {
         let progress = Progress::new("verify", src.size().0);
@@ -228,8 +238,9 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
             cancel,
         )
         .await;
-        rep.finish().await;
+        let shown = rep.finish(res.is_ok()).await;
         verified = Some(res?);
+        shown.context("cannot write progress to standard output")?;
     }
     let rate = report.bytes_total as f64 / report.seconds.max(1e-9);
     if style == Style::Json {
@@ -244,9 +255,9 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
             "verified": verified.is_some(),
             "verify_seconds": verified.as_ref().map(|v| v.seconds),
         });
-        println!("{j}");
+        out(&j.to_string())?;
     } else if style != Style::Quiet {
-        eprintln!(
+        say!(
             "copied {} ({} bytes) in {:.2}s, {}/s; {} written, {} zeroed{}",
             Bytes(report.bytes_total),
             report.bytes_total,
@@ -275,7 +286,7 @@ impl AttachArgs {
 }
 
 fn print_attached(a: &AttachArgs, at: &Attached) {
-    eprintln!(
+    say!(
         "blkmig attached to {} (target {}, {} regions of {})",
         a.source.display(),
         a.target.display(),
@@ -294,7 +305,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     let src = a.attach.source.display();
     let ready = match live::start(&a.attach.request())? {
         Start::AlreadySwitched => {
-            eprintln!(
+            say!(
                 "{src} has already switched to {}: nothing to do",
                 a.attach.target.display()
             );
@@ -305,7 +316,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     match &ready.begin {
         Begin::Attached(at) => print_attached(&a.attach, at),
         Begin::Resumed { synced, total } => {
-            eprintln!("resuming the migration of {src}: {synced} of {total} regions in sync")
+            say!("resuming the migration of {src}: {synced} of {total} regions in sync")
         }
     }
     let cancel = cancel_on_ctrl_c()?;
@@ -321,15 +332,16 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         state_dir: a.state_dir.clone(),
     };
     let res = ready.run(opts, progress, cancel).await;
-    rep.finish().await;
+    let shown = rep.finish(res.is_ok()).await;
     let summary = res?;
+    shown.context("cannot write progress to standard output")?;
     if style == Style::Json {
         let mut j = serde_json::to_value(&summary)?;
         j["event"] = "done".into();
-        println!("{j}");
+        out(&j.to_string())?;
     }
     if style != Style::Quiet {
-        eprintln!(
+        say!(
             "copied {} in {:.1}s ({} re-copies, {} busy, {} rounds); {}",
             Bytes(summary.bytes_copied),
             summary.seconds,
@@ -339,7 +351,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
             summary.pause_text(),
         );
         if summary.switched {
-            eprintln!(
+            say!(
                 "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its first region is saved in {saved}).\n\
                  Remount from {tgt} when convenient, then run `migrate detach {src}`.",
                 src = a.attach.source.display(),
@@ -347,7 +359,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
                 saved = summary.saved_head.as_deref().unwrap_or(Path::new("?")).display(),
             );
         } else {
-            eprintln!(
+            say!(
                 "in sync and mirroring; run `migrate start {} {}` again to switch",
                 a.attach.source.display(),
                 a.attach.target.display()
@@ -359,13 +371,13 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
 
 fn cmd_detach(source: &Path) -> Result<()> {
     live::detach(source)?;
-    eprintln!("blkmig detached from {}", source.display());
+    say!("blkmig detached from {}", source.display());
     Ok(())
 }
 
 fn cmd_abort(source: &Path) -> Result<()> {
     live::abort(source)?;
-    eprintln!(
+    say!(
         "migration of {} abandoned; blkmig detached, the source is untouched",
         source.display()
     );
@@ -480,7 +492,8 @@ fn init_tracing(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(blkmig::progress::LogWriter)
         .init();
 }
 
@@ -506,7 +519,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let words: Vec<String> = e.chain().map(blkmig::error::describe).collect();
-            eprintln!("migrate: {}", words.join(": "));
+            say!("migrate: {}", words.join(": "));
             ExitCode::FAILURE
         }
     }

@@ -181,7 +181,10 @@ fn exit_and_peak_rss(child: &Child) -> (i32, u64) {
 }
 
 #[test]
-#[expect(clippy::zombie_processes, reason = "reaped by wait4 in exit_and_peak_rss")]
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait4 in exit_and_peak_rss"
+)]
 fn buffers_never_exceed_the_device_or_the_memory_budget() {
     let im = Images::new(64 << 20);
     let child = migrate()
@@ -203,4 +206,112 @@ fn buffers_never_exceed_the_device_or_the_memory_budget() {
         fs::read(im.src()).unwrap_or_default(),
         fs::read(im.tgt()).unwrap_or_default()
     );
+}
+
+#[test]
+fn a_closed_pipe_on_stdout_is_an_error_not_a_panic() {
+    let im = Images::new(8 << 20);
+    let mut child = migrate()
+        .args(["copy", s(&im.src()), s(&im.tgt()), "--json", "-i", "0.05"])
+        .args(["--rate-limit", "16M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // `| head -0`: the reader goes away at once.
+    drop(child.stdout.take());
+    let st = wait_at_most(
+        &mut child,
+        Duration::from_secs(30),
+        "copy into a closed pipe",
+    );
+    let o = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let err = stderr(&o);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("standard output"), "{err}");
+}
+
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let im = Images::new(1 << 20);
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap_or_else(|e| panic!("/dev/full: {e}"));
+    let o = migrate()
+        .args(["copy", s(&im.src()), s(&im.tgt()), "--json"])
+        .stdout(full)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("No space left on device (ENOSPC)"), "{err}");
+}
+
+#[test]
+fn log_lines_off_a_terminal_have_no_escapes() {
+    let im = Images::new(1 << 20);
+    let o = run(&["-v", "copy", s(&im.src()), s(&im.tgt())]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("copy starts"), "{err}");
+    assert!(!err.contains('\x1b'), "{err:?}");
+}
+
+/// A pseudo-terminal for a child's stderr: the progress bar is drawn.
+struct Pty {
+    master: fs::File,
+    slave: fs::File,
+}
+
+impl Pty {
+    fn new() -> Self {
+        use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY)
+            .unwrap_or_else(|e| panic!("openpt: {e}"));
+        grantpt(&master).unwrap_or_else(|e| panic!("grantpt: {e}"));
+        unlockpt(&master).unwrap_or_else(|e| panic!("unlockpt: {e}"));
+        let name = ptsname(&master, Vec::new()).unwrap_or_else(|e| panic!("ptsname: {e}"));
+        let slave = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(name.to_string_lossy().as_ref())
+            .unwrap_or_else(|e| panic!("pty slave: {e}"));
+        Self {
+            master: master.into(),
+            slave,
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_copy_leaves_the_bar_where_it_stopped() {
+    use std::io::Read;
+    let im = Images::new(64 << 20);
+    let pty = Pty::new();
+    let mut child = migrate()
+        .args(["copy", s(&im.src()), s(&im.tgt()), "--rate-limit", "4M"])
+        .stderr(pty.slave.try_clone().unwrap_or_else(|e| panic!("{e}")))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(pty.slave);
+    let mut master = pty.master;
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        // EIO once the child has exited and the slave is closed.
+        let _ = master.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT)
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    let st = wait_at_most(&mut child, Duration::from_secs(20), "interrupted copy");
+    let shown = reader.join().unwrap_or_else(|_| panic!("reader panicked"));
+    assert_eq!(st.code(), Some(1), "{shown}");
+    assert!(shown.contains("interrupted"), "{shown}");
+    assert!(!shown.contains("done"), "{shown}");
+    assert!(!shown.contains("100%"), "{shown}");
 }
