@@ -98,7 +98,7 @@ impl Summary {
     pub fn pause_text(&self) -> String {
         let mut t = match self.pause_ms {
             Some(p) => format!(
-                "writes held at most {p:.1} ms ({} holds, {} failed switch attempts)",
+                "writes paused {p:.1} ms at the longest ({} holds, {} failed switch attempts)",
                 self.holds, self.failed_switches
             ),
             None if self.switched => "no write was held".to_owned(),
@@ -788,7 +788,7 @@ mod tests {
         };
         assert_eq!(
             s.pause_text(),
-            "writes held at most 5000.0 ms (2 holds, 1 failed switch attempts); the switch window lasted 18.8 ms"
+            "writes paused 5000.0 ms at the longest (2 holds, 1 failed switch attempts); the switch window lasted 18.8 ms"
         );
         let v = serde_json::to_value(&s).unwrap_or_default();
         for k in ["pause_ms", "switch_window_ms", "holds", "failed_switches"] {
