@@ -28,9 +28,18 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use crate::buffer::AlignedBuf;
 use crate::device::Device;
 use crate::error::Error;
+use crate::filter::FilterError;
 use crate::progress::Progress;
-use crate::tracker::{Tracker, TrackerError};
+use crate::tracker::Tracker;
 use crate::units::Bytes;
+
+/// Shortest and longest wait between rounds in which nothing committed.
+const IDLE_MIN: Duration = Duration::from_millis(5);
+/// See [`IDLE_MIN`].
+const IDLE_MAX: Duration = Duration::from_millis(250);
+/// Regions copied before the measured rate is trusted to refuse a pause
+/// budget.
+const RATE_SAMPLE_REGIONS: u64 = 16;
 
 /// How to run a migration.
 #[derive(Clone, Debug)]
@@ -64,8 +73,15 @@ pub struct Summary {
     pub rounds: u64,
     /// Switch attempts that did not complete.
     pub failed_switches: u64,
-    /// How long writes were held for the switch that completed (ms).
+    /// Write holds the kernel made for this migration (switch attempts
+    /// that held writes, failed ones and earlier runs' included).
+    pub holds: u64,
+    /// The longest time one write waited in a hold (ms), failed attempts
+    /// included, as the kernel measured it; `None` if no write was held.
     pub pause_ms: Option<f64>,
+    /// How long the switch that completed kept its window open, from the
+    /// hold to the switch, as the copier timed it (ms).
+    pub switch_window_ms: Option<f64>,
     /// Estimated pause when the switch was decided (ms).
     pub estimated_pause_ms: Option<f64>,
     /// Whether the filter is now in REDIRECT mode.
@@ -76,15 +92,36 @@ pub struct Summary {
     pub saved_head: Option<PathBuf>,
 }
 
-/// Why a migration stopped.
+impl Summary {
+    /// The pause in words: the longest hold the kernel enforced, the holds
+    /// and failed attempts, and the copier's own timing of the window.
+    pub fn pause_text(&self) -> String {
+        let mut t = match self.pause_ms {
+            Some(p) => format!(
+                "writes paused {p:.1} ms at the longest ({} holds, {} failed switch attempts)",
+                self.holds, self.failed_switches
+            ),
+            None if self.switched => "no write was held".to_owned(),
+            None => "no switch yet".to_owned(),
+        };
+        if let Some(w) = self.switch_window_ms {
+            t += &format!("; the switch window lasted {w:.1} ms");
+        }
+        t
+    }
+}
+
+/// Why a migration stopped or could not start. One type for the migration
+/// layer: device errors (including an interruption) and filter errors are
+/// its sources.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// Device I/O.
+    /// Device I/O, a refusal of a device, or an interruption (Ctrl-C).
     #[error(transparent)]
-    Device(Error),
+    Device(#[from] Error),
     /// The filter refused a request.
     #[error(transparent)]
-    Filter(TrackerError),
+    Filter(FilterError),
     /// The filter went away: someone ran `migrate abort` or `detach`.
     #[error("the migration was aborted elsewhere: blkmig is no longer attached to the source (migrate abort or detach); the source is untouched")]
     Aborted,
@@ -105,26 +142,67 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
-    /// Cancelled (Ctrl-C).
-    #[error("interrupted")]
-    Interrupted,
+    /// The source is being migrated to another device than the one asked.
+    #[error("{source_path} is already being migrated to device {major}:{minor}, not to {target}",
+        source_path = .source_path.display(), target = .target.display())]
+    OtherTarget {
+        /// The source.
+        source_path: PathBuf,
+        /// The target asked for.
+        target: PathBuf,
+        /// The attached target's major number.
+        major: u32,
+        /// The attached target's minor number.
+        minor: u32,
+    },
+    /// `abort` after the switch: there is nothing to abort.
+    #[error("{source_path} has already switched to its target: there is nothing to abort (unmount it, then `migrate detach`)",
+        source_path = .source_path.display())]
+    AlreadySwitched {
+        /// The source.
+        source_path: PathBuf,
+    },
+    /// Interrupted (Ctrl-C): the migration was abandoned and blkmig
+    /// detached.
+    #[error("interrupted: the migration was abandoned, blkmig detached; {source_path} is untouched and in use as before",
+        source_path = .source_path.display())]
+    Abandoned {
+        /// The source.
+        source_path: PathBuf,
+    },
+    /// The switch window can never fit the pause budget: it copies the
+    /// first and last regions with writes held.
+    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the first and last regions ({window}) with writes held, which takes about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
+        window = Bytes(*.window_bytes), rate = Bytes(*.rate_bytes_per_sec as u64))]
+    PauseUnreachable {
+        /// The operator's budget, ms.
+        budget_ms: u128,
+        /// Bytes the switch window must copy.
+        window_bytes: u64,
+        /// The measured copy rate.
+        rate_bytes_per_sec: f64,
+        /// The estimated window, ms.
+        need_ms: f64,
+        /// A budget that would do, ms.
+        suggest_ms: u64,
+    },
 }
 
-impl From<TrackerError> for MigrateError {
-    fn from(e: TrackerError) -> Self {
-        if e.errno == libc::ENOENT {
-            MigrateError::Aborted
-        } else {
-            MigrateError::Filter(e)
-        }
+impl MigrateError {
+    /// Whether the migration stopped because it was cancelled (Ctrl-C).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, MigrateError::Device(Error::Interrupted))
     }
 }
 
-impl From<Error> for MigrateError {
-    fn from(e: Error) -> Self {
+impl From<FilterError> for MigrateError {
+    fn from(e: FilterError) -> Self {
         match e {
-            Error::Interrupted => MigrateError::Interrupted,
-            e => MigrateError::Device(e),
+            FilterError::Refused {
+                errno: libc::ENOENT,
+                ..
+            } => MigrateError::Aborted,
+            e => MigrateError::Filter(e),
         }
     }
 }
@@ -183,6 +261,8 @@ pub struct Migration {
     cancel: Arc<AtomicBool>,
     limit: Option<Arc<DefaultDirectRateLimiter>>,
     align: usize,
+    /// Length of a copy buffer: a region, or the device if it is smaller.
+    buf_len: usize,
     summary: Summary,
     /// Bytes copied and seconds spent copying, for the rate estimate.
     copy_bytes: u64,
@@ -227,7 +307,19 @@ impl Migration {
             )))
         });
         let align = src.mem_align().max(tgt.mem_align());
+        let plan = crate::buffer::plan(
+            geo.region_bytes(),
+            geo.bytes(),
+            geo.regions(),
+            opts.queue_depth,
+            crate::buffer::mem_available(),
+        )?;
+        let opts = MigrateOptions {
+            queue_depth: plan.depth,
+            ..opts
+        };
         Ok(Self {
+            buf_len: plan.len,
             tracker,
             src,
             tgt,
@@ -315,7 +407,7 @@ impl Migration {
                 tgt.write_all_at(&zeros, off)
             })
             .await
-            .map_err(|_| MigrateError::Interrupted)??;
+            .map_err(|e| Error::joined(&e, "wipe"))??;
         }
         Ok(())
     }
@@ -362,7 +454,7 @@ impl Migration {
             }
             let mut buf = bufs
                 .pop()
-                .unwrap_or_else(|| AlignedBuf::new(self.align, self.geo.region_bytes() as usize));
+                .unwrap_or_else(|| AlignedBuf::new(self.align, self.buf_len));
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
             // The target's head is the switch's to write (after the retire
             // marker): region 0 is copied from the end of the head on.
@@ -434,8 +526,8 @@ impl Migration {
                 bufs.push(buf);
                 failed.get_or_insert(e.into());
             }
-            Err(_) => {
-                failed.get_or_insert(MigrateError::Interrupted);
+            Err(e) => {
+                failed.get_or_insert(Error::joined(&e, "copy").into());
             }
         }
     }
@@ -446,7 +538,7 @@ impl Migration {
         let mut committed = 0;
         for chunk in regions.chunks(batch) {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(MigrateError::Interrupted);
+                return Err(Error::Interrupted.into());
             }
             let b = self.copy_batch(chunk).await?;
             committed += b.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
@@ -487,7 +579,7 @@ impl Migration {
             Ok(())
         })
         .await
-        .map_err(|_| MigrateError::Interrupted)??;
+        .map_err(|e| Error::joined(&e, "save"))??;
         Ok(path)
     }
 
@@ -530,7 +622,7 @@ impl Migration {
         self.in_window = false;
         match res {
             Ok(true) => {
-                self.summary.pause_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                self.summary.switch_window_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
                 self.summary.switched = true;
                 self.progress.set(self.geo.bytes());
                 self.progress.set_unsynced(0);
@@ -551,9 +643,12 @@ impl Migration {
         let started = Instant::now();
         self.check_mode()?;
         self.wipe_boundaries().await?;
+        // Waiting for busy or hot regions: the wait grows while nothing
+        // commits, so a stuck region does not cost a core.
+        let mut idle = IDLE_MIN;
         loop {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(MigrateError::Interrupted);
+                return Err(Error::Interrupted.into());
             }
             self.check_mode()?;
             self.summary.rounds += 1;
@@ -580,6 +675,7 @@ impl Migration {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+                self.check_reachable(rate, body.is_empty())?;
             } else if body.is_empty() {
                 // Nothing was copied to measure a rate on (a resumed or
                 // tiny migration): time a read of what is left.
@@ -587,13 +683,48 @@ impl Migration {
                 continue;
             }
             let committed = self.copy_all(&body).await?;
-            if committed == 0 && !body.is_empty() {
-                // Everything left is busy: let the writes complete.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            if committed == 0 {
+                // Everything left is busy or raced: let the writes complete.
+                tokio::time::sleep(idle).await;
+                idle = (idle * 2).min(IDLE_MAX);
+            } else {
+                idle = IDLE_MIN;
             }
         }
+        // The pause is the kernel's figure: the longest any write waited in
+        // a hold, failed attempts included, whatever the copier's clock saw.
+        let st = self.tracker.status()?;
+        self.summary.holds = st.holds;
+        self.summary.pause_ms = (st.holds > 0).then_some(st.hold_longest_ns as f64 / 1e6);
         self.summary.seconds = started.elapsed().as_secs_f64();
         Ok(self.summary)
+    }
+
+    /// Refuses a budget the switch can never meet: its window copies at
+    /// least the first and last regions, so a budget below that time at the
+    /// measured rate would wait forever. Judged once the rate rests on
+    /// enough copying (or nothing else is left to copy).
+    fn check_reachable(&self, rate: f64, nothing_else: bool) -> Result<(), MigrateError> {
+        let mut boundaries = vec![0];
+        if self.geo.regions() > 1 {
+            boundaries.push(self.geo.regions() - 1);
+        }
+        let window = self.bytes_of(&boundaries);
+        let need = window as f64 / rate;
+        let budget = self.opts.max_pause.as_secs_f64();
+        let measured = self.copy_bytes >= RATE_SAMPLE_REGIONS * self.geo.region_bytes();
+        if need <= budget || !(nothing_else || measured) {
+            return Ok(());
+        }
+        // Half as much again as the estimate, in whole tens of ms.
+        let suggest_ms = ((need * 1.5e3 / 10.0).ceil() as u64).max(1) * 10;
+        Err(MigrateError::PauseUnreachable {
+            budget_ms: self.opts.max_pause.as_millis(),
+            window_bytes: window,
+            rate_bytes_per_sec: rate,
+            need_ms: need * 1e3,
+            suggest_ms,
+        })
     }
 
     /// Tells the operator, once, when the unsynced set has stopped shrinking
@@ -632,11 +763,36 @@ impl Migration {
                 src.read_exact_at(&mut buf, off)
             })
             .await
-            .map_err(|_| MigrateError::Interrupted)??;
+            .map_err(|e| Error::joined(&e, "read"))??;
             bytes += len;
         }
         self.copy_secs += 2.0 * started.elapsed().as_secs_f64().max(1e-6);
         self.copy_bytes += bytes.max(1);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_text_is_the_longest_hold_with_the_attempts() {
+        let s = Summary {
+            switched: true,
+            holds: 2,
+            failed_switches: 1,
+            pause_ms: Some(5000.0),
+            switch_window_ms: Some(18.8),
+            ..Summary::default()
+        };
+        assert_eq!(
+            s.pause_text(),
+            "writes paused 5000.0 ms at the longest (2 holds, 1 failed switch attempts); the switch window lasted 18.8 ms"
+        );
+        let v = serde_json::to_value(&s).unwrap_or_default();
+        for k in ["pause_ms", "switch_window_ms", "holds", "failed_switches"] {
+            assert!(v.get(k).is_some(), "missing {k} in {v}");
+        }
     }
 }

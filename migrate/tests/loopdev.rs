@@ -412,3 +412,31 @@ fn recover_without_the_saved_head_changes_nothing() {
         "a refused recover wrote"
     );
 }
+
+/// The live commands name what this machine lacks (the kernel's filter
+/// hook, or the module) instead of passing on the driver's errno (a loop
+/// device answers an unknown ioctl with EINVAL).
+#[test]
+fn live_commands_name_the_missing_hook_or_module() {
+    if !enabled() {
+        return;
+    }
+    let dev = Loop::new(&pattern(4 << 20, 3), false);
+    // (status falls back to reading the disk: it is checked below)
+    let o = migrate(&["abort", &dev.dev]);
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let hook = "this kernel has no block-device filter hook (BLKFILTER_* ioctls): boot a kernel with the blkmig patches";
+    let module = "the blkmig module is not loaded: modprobe blkmig";
+    let attached = "no blkmig filter is attached";
+    assert!(
+        e.contains(hook) || e.contains(module) || e.contains(attached),
+        "{e}"
+    );
+    assert!(!e.contains("Invalid argument"), "{e}");
+    // With no hook, status says what the disk holds instead.
+    let o = migrate(&["status", &dev.dev, "--json"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(r#""mode":"detached""#), "{out}");
+}

@@ -170,7 +170,7 @@ enum AbiReq {
 }
 
 fn errno_of(e: &blkmig::filter::FilterError) -> String {
-    blkmig::filter::errno_name(&e.errno).to_owned()
+    blkmig::filter::errno_name(&e.errno()).to_owned()
 }
 
 fn region_op(dev: &Path, cmd: abi::CtlCmd, op: abi::RegionOp) -> Result<abi::RegionOp> {
