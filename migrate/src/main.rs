@@ -377,7 +377,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         );
         if summary.switched {
             say!(
-                "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its first region is saved in {saved}).\n\
+                "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its head is saved in {saved}).\n\
                  Remount from {tgt} when convenient, then run `migrate detach {src}`.",
                 src = a.attach.source.display(),
                 tgt = a.attach.target.display(),

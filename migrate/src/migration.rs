@@ -546,25 +546,37 @@ impl Migration {
         Ok(committed)
     }
 
-    /// Saves the source's head (read now: writes are held) where `migrate`
-    /// can restore it from, durably, with what it belongs to
+    /// Reads the source's head (writes are held). The read forces the
+    /// page-cache writeback of the filesystem's dirty pages over it, which
+    /// the module lets through (they are the copier's own writes).
+    async fn read_head(&self) -> Result<Vec<u8>, MigrateError> {
+        let (src, align, len) = (self.src.clone(), self.align, self.geo.head_bytes());
+        let head = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Error> {
+            let mut buf = AlignedBuf::new(align, len as usize);
+            src.read_exact_at(&mut buf, 0)?;
+            Ok(buf.to_vec())
+        })
+        .await
+        .map_err(|e| Error::joined(&e, "read"))??;
+        Ok(head)
+    }
+
+    /// Saves `head`, the source's head, where `migrate` can restore it
+    /// from, durably, with what it belongs to
     /// ([`crate::recover::HeadMeta`]): after a crash between the retire
     /// marker and the target's head, it is what makes either device whole.
-    async fn save_head(&self) -> Result<PathBuf, MigrateError> {
+    async fn save_head(&self, head: &[u8]) -> Result<PathBuf, MigrateError> {
         let path = head_path(&self.opts.state_dir, &self.src);
-        let (off, len) = (0, self.geo.head_bytes());
-        let (src, align, p) = (self.src.clone(), self.align, path.clone());
-        let (id, target) = (self.migration_id, self.tgt.path().to_owned());
+        let p = path.clone();
+        let meta = crate::recover::HeadMeta {
+            migration_id: self.migration_id,
+            head_bytes: head.len() as u64,
+            crc32: crc32fast::hash(head),
+            source: self.src.path().to_owned(),
+            target: self.tgt.path().to_owned(),
+        };
+        let head = head.to_vec();
         tokio::task::spawn_blocking(move || -> Result<(), MigrateError> {
-            let mut buf = AlignedBuf::new(align, len as usize);
-            src.read_exact_at(&mut buf, off)?;
-            let meta = crate::recover::HeadMeta {
-                migration_id: id,
-                head_bytes: len,
-                crc32: crc32fast::hash(&buf),
-                source: src.path().to_owned(),
-                target,
-            };
             let state = |source| MigrateError::State {
                 path: p.clone(),
                 source,
@@ -573,7 +585,7 @@ impl Migration {
                 serde_json::to_vec_pretty(&meta).map_err(|e| state(std::io::Error::other(e)))?;
             // The bytes first: a description never points at a head that
             // is not there.
-            crate::recover::write_durably(&p, &buf).map_err(state)?;
+            crate::recover::write_durably(&p, &head).map_err(state)?;
             crate::recover::write_durably(&p.with_file_name(crate::recover::HEAD_META_FILE), &json)
                 .map_err(state)?;
             Ok(())
@@ -583,20 +595,18 @@ impl Migration {
         Ok(path)
     }
 
-    /// One switch attempt: hold, copy the rest, save the head, switch.
-    /// Returns whether it switched.
-    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
-        let t0 = Instant::now();
-        if let Err(e) = self.tracker.hold_writes(self.opts.hold_timeout_ms) {
-            tracing::warn!(error = %e, "could not hold writes for the switch");
-            self.summary.failed_switches += 1;
-            return Ok(false);
-        }
-        self.in_window = true;
-        let res: Result<bool, MigrateError> = async {
-            // Writes are held, but the copier's own reads may force page-cache
-            // writeback of the source, which is let through and can race a
-            // copy: copy again what did not commit, a few times.
+    /// Inside the window: copies what is left, saves the source's head, and
+    /// asks for the switch. The copier's own reads force the page-cache
+    /// writeback of the source (let through, being the copier's), which can
+    /// race a copy or, over the head, unsync region 0 and change the head
+    /// after it was saved. So: copy until everything commits, read the head
+    /// until a read finds what was saved and leaves every region synced (the
+    /// last read is then what the module reads in the switch), and go round
+    /// again if the module still finds a region to copy (`EAGAIN`, still
+    /// holding).
+    async fn switch_in_window(&mut self) -> Result<bool, MigrateError> {
+        let mut saved: Option<Vec<u8>> = None;
+        for _ in 0..6 {
             let mut left = self.unsynced()?;
             for _ in 0..4 {
                 if left.is_empty() {
@@ -609,16 +619,44 @@ impl Migration {
                 tracing::warn!(left = left.len(), "regions did not commit with writes held");
                 return Ok(false);
             }
-            self.summary.saved_head = Some(self.save_head().await?);
+            let head = self.read_head().await?;
+            if saved.as_deref() != Some(&head[..]) {
+                self.summary.saved_head = Some(self.save_head(&head).await?);
+                saved = Some(head);
+                continue;
+            }
+            if !self.unsynced()?.is_empty() {
+                continue;
+            }
             match self.tracker.switch() {
-                Ok(()) => Ok(true),
+                Ok(()) => return Ok(true),
+                Err(e)
+                    if e.errno() == libc::EAGAIN
+                        && self.tracker.status()?.flags & abi::STATUS_HOLDING != 0 =>
+                {
+                    tracing::info!("the module found a region to copy; still holding");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "switch refused");
-                    Ok(false)
+                    return Ok(false);
                 }
             }
         }
-        .await;
+        tracing::warn!("the source's head or regions kept changing with writes held");
+        Ok(false)
+    }
+
+    /// One switch attempt: hold, copy the rest, save the head, switch.
+    /// Returns whether it switched.
+    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
+        let t0 = Instant::now();
+        if let Err(e) = self.tracker.hold_writes(self.opts.hold_timeout_ms) {
+            tracing::warn!(error = %e, "could not hold writes for the switch");
+            self.summary.failed_switches += 1;
+            return Ok(false);
+        }
+        self.in_window = true;
+        let res = self.switch_in_window().await;
         self.in_window = false;
         match res {
             Ok(true) => {

@@ -253,6 +253,83 @@ async fn the_targets_head_stays_blank_until_the_switch() {
     assert!(rig.sim.head_writes.load(Ordering::Relaxed) > 0);
 }
 
+/// Passes every request to the simulated filter, but makes a write of the
+/// copier's own process over the head just before the first SWITCH (as the
+/// page-cache writeback its read of the head forces does): the module finds
+/// region 0 unsynced and answers EAGAIN, still holding.
+struct WritebackBeforeSwitch {
+    sim: Arc<SimFilter>,
+    done: AtomicBool,
+}
+
+impl Tracker for WritebackBeforeSwitch {
+    fn status(&self) -> Result<abi::Status, blkmig::filter::FilterError> {
+        self.sim.status()
+    }
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.copy_begin(ops)
+    }
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.copy_end(ops)
+    }
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.verify_begin(ops)
+    }
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.verify_end(ops)
+    }
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.unsync(ops)
+    }
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, blkmig::filter::FilterError> {
+        self.sim.synced(first, count)
+    }
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.hold_writes(timeout_ms)
+    }
+    fn switch(&self) -> Result<(), blkmig::filter::FilterError> {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            self.sim.write_by_copier(1024, &pattern(4096, 77));
+        }
+        self.sim.switch()
+    }
+    fn release(&self) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.release()
+    }
+}
+
+/// A write of the copier's own process over the head inside the window is
+/// copied and the head saved again in the same window: no failed switch,
+/// one hold, and the saved head is the head the switch retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_written_back_inside_the_window_is_saved_again_in_it() {
+    let rig = rig(9);
+    let proxy = Arc::new(WritebackBeforeSwitch {
+        sim: rig.sim.clone(),
+        done: AtomicBool::new(false),
+    });
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    let s = Migration::new(
+        proxy,
+        rig.src.clone(),
+        rig.tgt.clone(),
+        &st,
+        options(&rig),
+        Progress::migration(SIZE, st.regions_total),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .run()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    assert_eq!(s.failed_switches, 0, "the window was given up: {s:?}");
+    assert_eq!(rig.sim.status().map(|st| st.holds).ok(), Some(1));
+    rig.shadow.lock().unwrap_or_else(|e| e.into_inner())[1024..1024 + 4096]
+        .copy_from_slice(&pattern(4096, 77));
+    check_switched(&rig);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrates_under_writes_and_switches() {
     let rig = rig(1);
