@@ -193,6 +193,35 @@ struct Counters {
     copy_busy: AtomicU64,
 }
 
+/// How the write of the target's head in the switch ended.
+enum TargetHeadEnd {
+    /// On the target, durably.
+    Written,
+    /// Never submitted: the target is as it was.
+    NotWritten(Error),
+    /// Failed or still in flight (the migration fails); positive errno.
+    Failed(i32),
+}
+
+/// What a bio over the head carries.
+#[derive(Clone, Copy)]
+enum Head {
+    /// `head_pages`: the source's head as the switch read it.
+    Saved,
+    /// The retire marker, then zeros.
+    Marker,
+    /// Zeros.
+    Zeros,
+}
+
+/// Where a write lies against the head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HeadOverlap {
+    Outside,
+    Within,
+    Across,
+}
+
 /// The write hold: its deadline and the writes it keeps.
 struct Hold {
     deadline_ns: i64,
@@ -256,7 +285,14 @@ pub(crate) struct Migration {
     holds: AtomicU64,
     /// Longest time one bio waited in a hold, in nanoseconds.
     hold_longest_ns: AtomicU64,
+    /// Writes to the source's head so far (the copier saves the head, and
+    /// the switch goes ahead only if this has not moved since).
+    head_writes: AtomicU64,
     retire_failed: AtomicBool,
+    /// The target's head may hold part of the source's after a failed
+    /// switch (its write failed or did not finish, and zeros could not be
+    /// written over it).
+    target_head_dirty: AtomicBool,
     marker_page: Page,
     zero_page: Page,
     /// The source's first head (`Geometry::head_bytes`), read inside the switch before the
@@ -265,14 +301,21 @@ pub(crate) struct Migration {
     /// Woken when a count the switch or detach waits for drops to zero.
     #[pin]
     events: WaitQueue,
-    /// The switch's own I/O (flushes, head read, marker); wakes `events`.
+    /// The switch's own I/O on the source (flushes, head read, marker) and
+    /// on the target (its flush, its head): one slot each, so that an I/O
+    /// stuck on one device never keeps the switch from the other. Both wake
+    /// `events`.
     sync: SyncIo,
+    tsync: SyncIo,
     /// Ends the hold at its deadline; releases held writes after a failure.
     #[pin]
     hold_work: DelayedWork,
     /// Submits the switch's own I/O (see `SyncIo`), on `io_wq`.
     #[pin]
     submit_work: DelayedWork,
+    /// Submits `tsync`'s I/O, on `io_wq`.
+    #[pin]
+    tsubmit_work: DelayedWork,
     wq: WorkQueue,
     /// A workqueue (with its own rescuer) for `submit_work` alone: a
     /// submission that blocks never delays the hold's timer.
@@ -361,6 +404,9 @@ impl Migration {
         if self.retire_failed.load(Ordering::Relaxed) {
             flags |= abi::STATUS_RETIRE_FAILED;
         }
+        if self.target_head_dirty.load(Ordering::Relaxed) {
+            flags |= abi::STATUS_TARGET_HEAD_DIRTY;
+        }
         Status {
             version: abi::ABI_VERSION,
             mode,
@@ -383,6 +429,7 @@ impl Migration {
             migration_id: self.migration_id,
             holds: self.holds.load(Ordering::Relaxed),
             hold_longest_ns: self.hold_longest_ns.load(Ordering::Relaxed),
+            head_writes: self.head_writes.load(Ordering::SeqCst),
         }
     }
 
@@ -541,19 +588,22 @@ impl Migration {
         (start.checked_add(len)? <= self.geometry.sectors()).then_some((start, len))
     }
 
-    /// Whether `bio` reaches the source's first region (or cannot be placed
-    /// in the source).
+    /// Whether `bio` reaches the source's head (or cannot be placed in the
+    /// source).
     fn touches_head(&self, bio: &Bio) -> bool {
         match self.span(bio) {
-            Some((start, len)) => self.geometry.regions_of(start, len).start == 0 && len > 0,
+            Some((start, len)) => self.geometry.touches_head(start, len),
             None => !bio.is_for(self.source()) || bio.nr_sectors() == 0,
         }
     }
 
-    /// Whether the write `bio` (within the source) reaches the head.
-    fn writes_head(&self, bio: &Bio) -> bool {
-        self.span(bio)
-            .is_some_and(|(start, len)| self.geometry.touches_head(start, len))
+    /// Where the write `bio` (within the source) lies against the head.
+    fn head_overlap(&self, bio: &Bio) -> HeadOverlap {
+        match self.span(bio) {
+            Some((start, len)) if self.geometry.within_head(start, len) => HeadOverlap::Within,
+            Some((start, len)) if self.geometry.touches_head(start, len) => HeadOverlap::Across,
+            _ => HeadOverlap::Outside,
+        }
     }
 
     /// Sends clones of `bio` to `legs` from the migration's bio sets (see
@@ -655,8 +705,7 @@ impl Migration {
         let Some((start, len)) = self.span(&bio) else {
             return Some(bio);
         };
-        let regions = self.geometry.regions_of(start, len);
-        if regions.is_empty() || regions.start != 0 {
+        if !self.geometry.touches_head(start, len) {
             return Some(bio);
         }
         // Count first, then look at the mode: pairs with the switch, which
@@ -736,15 +785,23 @@ impl Migration {
             return Some(bio);
         };
         let mut mirror = self.map().write_submit(regions);
-        if mirror && self.writes_head(&bio) {
-            // The target's head is the switch's to write, after the retire
-            // marker: until then the target must not look like the
-            // filesystem. The regions are copied again instead (the write
-            // counts as in flight, so no copier commits in between).
-            for r in regions.start..regions.end {
-                self.map().unsync(r);
+        // The target's head is the switch's to write, after the retire
+        // marker (which reads the source's head then): until then the
+        // target must not look like the filesystem. A write within the head
+        // needs nothing more; one that reaches past it sends its regions
+        // back to be copied (it counts as in flight, so no copier commits in
+        // between). Either way the copier learns that the head changed.
+        match self.head_overlap(&bio) {
+            HeadOverlap::Outside => {}
+            overlap => {
+                self.head_writes.fetch_add(1, Ordering::SeqCst);
+                if overlap == HeadOverlap::Across {
+                    for r in regions.start..regions.end {
+                        self.map().unsync(r);
+                    }
+                }
+                mirror = false;
             }
-            mirror = false;
         }
         self.stats.writes_seen.fetch_add(1, Ordering::Relaxed);
         self.owned.fetch_add(1, Ordering::SeqCst);
@@ -927,17 +984,29 @@ impl Migration {
     /// Runs one I/O of the switch (`bio`, if it could be made) through the
     /// worker and waits for it, at most until `deadline_ns`.
     fn sync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
-        if let Err(e) = bio.and_then(|bio| self.sync.queue(bio)) {
+        self.run_on(&self.sync, &self.submit_work, bio, deadline_ns)
+    }
+
+    /// [`Self::sync_run`] on the target's slot.
+    fn tsync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
+        self.run_on(&self.tsync, &self.tsubmit_work, bio, deadline_ns)
+    }
+
+    fn run_on(
+        &self,
+        io: &SyncIo,
+        work: &DelayedWork,
+        bio: Result<PageBio>,
+        deadline_ns: i64,
+    ) -> IoEnd {
+        if let Err(e) = bio.and_then(|bio| io.queue(bio)) {
             return IoEnd::NotStarted(e);
         }
-        self.submit_work.schedule(&self.io_wq, 0);
-        if self
-            .events
-            .wait_until(ms_until(deadline_ns), || self.sync.idle())
-        {
-            return IoEnd::Done(self.sync.result());
+        work.schedule(&self.io_wq, 0);
+        if self.events.wait_until(ms_until(deadline_ns), || io.idle()) {
+            return IoEnd::Done(io.result());
         }
-        if self.sync.cancel() {
+        if io.cancel() {
             IoEnd::Cancelled
         } else {
             IoEnd::Stuck
@@ -948,19 +1017,30 @@ impl Migration {
     /// into `head_pages`, or a write of them, or of the retire marker (the
     /// marker page, then zeros).
     fn head_bio(&self, write: bool, marker: bool) -> Result<PageBio> {
-        self.head_bio_on(self.source(), write, marker)
+        let data = if marker { Head::Marker } else { Head::Saved };
+        self.head_bio_on(self.source(), &self.sync, write, data)
     }
 
-    /// [`Self::head_bio`] on `bdev` (the source, or the target for the
-    /// write of its head).
-    fn head_bio_on(&self, bdev: &BlockDevice, write: bool, marker: bool) -> Result<PageBio> {
+    /// A write of the target's head: the saved head, or zeros.
+    fn target_head_bio(&self, data: Head) -> Result<PageBio> {
+        self.head_bio_on(self.target.bdev(), &self.tsync, true, data)
+    }
+
+    /// [`Self::head_bio`] on `bdev`, completed into `io`.
+    fn head_bio_on(
+        &self,
+        bdev: &BlockDevice,
+        io: &SyncIo,
+        write: bool,
+        data: Head,
+    ) -> Result<PageBio> {
         let len = self.retire_len();
         let page_at = |i: usize| {
             let l = (len - (i as u64) * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as u32;
-            let page = match (marker, i) {
-                (true, 0) => &self.marker_page,
-                (true, _) => &self.zero_page,
-                (false, _) => &self.head_pages[i],
+            let page = match (data, i) {
+                (Head::Marker, 0) => &self.marker_page,
+                (Head::Marker, _) | (Head::Zeros, _) => &self.zero_page,
+                (Head::Saved, _) => &self.head_pages[i],
             };
             (page, l)
         };
@@ -970,14 +1050,7 @@ impl Migration {
             bindings::req_op_REQ_OP_READ | bindings::REQ_SYNC
         };
         self.io_set
-            .page_bio(
-                bdev,
-                0,
-                opf,
-                self.head_pages.len(),
-                page_at,
-                &self.sync,
-            )
+            .page_bio(bdev, 0, opf, self.head_pages.len(), page_at, io)
             .ok_or(ENOMEM)
     }
 
@@ -1011,13 +1084,17 @@ impl Migration {
         }
     }
 
-    fn switch(&self) -> Result {
+    /// `head_writes`: the count of writes to the head the copier saw when
+    /// it read and saved the head; if it has moved since, the saved head is
+    /// stale and the switch answers `EAGAIN` (still holding, before
+    /// SWITCHING).
+    fn switch(&self, head_writes: Option<u64>) -> Result {
         match self.mode_raw() {
             m if m == Mode::Clone as u32 => {}
             m if m == Mode::Failed as u32 => return Err(EIO),
             _ => return Err(EINVAL),
         }
-        if !self.sync.idle() {
+        if !self.sync.idle() || !self.tsync.idle() {
             // The I/O of an earlier, timed-out attempt is still in flight:
             // no switch now, and no hold that waits for one.
             self.release();
@@ -1043,8 +1120,9 @@ impl Migration {
             self.release();
             return Err(EIO);
         }
-        if !self.map().all_synced() {
-            // The copier copies what is left and asks again.
+        if !self.map().all_synced() || !self.head_unchanged(head_writes) {
+            // The copier copies what is left, or saves the head again, and
+            // asks again.
             return Err(EAGAIN);
         }
         if let Err(e) = self.prepare_marker() {
@@ -1093,7 +1171,7 @@ impl Migration {
             self.leave_switching(Mode::Clone);
             return Err(errno(bindings::ETIMEDOUT));
         }
-        if !self.map().all_synced() {
+        if !self.map().all_synced() || !self.head_unchanged(head_writes) {
             self.leave_switching(Mode::Clone);
             return Err(EAGAIN);
         }
@@ -1106,8 +1184,8 @@ impl Migration {
         // 3. The target holds everything durably before the source is
         //    retired. A flush that fails fails the migration; one that does
         //    not finish in time only this attempt.
-        let flush = self.sync.flush_bio(&self.io_set, self.target.bdev());
-        match self.sync_run(flush, deadline) {
+        let flush = self.tsync.flush_bio(&self.io_set, self.target.bdev());
+        match self.tsync_run(flush, deadline) {
             IoEnd::Done(Ok(())) => {}
             IoEnd::Done(Err(e)) => {
                 self.fail(Failure::TargetFlush, e.to_errno().abs());
@@ -1142,20 +1220,25 @@ impl Migration {
         let budget = deadline + MARKER_BUDGET_MS * 1_000_000;
         self.retire_source(budget)?;
 
-        // 5. Only now the target gets its head: at no instant do both
-        //    devices hold it. A write that fails or does not finish in
-        //    time fails the migration; the source's head goes back below.
-        match self.sync_run(
-            self.head_bio_on(self.target.bdev(), true, false),
-            budget,
-        ) {
-            IoEnd::Done(Ok(())) => {}
-            end => {
-                let e = match end {
-                    IoEnd::Done(Err(e)) | IoEnd::NotStarted(e) => e.to_errno().abs(),
-                    _ => bindings::ETIMEDOUT as i32,
-                };
-                pr_err!("could not write the target's head ({}); the source's head goes back\n", e);
+        // 5. Only now the target gets its head: the source is retired
+        //    first, so the two never both hold it (but where the marker
+        //    could not be confirmed, `retire_failed`). Written on the
+        //    target's own slot and budget: a source I/O still in flight
+        //    does not keep it waiting.
+        match self.write_target_head() {
+            TargetHeadEnd::Written => {}
+            TargetHeadEnd::NotWritten(e) => {
+                // Nothing reached the target: the source gets its head
+                // back and stays authoritative, still in CLONE.
+                self.undo_retire();
+                self.leave_switching(Mode::Clone);
+                return Err(e);
+            }
+            TargetHeadEnd::Failed(e) => {
+                pr_err!(
+                    "could not write the target's head ({}); the source's head goes back\n",
+                    e
+                );
                 self.fail(Failure::TargetWrite, e);
             }
         }
@@ -1185,6 +1268,62 @@ impl Migration {
         self.release();
         pr_info!("switched: every bio now goes to the target\n");
         Ok(())
+    }
+
+    /// Whether no write reached the head since the copier saw `expected`
+    /// writes to it (always, if it did not say).
+    fn head_unchanged(&self, expected: Option<u64>) -> bool {
+        match expected {
+            Some(w) => w == self.head_writes.load(Ordering::SeqCst),
+            None => true,
+        }
+    }
+
+    /// Writes the saved head to the target (FUA) within a budget of its own;
+    /// a write still in flight at its end gets a second one. A write that
+    /// failed, maybe in part, is followed by zeros over the target's head,
+    /// so that the source, which gets its head back, stays the only device
+    /// that looks like the filesystem.
+    fn write_target_head(&self) -> TargetHeadEnd {
+        let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+        let failed = |e: i32| {
+            self.blank_target_head();
+            TargetHeadEnd::Failed(e)
+        };
+        match self.tsync_run(self.target_head_bio(Head::Saved), budget) {
+            IoEnd::Done(Ok(())) => TargetHeadEnd::Written,
+            IoEnd::NotStarted(e) => TargetHeadEnd::NotWritten(e),
+            IoEnd::Cancelled => TargetHeadEnd::NotWritten(errno(bindings::ETIMEDOUT)),
+            IoEnd::Done(Err(e)) => failed(e.to_errno().abs()),
+            IoEnd::Stuck => {
+                let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+                if !self
+                    .events
+                    .wait_until(ms_until(budget), || self.tsync.idle())
+                {
+                    // It may land later, next to the source's head put
+                    // back: said in the status until the target is wiped.
+                    self.target_head_dirty.store(true, Ordering::Relaxed);
+                    return TargetHeadEnd::Failed(bindings::ETIMEDOUT as i32);
+                }
+                match self.tsync.result() {
+                    Ok(()) => TargetHeadEnd::Written,
+                    Err(e) => failed(e.to_errno().abs()),
+                }
+            }
+        }
+    }
+
+    /// Zeros over the target's head after a failed write of it (best
+    /// effort, bounded; the status says so if it did not complete).
+    fn blank_target_head(&self) {
+        let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+        if !matches!(
+            self.tsync_run(self.target_head_bio(Head::Zeros), budget),
+            IoEnd::Done(Ok(()))
+        ) {
+            self.target_head_dirty.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The switch failed after the retire marker was written (the mode is
@@ -1286,7 +1425,10 @@ impl Migration {
                         op.word = word;
                         abi::REGION_OK
                     }
-                    Some(Verify::Busy) => abi::REGION_BUSY,
+                    Some(Verify::Busy) => {
+                        self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
+                        abi::REGION_BUSY
+                    }
                     Some(Verify::NotSynced) => abi::REGION_NOT_SYNCED,
                     None => abi::REGION_RANGE,
                 }
@@ -1297,7 +1439,16 @@ impl Migration {
                     None => abi::REGION_RANGE,
                 }
             } else if cmd == CtlCmd::Unsync {
-                if op.region < self.geometry.regions() {
+                if op.word != 0 {
+                    return Err(EINVAL);
+                }
+                // Under the hold lock, in CLONE: the switch enters
+                // SWITCHING under it and then checks again that every
+                // region is synced, so it sees this or refuses it.
+                let _h = self.hold.lock();
+                if self.mode_raw() != Mode::Clone as u32 {
+                    abi::REGION_NOT_CLONING
+                } else if op.region < self.geometry.regions() {
                     self.map().unsync(op.region);
                     abi::REGION_OK
                 } else {
@@ -1397,6 +1548,19 @@ unsafe extern "C" fn submit_work_fn(work: *mut bindings::work_struct) {
     mig.sync.submit_queued();
 }
 
+/// The target's switch I/O worker's function.
+///
+/// # Safety
+///
+/// Called by the workqueue for the `tsubmit_work` of a live `Migration`
+/// (the work is cancelled before the migration is dropped).
+unsafe extern "C" fn tsubmit_work_fn(work: *mut bindings::work_struct) {
+    // SAFETY: `work` belongs to the `tsubmit_work` field of a `Migration`.
+    let mig =
+        unsafe { &*kernel::container_of!(DelayedWork::from_work(work), Migration, tsubmit_work) };
+    mig.tsync.submit_queued();
+}
+
 impl Filter for Migration {
     const NAME: &'static CStr = c_str!("blkmig");
 
@@ -1490,7 +1654,9 @@ impl Filter for Migration {
                 migration_id: sys::random_u64(),
                 holds: AtomicU64::new(0),
                 hold_longest_ns: AtomicU64::new(0),
+                head_writes: AtomicU64::new(0),
                 retire_failed: AtomicBool::new(false),
+                target_head_dirty: AtomicBool::new(false),
                 marker_page,
                 zero_page,
                 head_pages,
@@ -1499,8 +1665,11 @@ impl Filter for Migration {
                 // outlives `sync`; the object waits for `sync` to be idle
                 // before it is dropped.
                 sync: unsafe { SyncIo::new(ptr::addr_of!((*this.as_ptr()).events)) },
+                // SAFETY: As for `sync`.
+                tsync: unsafe { SyncIo::new(ptr::addr_of!((*this.as_ptr()).events)) },
                 hold_work <- DelayedWork::new(hold_work_fn),
                 submit_work <- DelayedWork::new(submit_work_fn),
+                tsubmit_work <- DelayedWork::new(tsubmit_work_fn),
                 wq,
                 io_wq,
                 ctx_set <- BioSet::new(POOL, bio::CTX_PAD, false),
@@ -1562,7 +1731,12 @@ impl Filter for Migration {
             }
             Some(CtlCmd::Switch) => {
                 let _busy = self.ctl_claim()?;
-                self.switch()?;
+                let head_writes = match *len as usize {
+                    0 => None,
+                    n if n == size_of::<u64>() => Some(buf.reader().read::<u64>()?),
+                    _ => return Err(EINVAL),
+                };
+                self.switch(head_writes)?;
                 *len = 0;
                 Ok(())
             }
@@ -1600,13 +1774,15 @@ impl PinnedDrop for Migration {
         );
         self.hold_work.cancel_sync();
         self.submit_work.cancel_sync();
+        self.tsubmit_work.cancel_sync();
         self.sync.cancel();
+        self.tsync.cancel();
         self.release();
         // Every bio we took or submitted must be finished before the target
         // is closed, the bio sets go and the module may be unloaded. The
         // device's own I/O timeout bounds this wait.
         while !self.events.wait_until(DRAIN_REPORT_MS, || {
-            self.owned.load(Ordering::SeqCst) == 0 && self.sync.idle()
+            self.owned.load(Ordering::SeqCst) == 0 && self.sync.idle() && self.tsync.idle()
         }) {
             pr_warn!(
                 "detach waits for {} bios still in flight\n",

@@ -397,6 +397,8 @@ unsafe impl Pod for HoldRequest {}
 unsafe impl Pod for SyncedQuery {}
 // SAFETY: a byte is plain old data.
 unsafe impl Pod for u8 {}
+// SAFETY: every bit pattern is a valid u64, which has no padding.
+unsafe impl Pod for u64 {}
 
 impl Tracker for Filtered {
     fn status(&self) -> Result<Status, FilterError> {
@@ -471,8 +473,9 @@ impl Tracker for Filtered {
         Ok(())
     }
 
-    fn switch(&self) -> Result<(), FilterError> {
-        self.ctl_none(CtlCmd::Switch)
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError> {
+        let mut w = [head_writes];
+        self.ctl_slice(CtlCmd::Switch, &mut w).map(|_| ())
     }
 
     fn release(&self) -> Result<(), FilterError> {

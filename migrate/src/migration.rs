@@ -12,7 +12,7 @@
 //! The first and last regions (superblocks, partition tables, labels) are
 //! wiped on the target at the start and copied only inside the switch
 //! window, so a half-copied target is never recognisable as the filesystem.
-//! The target's head (the first `Geometry::head_bytes` of region 0) is never
+//! The target's head (its first `Geometry::head_bytes`, 1 MiB) is never
 //! written here: the module writes it in the switch, after the retire
 //! marker is on the source.
 
@@ -457,8 +457,8 @@ impl Migration {
                 .unwrap_or_else(|| AlignedBuf::new(self.align, self.buf_len));
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
             // The target's head is the switch's to write (after the retire
-            // marker): region 0 is copied from the end of the head on.
-            let skip = if r == 0 { self.geo.head_bytes() } else { 0 };
+            // marker): a region in it is copied from the end of the head on.
+            let (_, skip) = self.geo.head_part(r);
             set.spawn_blocking(move || {
                 let (n, k) = (len as usize, skip as usize);
                 let res = if k >= n {
@@ -598,12 +598,12 @@ impl Migration {
     /// Inside the window: copies what is left, saves the source's head, and
     /// asks for the switch. The copier's own reads force the page-cache
     /// writeback of the source (let through, being the copier's), which can
-    /// race a copy or, over the head, unsync region 0 and change the head
-    /// after it was saved. So: copy until everything commits, read the head
-    /// until a read finds what was saved and leaves every region synced (the
-    /// last read is then what the module reads in the switch), and go round
-    /// again if the module still finds a region to copy (`EAGAIN`, still
-    /// holding).
+    /// race a copy or change the head after it was read. So: copy until
+    /// everything commits; read the head until no write reached it during
+    /// the read (the module counts them: `Status::head_writes`) and every
+    /// region is still synced; save it; and switch only if the count has
+    /// not moved since (else the module answers `EAGAIN`, still holding, and
+    /// this goes round again).
     async fn switch_in_window(&mut self) -> Result<bool, MigrateError> {
         let mut saved: Option<Vec<u8>> = None;
         for _ in 0..6 {
@@ -619,22 +619,24 @@ impl Migration {
                 tracing::warn!(left = left.len(), "regions did not commit with writes held");
                 return Ok(false);
             }
+            let before = self.tracker.status()?.head_writes;
             let head = self.read_head().await?;
+            if self.tracker.status()?.head_writes != before || !self.unsynced()?.is_empty() {
+                continue;
+            }
             if saved.as_deref() != Some(&head[..]) {
                 self.summary.saved_head = Some(self.save_head(&head).await?);
                 saved = Some(head);
-                continue;
             }
-            if !self.unsynced()?.is_empty() {
-                continue;
-            }
-            match self.tracker.switch() {
+            match self.tracker.switch(before) {
                 Ok(()) => return Ok(true),
                 Err(e)
                     if e.errno() == libc::EAGAIN
                         && self.tracker.status()?.flags & abi::STATUS_HOLDING != 0 =>
                 {
-                    tracing::info!("the module found a region to copy; still holding");
+                    tracing::info!(
+                        "the module found the head written or a region to copy; still holding"
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "switch refused");

@@ -27,7 +27,10 @@ pub trait Tracker: Send + Sync {
     /// filter releases them by itself after `timeout_ms`.
     fn hold_writes(&self, timeout_ms: u32) -> Result<(), FilterError>;
     /// Switch to REDIRECT (every region must be synced, writes held).
-    fn switch(&self) -> Result<(), FilterError>;
+    /// `head_writes` is the `Status::head_writes` seen when the head was
+    /// read and saved: `EAGAIN`, still holding, if a write reached the head
+    /// since.
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError>;
     /// Release held writes and cancel the switch.
     fn release(&self) -> Result<(), FilterError>;
 }

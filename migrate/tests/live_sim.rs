@@ -287,11 +287,11 @@ impl Tracker for WritebackBeforeSwitch {
     fn hold_writes(&self, timeout_ms: u32) -> Result<(), blkmig::filter::FilterError> {
         self.sim.hold_writes(timeout_ms)
     }
-    fn switch(&self) -> Result<(), blkmig::filter::FilterError> {
+    fn switch(&self, head_writes: u64) -> Result<(), blkmig::filter::FilterError> {
         if !self.done.swap(true, Ordering::SeqCst) {
             self.sim.write_by_copier(1024, &pattern(4096, 77));
         }
-        self.sim.switch()
+        self.sim.switch(head_writes)
     }
     fn release(&self) -> Result<(), blkmig::filter::FilterError> {
         self.sim.release()
@@ -439,7 +439,9 @@ async fn a_copier_dead_in_the_switch_window_blocks_writes_only_until_the_timeout
         "a write waited {waited:?}"
     );
     assert!(
-        rig.sim.switch().is_err(),
+        rig.sim
+            .switch(rig.sim.status().map_or(0, |s| s.head_writes))
+            .is_err(),
         "switch accepted after the hold expired"
     );
     complete(&rig, options(&rig), stop, threads).await;
@@ -568,7 +570,7 @@ impl Tracker for Observed {
     fn hold_writes(&self, timeout_ms: u32) -> Result<(), FilterError> {
         self.sim.hold_writes(timeout_ms)
     }
-    fn switch(&self) -> Result<(), FilterError> {
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError> {
         let slow = self
             .slow_fails
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -581,7 +583,7 @@ impl Tracker for Observed {
                 errno: libc::ETIMEDOUT,
             });
         }
-        self.sim.switch()
+        self.sim.switch(head_writes)
     }
     fn release(&self) -> Result<(), FilterError> {
         self.sim.release()

@@ -164,14 +164,15 @@ impl SimFilter {
             .geo
             .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
         let mut mirror = self.map().write_submit(regions) && st.mode == Mode::Clone;
-        if self
-            .geo
-            .touches_head(off >> 9, (data.len() as u64).div_ceil(512))
-        {
-            // As the module: the target's head is the switch's alone; the
-            // regions are copied again instead.
-            (regions.start..regions.end).for_each(|r| self.map().unsync(r));
-            self.head_writes.fetch_add(1, Ordering::Relaxed);
+        let (sector, sectors) = (off >> 9, (data.len() as u64).div_ceil(512));
+        if self.geo.touches_head(sector, sectors) {
+            // As the module: the target's head is the switch's alone. A
+            // write within it needs nothing more; one that also reaches past
+            // it sends its regions back to be copied.
+            if !self.geo.within_head(sector, sectors) {
+                (regions.start..regions.end).for_each(|r| self.map().unsync(r));
+            }
+            self.head_writes.fetch_add(1, Ordering::SeqCst);
             mirror = false;
         }
         st.inflight += 1;
@@ -228,6 +229,7 @@ impl Tracker for SimFilter {
             writes_mirrored: self.mirrored.load(Ordering::Relaxed),
             writes_held: st.writes_held,
             migration_id: SIM_MIGRATION_ID,
+            head_writes: self.head_writes.load(Ordering::SeqCst),
             holds: self.holds.load(Ordering::Relaxed),
             hold_longest_ns: self
                 .longest_hold_wait
@@ -353,12 +355,12 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn switch(&self) -> Result<(), FilterError> {
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError> {
         let mut st = self.lock();
         if !st.holding {
             return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
         }
-        if !self.map().all_synced() {
+        if !self.map().all_synced() || head_writes != self.head_writes.load(Ordering::SeqCst) {
             return Err(err(Request::Ctl(CtlCmd::Switch), libc::EAGAIN));
         }
         // Retire the source: marker + zeros over its head; then the
