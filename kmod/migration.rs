@@ -313,13 +313,16 @@ pub(crate) struct Migration {
     /// Submits the switch's own I/O (see `SyncIo`), on `io_wq`.
     #[pin]
     submit_work: DelayedWork,
-    /// Submits `tsync`'s I/O, on `io_wq`.
+    /// Submits `tsync`'s I/O, on `tio_wq`.
     #[pin]
     tsubmit_work: DelayedWork,
     wq: WorkQueue,
     /// A workqueue (with its own rescuer) for `submit_work` alone: a
     /// submission that blocks never delays the hold's timer.
     io_wq: WorkQueue,
+    /// The same for `tsubmit_work`: a source submission that blocks never
+    /// delays the target's.
+    tio_wq: WorkQueue,
     #[pin]
     ctx_set: BioSet,
     #[pin]
@@ -447,6 +450,12 @@ impl Migration {
     /// A write accounted with `write_submit` has completed on every leg;
     /// `status` is the source's.
     pub(crate) fn write_done(&self, regions: Regions, status: u8) {
+        if regions.start < self.head_regions() {
+            // Counted at completion too: a head write submitted before the
+            // copier read the count and finished after it read the head
+            // still moves it.
+            self.head_writes.fetch_add(1, Ordering::SeqCst);
+        }
         if status != 0 {
             // The source did not take the write, the target may have: the
             // regions no longer hold the same bytes on both. Unsync them
@@ -796,7 +805,9 @@ impl Migration {
             overlap => {
                 self.head_writes.fetch_add(1, Ordering::SeqCst);
                 if overlap == HeadOverlap::Across {
-                    for r in regions.start..regions.end {
+                    // Only the regions with bytes past the head: the head
+                    // part is the switch's, whatever the write does to it.
+                    for r in regions.start.max(self.head_full_regions())..regions.end {
                         self.map().unsync(r);
                     }
                 }
@@ -984,25 +995,32 @@ impl Migration {
     /// Runs one I/O of the switch (`bio`, if it could be made) through the
     /// worker and waits for it, at most until `deadline_ns`.
     fn sync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
-        self.run_on(&self.sync, &self.submit_work, bio, deadline_ns)
+        self.run_on(&self.sync, &self.submit_work, &self.io_wq, bio, deadline_ns)
     }
 
     /// [`Self::sync_run`] on the target's slot.
     fn tsync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
-        self.run_on(&self.tsync, &self.tsubmit_work, bio, deadline_ns)
+        self.run_on(
+            &self.tsync,
+            &self.tsubmit_work,
+            &self.tio_wq,
+            bio,
+            deadline_ns,
+        )
     }
 
     fn run_on(
         &self,
         io: &SyncIo,
         work: &DelayedWork,
+        wq: &WorkQueue,
         bio: Result<PageBio>,
         deadline_ns: i64,
     ) -> IoEnd {
         if let Err(e) = bio.and_then(|bio| io.queue(bio)) {
             return IoEnd::NotStarted(e);
         }
-        work.schedule(&self.io_wq, 0);
+        work.schedule(wq, 0);
         if self.events.wait_until(ms_until(deadline_ns), || io.idle()) {
             return IoEnd::Done(io.result());
         }
@@ -1088,7 +1106,7 @@ impl Migration {
     /// it read and saved the head; if it has moved since, the saved head is
     /// stale and the switch answers `EAGAIN` (still holding, before
     /// SWITCHING).
-    fn switch(&self, head_writes: Option<u64>) -> Result {
+    fn switch(&self, head_writes: u64) -> Result {
         match self.mode_raw() {
             m if m == Mode::Clone as u32 => {}
             m if m == Mode::Failed as u32 => return Err(EIO),
@@ -1217,6 +1235,15 @@ impl Migration {
             self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
+        // The target's head bio is made now: nothing after the marker may
+        // fail for want of memory.
+        let thead = match self.target_head_bio(Head::Saved) {
+            Ok(bio) => bio,
+            Err(e) => {
+                self.leave_switching(Mode::Clone);
+                return Err(e);
+            }
+        };
         let budget = deadline + MARKER_BUDGET_MS * 1_000_000;
         self.retire_source(budget)?;
 
@@ -1225,12 +1252,15 @@ impl Migration {
         //    could not be confirmed, `retire_failed`). Written on the
         //    target's own slot and budget: a source I/O still in flight
         //    does not keep it waiting.
-        match self.write_target_head() {
-            TargetHeadEnd::Written => {}
+        let head_on_target = match self.write_target_head(thead) {
+            TargetHeadEnd::Written => true,
             TargetHeadEnd::NotWritten(e) => {
                 // Nothing reached the target: the source gets its head
-                // back and stays authoritative, still in CLONE.
-                self.undo_retire();
+                // back and stays authoritative, still in CLONE; if it
+                // cannot, the source is fenced and the migration fails.
+                if !self.undo_retire() {
+                    self.fail(Failure::TargetWrite, e.to_errno().abs());
+                }
                 self.leave_switching(Mode::Clone);
                 return Err(e);
             }
@@ -1240,8 +1270,9 @@ impl Migration {
                     e
                 );
                 self.fail(Failure::TargetWrite, e);
+                false
             }
-        }
+        };
 
         // 6. REDIRECT, unless the migration failed meanwhile (the target
         //    went away, or its head could not be written): then the
@@ -1260,8 +1291,13 @@ impl Migration {
         };
         if !switched {
             // SWITCHING_FAILED: every bio stays held, and reads of the head
-            // wait, until the head is back; then FAILED.
-            self.undo_retire();
+            // wait, until the head is back; then FAILED. A head the target
+            // got is blanked first: the source alone looks like the
+            // filesystem again.
+            if head_on_target {
+                self.blank_target_head();
+            }
+            let _ = self.undo_retire();
             self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
@@ -1270,13 +1306,22 @@ impl Migration {
         Ok(())
     }
 
+    /// Regions that hold part of the head.
+    fn head_regions(&self) -> u64 {
+        self.geometry
+            .head_bytes()
+            .div_ceil(self.geometry.region_bytes())
+    }
+
+    /// Regions wholly inside the head.
+    fn head_full_regions(&self) -> u64 {
+        self.geometry.head_bytes() / self.geometry.region_bytes()
+    }
+
     /// Whether no write reached the head since the copier saw `expected`
-    /// writes to it (always, if it did not say).
-    fn head_unchanged(&self, expected: Option<u64>) -> bool {
-        match expected {
-            Some(w) => w == self.head_writes.load(Ordering::SeqCst),
-            None => true,
-        }
+    /// writes to it.
+    fn head_unchanged(&self, expected: u64) -> bool {
+        expected == self.head_writes.load(Ordering::SeqCst)
     }
 
     /// Writes the saved head to the target (FUA) within a budget of its own;
@@ -1284,13 +1329,13 @@ impl Migration {
     /// failed, maybe in part, is followed by zeros over the target's head,
     /// so that the source, which gets its head back, stays the only device
     /// that looks like the filesystem.
-    fn write_target_head(&self) -> TargetHeadEnd {
+    fn write_target_head(&self, bio: PageBio) -> TargetHeadEnd {
         let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
         let failed = |e: i32| {
             self.blank_target_head();
             TargetHeadEnd::Failed(e)
         };
-        match self.tsync_run(self.target_head_bio(Head::Saved), budget) {
+        match self.tsync_run(Ok(bio), budget) {
             IoEnd::Done(Ok(())) => TargetHeadEnd::Written,
             IoEnd::NotStarted(e) => TargetHeadEnd::NotWritten(e),
             IoEnd::Cancelled => TargetHeadEnd::NotWritten(errno(bindings::ETIMEDOUT)),
@@ -1333,7 +1378,7 @@ impl Migration {
     /// it cannot land after the head. If the head cannot be put back, the
     /// source is fenced: every bio fails rather than reach a source whose
     /// first region is the marker.
-    fn undo_retire(&self) {
+    fn undo_retire(&self) -> bool {
         let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
         let idle = self
             .events
@@ -1345,13 +1390,14 @@ impl Migration {
                 IoEnd::Done(Ok(()))
             )
         {
-            return;
+            return true;
         }
         self.retire_failed.store(true, Ordering::Relaxed);
         // The held bios, and every bio after them, end in error (`route`
         // sees the fence).
         self.fenced.store(true, Ordering::SeqCst);
-        pr_err!("the target failed during the switch and the source's head could not be put back: every I/O to the source fails; restore its head from the saved copy\n");
+        pr_err!("the switch failed and the source's head could not be put back: every I/O to the source fails; restore its head from the saved copy\n");
+        false
     }
 
     /// Writes the retire marker over the source's head and flushes the
@@ -1625,6 +1671,7 @@ impl Filter for Migration {
         }
         let wq = WorkQueue::new()?;
         let io_wq = WorkQueue::new()?;
+        let tio_wq = WorkQueue::new()?;
         let m = KBox::try_pin_init(
             try_pin_init!(&this in Self {
                 target,
@@ -1672,6 +1719,7 @@ impl Filter for Migration {
                 tsubmit_work <- DelayedWork::new(tsubmit_work_fn),
                 wq,
                 io_wq,
+                tio_wq,
                 ctx_set <- BioSet::new(POOL, bio::CTX_PAD, false),
                 plain_set <- BioSet::new(POOL, 0, false),
                 io_set <- BioSet::new(4, 0, true),
@@ -1731,11 +1779,10 @@ impl Filter for Migration {
             }
             Some(CtlCmd::Switch) => {
                 let _busy = self.ctl_claim()?;
-                let head_writes = match *len as usize {
-                    0 => None,
-                    n if n == size_of::<u64>() => Some(buf.reader().read::<u64>()?),
-                    _ => return Err(EINVAL),
-                };
+                if *len as usize != size_of::<u64>() {
+                    return Err(EINVAL);
+                }
+                let head_writes: u64 = buf.reader().read()?;
                 self.switch(head_writes)?;
                 *len = 0;
                 Ok(())

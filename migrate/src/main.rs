@@ -415,6 +415,9 @@ fn status_json(st: &Status) -> serde_json::Value {
     serde_json::json!({
         "mode": mode_name(st.mode),
         "holding": st.flags & abi::STATUS_HOLDING != 0,
+        "retire_failed": st.flags & abi::STATUS_RETIRE_FAILED != 0,
+        "target_head_dirty": st.flags & abi::STATUS_TARGET_HEAD_DIRTY != 0,
+        "head_writes": st.head_writes,
         "region_bytes": 1u64 << st.region_shift,
         "source_bytes": st.source_sectors << 9,
         "target_bytes": st.target_sectors << 9,
@@ -484,6 +487,12 @@ fn status_text(source: &Path, st: &Status) -> String {
     t += &format!("id:      {:016x}\n", st.migration_id);
     if st.failure != 0 {
         t += &format!("failure: {}\n", migration::failure_text(st));
+    }
+    if st.flags & abi::STATUS_RETIRE_FAILED != 0 {
+        t += "warning: the retire marker could not be confirmed: the source may still look like the filesystem; do not mount it\n";
+    }
+    if st.flags & abi::STATUS_TARGET_HEAD_DIRTY != 0 {
+        t += "warning: the target's head may hold part of the filesystem's: wipe its first MiB before reusing it\n";
     }
     t
 }

@@ -458,7 +458,7 @@ impl Migration {
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
             // The target's head is the switch's to write (after the retire
             // marker): a region in it is copied from the end of the head on.
-            let (_, skip) = self.geo.head_part(r);
+            let skip = self.geo.head_len(r);
             set.spawn_blocking(move || {
                 let (n, k) = (len as usize, skip as usize);
                 let res = if k >= n {

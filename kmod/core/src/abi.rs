@@ -90,7 +90,7 @@ pub const BLKFILTER_CTL: u32 = ioc(
 );
 
 /// Version of blkmig's own payloads; bumped on any incompatible change.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Smallest and largest region size, as log2 of bytes (4 KiB .. 1 GiB).
 pub const REGION_SHIFT_MIN: u32 = 12;
@@ -137,7 +137,7 @@ pub enum CtlCmd {
     CopyEnd = 3,
     /// In: [`HoldRequest`]. Queue new writes and drain in-flight ones.
     HoldWrites = 4,
-    /// In (optional): a `u64`, the `Status::head_writes` the copier saw
+    /// In: a `u64`, the `Status::head_writes` the copier saw
     /// when it read and saved the source's head: `EAGAIN` (still holding)
     /// if a write reached the head since. All regions synced: flush the
     /// target, retire the source, write the target's head, redirect.
@@ -150,7 +150,7 @@ pub enum CtlCmd {
     /// in flight, `word` is its word now: a comparison of the region on
     /// both devices made from here on holds if `VerifyEnd` finds it
     /// unchanged. `REGION_BUSY` or `REGION_NOT_SYNCED` otherwise. The
-    /// comparison leaves out the head (`Geometry::head_part`): the target's
+    /// comparison leaves out the head (`Geometry::head_len`): the target's
     /// head is blank until the switch.
     VerifyBegin = 8,
     /// In/out: array of [`RegionOp`] with the words `VerifyBegin` returned:

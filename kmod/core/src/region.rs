@@ -154,17 +154,17 @@ impl Geometry {
         }
     }
 
-    /// The head bytes of region `r`, as `(offset in the region, length)`:
-    /// what a copy of the region leaves out (`(0, 0)` past the head).
-    pub const fn head_part(&self, r: u64) -> (u64, u64) {
+    /// Bytes of region `r` that lie in the head, from its start: what a
+    /// copy of the region leaves out (0 past the head).
+    pub const fn head_len(&self, r: u64) -> u64 {
         let head = self.head_bytes();
         let start = r << self.shift;
         if start >= head {
-            return (0, 0);
+            return 0;
         }
         let end = start + self.region_bytes();
         let end = if end > head { head } else { end };
-        (0, end - start)
+        end - start
     }
 
     /// Whether `nr_sectors` sectors at `sector` touch the head.
@@ -410,16 +410,16 @@ mod tests {
     fn the_head_is_one_mib_whatever_the_region_size() {
         let g = |sectors, shift| Geometry::new(sectors, shift).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(g(1 << 21, 22).head_bytes(), crate::abi::RETIRE_BYTES);
-        assert_eq!(g(1 << 21, 22).head_part(0), (0, 1 << 20));
-        assert_eq!(g(1 << 21, 22).head_part(1), (0, 0));
+        assert_eq!(g(1 << 21, 22).head_len(0), 1 << 20);
+        assert_eq!(g(1 << 21, 22).head_len(1), 0);
         // 64 KiB regions: the head is regions 0..16.
         let small = g(1 << 21, 16);
         assert_eq!(small.head_bytes(), 1 << 20);
-        assert_eq!(small.head_part(15), (0, 1 << 16));
-        assert_eq!(small.head_part(16), (0, 0));
+        assert_eq!(small.head_len(15), 1 << 16);
+        assert_eq!(small.head_len(16), 0);
         // A device smaller than the head.
         assert_eq!(g(16, 20).head_bytes(), 8192);
-        assert_eq!(g(16, 20).head_part(0), (0, 8192));
+        assert_eq!(g(16, 20).head_len(0), 8192);
         let g = g(1 << 21, 20);
         assert!(g.touches_head(2047, 1));
         assert!(!g.touches_head(2048, 8));
