@@ -262,7 +262,7 @@ freeze_in_switch_window() {
 			HIT=yes
 			return 0
 			;;
-		*'"mode":"clone"'* | '') ;; # cloning, or not attached yet
+		*'"mode":"clone"'* | *'"mode":"detached"'* | '') ;; # cloning, or not attached yet
 		*) break ;;                 # switched or failed: too late
 		esac
 		kill -CONT "$1" 2>/dev/null || break
