@@ -10,5 +10,6 @@ pub mod migration;
 pub mod progress;
 pub mod tracker;
 pub mod units;
+pub mod verify;
 
 pub use blkmig_core as core;

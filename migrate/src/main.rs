@@ -117,6 +117,10 @@ struct StartArgs {
     /// Copy and keep mirroring, but do not switch (rerun without it to switch).
     #[arg(long)]
     no_switch: bool,
+    /// Before the switch, compare every region on both devices; copy again
+    /// what differs, and do not switch over a region that differs twice.
+    #[arg(long, conflicts_with = "no_switch")]
+    verify: bool,
     /// Where the source's first region is saved before it is retired.
     #[arg(long, default_value = "/var/lib/blkmig")]
     state_dir: PathBuf,
@@ -395,6 +399,8 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         no_switch: a.no_switch,
         hold_timeout_ms: a.attach.hold_timeout_ms,
         state_dir: a.state_dir.clone(),
+        compare: true,
+        verify: a.verify,
     };
     let res = match Migration::new(tracker.clone(), src, tgt, &st, opts, progress, cancel) {
         Ok(m) => m.run().await,
@@ -423,9 +429,10 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
             .map(|p| format!("{p:.1} ms"))
             .unwrap_or_else(|| "no switch".into());
         eprintln!(
-            "copied {} in {:.1}s ({} re-copies, {} busy, {} rounds); writes paused {}{}",
+            "copied {} in {:.1}s ({} already on the target, {} re-copies, {} busy, {} rounds); writes paused {}{}",
             Bytes(summary.bytes_copied),
             summary.seconds,
+            Bytes(summary.bytes_matched),
             summary.recopies,
             summary.busy,
             summary.rounds,
@@ -436,6 +443,19 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
                 String::new()
             }
         );
+        if a.verify {
+            eprintln!(
+                "verified {} regions ({}); {} differed on the target and were copied again{}",
+                summary.regions_verified,
+                Bytes(summary.bytes_verified),
+                summary.verify_mismatches,
+                if summary.mismatched_regions.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (regions {:?})", summary.mismatched_regions)
+                }
+            );
+        }
         if summary.switched {
             eprintln!(
                 "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its first region is saved in {saved}).\n\

@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::progress::Progress;
 use crate::tracker::{Tracker, TrackerError};
 use crate::units::Bytes;
+use crate::verify::{Bufs, ComparePolicy, Transfer, Verifier};
 
 /// How to run a migration.
 #[derive(Clone, Debug)]
@@ -47,13 +48,24 @@ pub struct MigrateOptions {
     pub hold_timeout_ms: u32,
     /// Where the source's first region is saved before the switch.
     pub state_dir: PathBuf,
+    /// Compare before copying, and commit without a write what the target
+    /// already holds (a resumed migration), while comparisons find matches.
+    pub compare: bool,
+    /// Before the switch, compare every region on both devices; copy again
+    /// what differs, and fail rather than switch over a region that differs
+    /// twice.
+    pub verify: bool,
 }
 
 /// What a migration did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Summary {
-    /// Bytes the copier read and wrote.
+    /// Bytes the copier read from the source and wrote to the target.
     pub bytes_copied: u64,
+    /// Bytes compared on both devices before a copy (a resumed migration).
+    pub bytes_compared: u64,
+    /// Bytes of regions committed by such a comparison, without a write.
+    pub bytes_matched: u64,
     /// Regions in all.
     pub regions: u64,
     /// Copies thrown away because a write raced them.
@@ -74,6 +86,21 @@ pub struct Summary {
     pub seconds: f64,
     /// Where the source's first region was saved.
     pub saved_head: Option<PathBuf>,
+    /// `--verify`: regions whose last copy was compared on both devices
+    /// and found the same (all of them when the migration switched).
+    pub regions_verified: u64,
+    /// `--verify`: regions written so continuously that no comparison of
+    /// them held (each left after several passes; never one that differed).
+    pub regions_unverified: u64,
+    /// `--verify`: bytes of the comparisons that found them the same.
+    pub bytes_verified: u64,
+    /// `--verify`: comparisons a write made void (made again).
+    pub verify_conflicts: u64,
+    /// `--verify`: comparisons that found the target different (each such
+    /// region was copied again).
+    pub verify_mismatches: u64,
+    /// `--verify`: the regions that differed.
+    pub mismatched_regions: Vec<u64>,
 }
 
 /// Why a migration stopped.
@@ -197,6 +224,10 @@ pub struct Migration {
     best: (u64, u64),
     /// Whether the operator was told that the migration does not converge.
     told_stalled: bool,
+    /// When to compare before copying.
+    policy: ComparePolicy,
+    /// `--verify`: the regions still to compare.
+    verifier: Option<Verifier>,
 }
 
 struct Batch {
@@ -238,7 +269,6 @@ impl Migration {
                 regions: geo.regions(),
                 ..Summary::default()
             },
-            opts,
             progress,
             cancel,
             limit,
@@ -248,6 +278,9 @@ impl Migration {
             in_window: false,
             best: (u64::MAX, 0),
             told_stalled: false,
+            policy: ComparePolicy::new(opts.compare),
+            verifier: opts.verify.then(|| Verifier::new(geo.regions())),
+            opts,
         })
     }
 
@@ -332,12 +365,14 @@ impl Migration {
             })
             .collect();
         self.tracker.copy_begin(&mut ops)?;
+        // Compare first where the target may already hold the data; never
+        // in the switch window, whose copies must be quick.
+        let compare = !self.in_window && self.policy.next_batch();
         let started = Instant::now();
         let mut paced = 0.0;
-        let mut bytes = 0;
         let mut set = tokio::task::JoinSet::new();
-        let mut bufs: Vec<AlignedBuf> = Vec::new();
-        let mut copied: Vec<usize> = Vec::new();
+        let mut bufs: Vec<Bufs> = Vec::new();
+        let mut copied: Vec<(usize, Transfer)> = Vec::new();
         let mut failed: Option<MigrateError> = None;
         let todo: Vec<usize> = (0..ops.len())
             .filter(|&i| ops[i].result == abi::REGION_OK)
@@ -363,22 +398,15 @@ impl Migration {
             }
             let mut buf = bufs
                 .pop()
-                .unwrap_or_else(|| AlignedBuf::new(self.align, self.geo.region_bytes() as usize));
+                .unwrap_or_else(|| Bufs::new(self.align, self.geo.region_bytes() as usize));
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
             // The target's head is the switch's to write (after the retire
             // marker): region 0 is copied from the end of the head on.
-            let skip = if r == 0 { self.geo.head_bytes() } else { 0 };
+            let span = (off, len, crate::verify::skip(&self.geo, r, len));
             set.spawn_blocking(move || {
-                let (n, k) = (len as usize, skip as usize);
-                let res = if k >= n {
-                    Ok(())
-                } else {
-                    src.read_exact_at(&mut buf[k..n], off + skip)
-                        .and_then(|()| tgt.write_all_at(&buf[k..n], off + skip))
-                };
+                let res = crate::verify::transfer(&src, &tgt, &mut buf, span, compare);
                 (i, buf, res)
             });
-            bytes += len;
         }
         while let Some(res) = set.join_next().await {
             Self::collect(res, &mut bufs, &mut copied, &mut failed);
@@ -387,18 +415,46 @@ impl Migration {
             // Nothing is committed: the regions stay unsynced.
             return Err(e);
         }
+        // Work for the rate: the bytes of each region done, copied or
+        // compared (a comparison reads as much as a copy moves).
+        let (mut bytes, mut written, mut compared, mut same, mut differ) = (0, 0, 0, 0, 0);
+        for &(_, t) in &copied {
+            match t {
+                Transfer::Written(w) => (bytes, written) = (bytes + w, written + w),
+                Transfer::Matched(c) => {
+                    (bytes, compared, same) = (bytes + c, compared + c, same + 1)
+                }
+                Transfer::Rewritten(c, w) => {
+                    (bytes, written, compared, differ) =
+                        (bytes + c, written + w, compared + c, differ + 1)
+                }
+            }
+        }
+        if compare {
+            self.policy.record(same, differ);
+        }
         self.copy_bytes += bytes;
         self.copy_secs += (started.elapsed().as_secs_f64() - paced).max(1e-6);
-        self.summary.bytes_copied += bytes;
+        self.summary.bytes_copied += written;
+        self.summary.bytes_compared += compared;
         self.progress.add_work(bytes);
-        let mut ends: Vec<RegionOp> = copied.iter().map(|&i| ops[i]).collect();
+        let mut ends: Vec<RegionOp> = copied.iter().map(|&(i, _)| ops[i]).collect();
         if !ends.is_empty() {
             self.tracker.copy_end(&mut ends)?;
         }
-        for e in &ends {
+        for (e, &(_, t)) in ends.iter().zip(&copied) {
             if e.result == abi::REGION_OK {
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
+                if let Transfer::Matched(c) = t {
+                    self.summary.bytes_matched += c;
+                }
+                if let Some(v) = &mut self.verifier {
+                    match t {
+                        Transfer::Matched(c) => v.matched(e.region, c),
+                        _ => v.copied(e.region),
+                    }
+                }
             }
             if e.result == abi::REGION_CONFLICT {
                 self.summary.recopies += 1;
@@ -414,22 +470,22 @@ impl Migration {
         }
         // Report each op with its final result.
         let mut out = ops;
-        for (k, &i) in copied.iter().enumerate() {
+        for (k, &(i, _)) in copied.iter().enumerate() {
             out[i].result = ends[k].result;
         }
         Ok(Batch { ops: out })
     }
 
     fn collect(
-        res: Result<(usize, AlignedBuf, Result<(), Error>), tokio::task::JoinError>,
-        bufs: &mut Vec<AlignedBuf>,
-        copied: &mut Vec<usize>,
+        res: Result<(usize, Bufs, Result<Transfer, Error>), tokio::task::JoinError>,
+        bufs: &mut Vec<Bufs>,
+        copied: &mut Vec<(usize, Transfer)>,
         failed: &mut Option<MigrateError>,
     ) {
         match res {
-            Ok((i, buf, Ok(()))) => {
+            Ok((i, buf, Ok(t))) => {
                 bufs.push(buf);
-                copied.push(i);
+                copied.push((i, t));
             }
             Ok((_, buf, Err(e))) => {
                 bufs.push(buf);
@@ -517,6 +573,10 @@ impl Migration {
                 tracing::warn!(left = left.len(), "regions did not commit with writes held");
                 return Ok(false);
             }
+            if self.verifier.is_some() && !self.verify_pending().await? {
+                tracing::warn!("regions not verified with writes held");
+                return Ok(false);
+            }
             self.summary.saved_head = Some(self.save_head().await?);
             match self.tracker.switch() {
                 Ok(()) => Ok(true),
@@ -568,7 +628,7 @@ impl Migration {
                     break;
                 }
             } else if let Some(rate) = self.rate() {
-                let est = self.bytes_of(&left) as f64 / rate;
+                let est = self.estimate(&left, rate).await?;
                 self.watch_convergence(left.len() as u64, est);
                 if est <= self.opts.max_pause.as_secs_f64() {
                     self.summary.estimated_pause_ms = Some(est * 1e3);
@@ -593,7 +653,47 @@ impl Migration {
             }
         }
         self.summary.seconds = started.elapsed().as_secs_f64();
+        if let Some(v) = &self.verifier {
+            v.fill(&mut self.summary);
+        }
         Ok(self.summary)
+    }
+
+    /// The estimated pause of a switch now, in seconds, at `rate`: the time
+    /// to copy `left`. With `--verify`, once that fits the budget, the
+    /// regions not compared since their last copy are compared first, and
+    /// the estimate adds the time to compare those left for the window.
+    async fn estimate(&mut self, left: &[u64], rate: f64) -> Result<f64, MigrateError> {
+        let est = self.bytes_of(left) as f64 / rate;
+        if self.verifier.is_none() || est > self.opts.max_pause.as_secs_f64() {
+            return Ok(est);
+        }
+        self.verify_pending().await?;
+        let left = self.unsynced()?;
+        let pending: Vec<u64> = self.verifier.iter().flat_map(|v| v.pending()).collect();
+        Ok((self.bytes_of(&left) + self.bytes_of(&pending)) as f64 / rate)
+    }
+
+    /// `--verify`: compares every SYNCED region not compared since its last
+    /// copy ([`crate::verify`]). Returns whether every region is verified.
+    async fn verify_pending(&mut self) -> Result<bool, MigrateError> {
+        let Some(mut v) = self.verifier.take() else {
+            return Ok(true);
+        };
+        let cx = crate::verify::Ctx {
+            tracker: &self.tracker,
+            src: &self.src,
+            tgt: &self.tgt,
+            geo: self.geo,
+            align: self.align,
+            depth: self.opts.queue_depth,
+            limit: self.limit.as_deref().filter(|_| !self.in_window),
+            cancel: &self.cancel,
+        };
+        let res = v.pass(&cx).await;
+        let done = v.done();
+        self.verifier = Some(v);
+        res.map(|differed| differed == 0 && done)
     }
 
     /// Tells the operator, once, when the unsynced set has stopped shrinking
