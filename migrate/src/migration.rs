@@ -690,7 +690,14 @@ impl Migration {
             limit: self.limit.as_deref().filter(|_| !self.in_window),
             cancel: &self.cancel,
         };
+        let (t0, read) = (Instant::now(), v.counts.bytes_read);
         let res = v.pass(&cx).await;
+        if !self.in_window && v.counts.bytes_read > read {
+            // A comparison reads as much as a copy moves: it measures the
+            // rate as well (a resumed migration may have copied nothing).
+            self.copy_bytes += v.counts.bytes_read - read;
+            self.copy_secs += t0.elapsed().as_secs_f64().max(1e-6);
+        }
         let done = v.done();
         self.verifier = Some(v);
         res.map(|differed| differed == 0 && done)

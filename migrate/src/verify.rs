@@ -204,6 +204,8 @@ pub(crate) struct Ctx<'a> {
 pub(crate) struct Counts {
     /// Bytes compared by comparisons that held and matched.
     pub(crate) bytes_verified: u64,
+    /// Bytes of every region read from both devices.
+    pub(crate) bytes_read: u64,
     /// Comparisons voided by a write and made again.
     pub(crate) conflicts: u64,
     /// Comparisons that held and found the target different.
@@ -356,7 +358,11 @@ impl Verifier {
     ) -> Result<u64, MigrateError> {
         let (r, bufs, found) = res.map_err(|_| MigrateError::Interrupted)?;
         pool.push(bufs);
-        match found? {
+        let found = found?;
+        if matches!(found, Found::Same(_) | Found::Differ | Found::Void) {
+            self.counts.bytes_read += cx.geo.region_span(r).map_or(0, |(_, n)| n);
+        }
+        match found {
             Found::Busy => again.push(r),
             Found::Void => {
                 // A write was submitted during the comparison: it says
