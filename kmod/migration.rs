@@ -4,8 +4,10 @@
 //! CLONE: reads pass to the source (reads of the first region are tracked
 //! for the switch); every write is accounted in the region map (epoch and
 //! in-flight count of each region it touches) and sent to the source as a
-//! clone; a write touching a SYNCED region is also mirrored to the target.
-//! The original completes when all its clones have, with the source's
+//! clone; a write touching a SYNCED region is also mirrored to the target,
+//! unless it touches the head (the first `Geometry::head_bytes`): the
+//! target's head is written only by the switch, so its regions are unsynced
+//! and copied again instead. The original completes when all its clones have, with the source's
 //! status. The copier drives COPY_BEGIN/COPY_END.
 //!
 //! Hold: HOLD_WRITES queues every new write (but the copier's own) in the
@@ -17,9 +19,11 @@
 //! synced, the mode becomes SWITCHING (every write queued, reads to the
 //! target), the last in-flight I/O drains, the checks are made again, the
 //! target is flushed, the source's head is read and saved, the retire
-//! marker is written over it, and the mode becomes REDIRECT, where every
-//! bio goes to the target. Every wait is bounded by the hold's deadline
-//! (the marker write by a fixed budget past it).
+//! marker is written over it (FUA, then a flush of the source), the saved
+//! head is written to the target (FUA), and the mode becomes REDIRECT, where
+//! every bio goes to the target. At no instant do both devices hold the
+//! head. Every wait is bounded by the hold's deadline (the marker and head
+//! writes by a fixed budget past it).
 
 use core::{
     mem::{offset_of, size_of},
@@ -46,7 +50,7 @@ use crate::{
     bdev::{BlockDevice, DevT, OpenDevice},
     bio::{self, Bio, BioList, BioSet, Kind, Legs, Op, PageBio, SyncIo},
     filter::{Filter, Holder},
-    region::{Begin, End, Geometry, RegionMap, Regions, INFLIGHT_MASK, SYNCED},
+    region::{Begin, End, Geometry, RegionMap, Regions, Verify, INFLIGHT_MASK, SYNCED},
     sync::{AtomicU64, Ordering},
     sys,
     wait::{DelayedWork, WaitQueue, WorkQueue},
@@ -81,10 +85,9 @@ const fn in_switch(mode: u32) -> bool {
 }
 /// Bios reserved in each bio set (forward progress under memory pressure).
 const POOL: u32 = 64;
-/// Most bytes of the source's head the retire marker overwrites: one bio
-/// of `BIO_MAX_VECS` pages. Every filesystem and volume signature blkid
-/// probes at the start of a device lies within it.
-const RETIRE_BYTES: u64 = 256 * PAGE_SIZE as u64;
+// The head (`abi::RETIRE_BYTES` at most) is read and written by one bio of
+// at most `BIO_MAX_VECS` pages.
+const _: () = assert!(abi::RETIRE_BYTES <= 256 * PAGE_SIZE as u64);
 /// How long past the hold's deadline the switch waits for the retire
 /// marker's write and the source's flush (the one I/O a held writer may
 /// wait for beyond the hold timeout).
@@ -190,10 +193,41 @@ struct Counters {
     copy_busy: AtomicU64,
 }
 
+/// How the write of the target's head in the switch ended.
+enum TargetHeadEnd {
+    /// On the target, durably.
+    Written,
+    /// Never submitted: the target is as it was.
+    NotWritten(Error),
+    /// Failed or still in flight (the migration fails); positive errno.
+    Failed(i32),
+}
+
+/// What a bio over the head carries.
+#[derive(Clone, Copy)]
+enum Head {
+    /// `head_pages`: the source's head as the switch read it.
+    Saved,
+    /// The retire marker, then zeros.
+    Marker,
+    /// Zeros.
+    Zeros,
+}
+
+/// Where a write lies against the head.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HeadOverlap {
+    Outside,
+    Within,
+    Across,
+}
+
 /// The write hold: its deadline and the writes it keeps.
 struct Hold {
     deadline_ns: i64,
     held: BioList,
+    /// When the first bio of `held` was queued (0 if none is).
+    first_held_ns: i64,
 }
 
 /// One attached migration.
@@ -245,27 +279,50 @@ pub(crate) struct Migration {
     /// Bios the filter took and has not finished.
     owned: AtomicU64,
     stats: Counters,
+    /// This attachment's identity, written into the retire marker.
+    migration_id: u64,
+    /// Holds so far.
+    holds: AtomicU64,
+    /// Longest time one bio waited in a hold, in nanoseconds.
+    hold_longest_ns: AtomicU64,
+    /// Writes to the source's head so far (the copier saves the head, and
+    /// the switch goes ahead only if this has not moved since).
+    head_writes: AtomicU64,
     retire_failed: AtomicBool,
+    /// The target's head may hold part of the source's after a failed
+    /// switch (its write failed or did not finish, and zeros could not be
+    /// written over it).
+    target_head_dirty: AtomicBool,
     marker_page: Page,
     zero_page: Page,
-    /// The source's first `RETIRE_BYTES`, read inside the switch before the
+    /// The source's first head (`Geometry::head_bytes`), read inside the switch before the
     /// marker overwrites them (written back if the marker write fails).
     head_pages: KVec<Page>,
     /// Woken when a count the switch or detach waits for drops to zero.
     #[pin]
     events: WaitQueue,
-    /// The switch's own I/O (flushes, head read, marker); wakes `events`.
+    /// The switch's own I/O on the source (flushes, head read, marker) and
+    /// on the target (its flush, its head): one slot each, so that an I/O
+    /// stuck on one device never keeps the switch from the other. Both wake
+    /// `events`.
     sync: SyncIo,
+    tsync: SyncIo,
     /// Ends the hold at its deadline; releases held writes after a failure.
     #[pin]
     hold_work: DelayedWork,
     /// Submits the switch's own I/O (see `SyncIo`), on `io_wq`.
     #[pin]
     submit_work: DelayedWork,
+    /// Submits `tsync`'s I/O, on `tio_wq`.
+    #[pin]
+    tsubmit_work: DelayedWork,
     wq: WorkQueue,
     /// A workqueue (with its own rescuer) for `submit_work` alone: a
     /// submission that blocks never delays the hold's timer.
     io_wq: WorkQueue,
+    /// The same for `tsubmit_work`: a source submission that blocks never
+    /// delays the target's.
+    tio_wq: WorkQueue,
     #[pin]
     ctx_set: BioSet,
     #[pin]
@@ -350,6 +407,9 @@ impl Migration {
         if self.retire_failed.load(Ordering::Relaxed) {
             flags |= abi::STATUS_RETIRE_FAILED;
         }
+        if self.target_head_dirty.load(Ordering::Relaxed) {
+            flags |= abi::STATUS_TARGET_HEAD_DIRTY;
+        }
         Status {
             version: abi::ABI_VERSION,
             mode,
@@ -369,6 +429,10 @@ impl Migration {
             failure_errno: self.failure_errno.load(Ordering::Relaxed),
             target_major: dev.major(),
             target_minor: dev.minor(),
+            migration_id: self.migration_id,
+            holds: self.holds.load(Ordering::Relaxed),
+            hold_longest_ns: self.hold_longest_ns.load(Ordering::Relaxed),
+            head_writes: self.head_writes.load(Ordering::SeqCst),
         }
     }
 
@@ -386,6 +450,12 @@ impl Migration {
     /// A write accounted with `write_submit` has completed on every leg;
     /// `status` is the source's.
     pub(crate) fn write_done(&self, regions: Regions, status: u8) {
+        if regions.start < self.head_regions() {
+            // Counted at completion too: a head write submitted before the
+            // copier read the count and finished after it read the head
+            // still moves it.
+            self.head_writes.fetch_add(1, Ordering::SeqCst);
+        }
         if status != 0 {
             // The source did not take the write, the target may have: the
             // regions no longer hold the same bytes on both. Unsync them
@@ -527,12 +597,21 @@ impl Migration {
         (start.checked_add(len)? <= self.geometry.sectors()).then_some((start, len))
     }
 
-    /// Whether `bio` reaches the source's first region (or cannot be placed
-    /// in the source).
+    /// Whether `bio` reaches the source's head (or cannot be placed in the
+    /// source).
     fn touches_head(&self, bio: &Bio) -> bool {
         match self.span(bio) {
-            Some((start, len)) => self.geometry.regions_of(start, len).start == 0 && len > 0,
+            Some((start, len)) => self.geometry.touches_head(start, len),
             None => !bio.is_for(self.source()) || bio.nr_sectors() == 0,
+        }
+    }
+
+    /// Where the write `bio` (within the source) lies against the head.
+    fn head_overlap(&self, bio: &Bio) -> HeadOverlap {
+        match self.span(bio) {
+            Some((start, len)) if self.geometry.within_head(start, len) => HeadOverlap::Within,
+            Some((start, len)) if self.geometry.touches_head(start, len) => HeadOverlap::Across,
+            _ => HeadOverlap::Outside,
         }
     }
 
@@ -566,8 +645,22 @@ impl Migration {
         }
         self.owned.fetch_add(1, Ordering::SeqCst);
         self.held_count.fetch_add(1, Ordering::Relaxed);
+        if h.first_held_ns == 0 {
+            h.first_held_ns = now_ns();
+        }
         h.held.push(bio);
         None
+    }
+
+    /// Takes the held bios out of `h`, and records how long the first of
+    /// them (the one that waited longest) was held.
+    fn take_held(&self, h: &mut Hold) -> BioList {
+        if h.first_held_ns != 0 {
+            let waited = u64::try_from(now_ns() - h.first_held_ns).unwrap_or(0);
+            self.hold_longest_ns.fetch_max(waited, Ordering::Relaxed);
+            h.first_held_ns = 0;
+        }
+        h.held.take()
     }
 
     /// Sends `bio` to the target only.
@@ -621,8 +714,7 @@ impl Migration {
         let Some((start, len)) = self.span(&bio) else {
             return Some(bio);
         };
-        let regions = self.geometry.regions_of(start, len);
-        if regions.is_empty() || regions.start != 0 {
+        if !self.geometry.touches_head(start, len) {
             return Some(bio);
         }
         // Count first, then look at the mode: pairs with the switch, which
@@ -701,7 +793,27 @@ impl Migration {
             self.write_unaccount();
             return Some(bio);
         };
-        let mirror = self.map().write_submit(regions);
+        let mut mirror = self.map().write_submit(regions);
+        // The target's head is the switch's to write, after the retire
+        // marker (which reads the source's head then): until then the
+        // target must not look like the filesystem. A write within the head
+        // needs nothing more; one that reaches past it sends its regions
+        // back to be copied (it counts as in flight, so no copier commits in
+        // between). Either way the copier learns that the head changed.
+        match self.head_overlap(&bio) {
+            HeadOverlap::Outside => {}
+            overlap => {
+                self.head_writes.fetch_add(1, Ordering::SeqCst);
+                if overlap == HeadOverlap::Across {
+                    // Only the regions with bytes past the head: the head
+                    // part is the switch's, whatever the write does to it.
+                    for r in regions.start.max(self.head_full_regions())..regions.end {
+                        self.map().unsync(r);
+                    }
+                }
+                mirror = false;
+            }
+        }
         self.stats.writes_seen.fetch_add(1, Ordering::Relaxed);
         self.owned.fetch_add(1, Ordering::SeqCst);
         let target = if mirror {
@@ -738,7 +850,7 @@ impl Migration {
         let held = {
             let mut h = self.hold.lock();
             self.holding.store(false, Ordering::SeqCst);
-            h.held.take()
+            self.take_held(&mut h)
         };
         self.dispatch(held);
     }
@@ -781,7 +893,7 @@ impl Migration {
                 pr_warn!("write hold timed out: writes released, switch cancelled\n");
             }
             self.holding.store(false, Ordering::SeqCst);
-            h.held.take()
+            self.take_held(&mut h)
         };
         self.dispatch(held);
     }
@@ -811,6 +923,7 @@ impl Migration {
             self.hold_owner.store(current_tgid(), Ordering::SeqCst);
             h.deadline_ns = deadline;
             self.holding.store(true, Ordering::SeqCst);
+            self.holds.fetch_add(1, Ordering::Relaxed);
         }
         self.hold_work.schedule(&self.wq, ms);
         // The writes accounted before the hold (and the copier's own)
@@ -882,34 +995,70 @@ impl Migration {
     /// Runs one I/O of the switch (`bio`, if it could be made) through the
     /// worker and waits for it, at most until `deadline_ns`.
     fn sync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
-        if let Err(e) = bio.and_then(|bio| self.sync.queue(bio)) {
+        self.run_on(&self.sync, &self.submit_work, &self.io_wq, bio, deadline_ns)
+    }
+
+    /// [`Self::sync_run`] on the target's slot.
+    fn tsync_run(&self, bio: Result<PageBio>, deadline_ns: i64) -> IoEnd {
+        self.run_on(
+            &self.tsync,
+            &self.tsubmit_work,
+            &self.tio_wq,
+            bio,
+            deadline_ns,
+        )
+    }
+
+    fn run_on(
+        &self,
+        io: &SyncIo,
+        work: &DelayedWork,
+        wq: &WorkQueue,
+        bio: Result<PageBio>,
+        deadline_ns: i64,
+    ) -> IoEnd {
+        if let Err(e) = bio.and_then(|bio| io.queue(bio)) {
             return IoEnd::NotStarted(e);
         }
-        self.submit_work.schedule(&self.io_wq, 0);
-        if self
-            .events
-            .wait_until(ms_until(deadline_ns), || self.sync.idle())
-        {
-            return IoEnd::Done(self.sync.result());
+        work.schedule(wq, 0);
+        if self.events.wait_until(ms_until(deadline_ns), || io.idle()) {
+            return IoEnd::Done(io.result());
         }
-        if self.sync.cancel() {
+        if io.cancel() {
             IoEnd::Cancelled
         } else {
             IoEnd::Stuck
         }
     }
 
-    /// A bio over the source's first `RETIRE_BYTES` (its head): a read
+    /// A bio over the source's first head (`Geometry::head_bytes`) (its head): a read
     /// into `head_pages`, or a write of them, or of the retire marker (the
     /// marker page, then zeros).
     fn head_bio(&self, write: bool, marker: bool) -> Result<PageBio> {
+        let data = if marker { Head::Marker } else { Head::Saved };
+        self.head_bio_on(self.source(), &self.sync, write, data)
+    }
+
+    /// A write of the target's head: the saved head, or zeros.
+    fn target_head_bio(&self, data: Head) -> Result<PageBio> {
+        self.head_bio_on(self.target.bdev(), &self.tsync, true, data)
+    }
+
+    /// [`Self::head_bio`] on `bdev`, completed into `io`.
+    fn head_bio_on(
+        &self,
+        bdev: &BlockDevice,
+        io: &SyncIo,
+        write: bool,
+        data: Head,
+    ) -> Result<PageBio> {
         let len = self.retire_len();
         let page_at = |i: usize| {
             let l = (len - (i as u64) * PAGE_SIZE as u64).min(PAGE_SIZE as u64) as u32;
-            let page = match (marker, i) {
-                (true, 0) => &self.marker_page,
-                (true, _) => &self.zero_page,
-                (false, _) => &self.head_pages[i],
+            let page = match (data, i) {
+                (Head::Marker, 0) => &self.marker_page,
+                (Head::Marker, _) | (Head::Zeros, _) => &self.zero_page,
+                (Head::Saved, _) => &self.head_pages[i],
             };
             (page, l)
         };
@@ -919,21 +1068,13 @@ impl Migration {
             bindings::req_op_REQ_OP_READ | bindings::REQ_SYNC
         };
         self.io_set
-            .page_bio(
-                self.source(),
-                0,
-                opf,
-                self.head_pages.len(),
-                page_at,
-                &self.sync,
-            )
+            .page_bio(bdev, 0, opf, self.head_pages.len(), page_at, io)
             .ok_or(ENOMEM)
     }
 
     /// Bytes of the source's head the marker overwrites.
     fn retire_len(&self) -> u64 {
-        let (_, first) = self.geometry.region_span(0).unwrap_or((0, 0));
-        first.min(RETIRE_BYTES)
+        self.geometry.head_bytes()
     }
 
     /// Fills the marker page: magic, the target's identity and size, now.
@@ -947,6 +1088,8 @@ impl Migration {
             reserved: 0,
             switched_at: sys::wall_clock_seconds(),
             target_sectors: target.nr_sectors(),
+            migration_id: self.migration_id,
+            head_bytes: self.retire_len(),
         };
         // SAFETY: `marker` is valid for its size, which fits in the page;
         // the page is in no bio now (the switch's I/O is idle).
@@ -959,13 +1102,17 @@ impl Migration {
         }
     }
 
-    fn switch(&self) -> Result {
+    /// `head_writes`: the count of writes to the head the copier saw when
+    /// it read and saved the head; if it has moved since, the saved head is
+    /// stale and the switch answers `EAGAIN` (still holding, before
+    /// SWITCHING).
+    fn switch(&self, head_writes: u64) -> Result {
         match self.mode_raw() {
             m if m == Mode::Clone as u32 => {}
             m if m == Mode::Failed as u32 => return Err(EIO),
             _ => return Err(EINVAL),
         }
-        if !self.sync.idle() {
+        if !self.sync.idle() || !self.tsync.idle() {
             // The I/O of an earlier, timed-out attempt is still in flight:
             // no switch now, and no hold that waits for one.
             self.release();
@@ -991,8 +1138,9 @@ impl Migration {
             self.release();
             return Err(EIO);
         }
-        if !self.map().all_synced() {
-            // The copier copies what is left and asks again.
+        if !self.map().all_synced() || !self.head_unchanged(head_writes) {
+            // The copier copies what is left, or saves the head again, and
+            // asks again.
             return Err(EAGAIN);
         }
         if let Err(e) = self.prepare_marker() {
@@ -1041,7 +1189,7 @@ impl Migration {
             self.leave_switching(Mode::Clone);
             return Err(errno(bindings::ETIMEDOUT));
         }
-        if !self.map().all_synced() {
+        if !self.map().all_synced() || !self.head_unchanged(head_writes) {
             self.leave_switching(Mode::Clone);
             return Err(EAGAIN);
         }
@@ -1054,8 +1202,8 @@ impl Migration {
         // 3. The target holds everything durably before the source is
         //    retired. A flush that fails fails the migration; one that does
         //    not finish in time only this attempt.
-        let flush = self.sync.flush_bio(&self.io_set, self.target.bdev());
-        match self.sync_run(flush, deadline) {
+        let flush = self.tsync.flush_bio(&self.io_set, self.target.bdev());
+        match self.tsync_run(flush, deadline) {
             IoEnd::Done(Ok(())) => {}
             IoEnd::Done(Err(e)) => {
                 self.fail(Failure::TargetFlush, e.to_errno().abs());
@@ -1087,12 +1235,49 @@ impl Migration {
             self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
+        // The target's head bio is made now: nothing after the marker may
+        // fail for want of memory.
+        let thead = match self.target_head_bio(Head::Saved) {
+            Ok(bio) => bio,
+            Err(e) => {
+                self.leave_switching(Mode::Clone);
+                return Err(e);
+            }
+        };
         let budget = deadline + MARKER_BUDGET_MS * 1_000_000;
         self.retire_source(budget)?;
 
-        // 5. REDIRECT, unless the migration failed meanwhile (the target
-        //    went away): then the source's head goes back first, while the
-        //    writes are still held.
+        // 5. Only now the target gets its head: the source is retired
+        //    first, so the two never both hold it (but where the marker
+        //    could not be confirmed, `retire_failed`). Written on the
+        //    target's own slot and budget: a source I/O still in flight
+        //    does not keep it waiting.
+        let head_on_target = match self.write_target_head(thead) {
+            TargetHeadEnd::Written => true,
+            TargetHeadEnd::NotWritten(e) => {
+                // Nothing reached the target: the source gets its head
+                // back and stays authoritative, still in CLONE; if it
+                // cannot, the source is fenced and the migration fails.
+                if !self.undo_retire() {
+                    self.fail(Failure::TargetWrite, e.to_errno().abs());
+                }
+                self.leave_switching(Mode::Clone);
+                return Err(e);
+            }
+            TargetHeadEnd::Failed(e) => {
+                pr_err!(
+                    "could not write the target's head ({}); the source's head goes back\n",
+                    e
+                );
+                self.fail(Failure::TargetWrite, e);
+                false
+            }
+        };
+
+        // 6. REDIRECT, unless the migration failed meanwhile (the target
+        //    went away, or its head could not be written): then the
+        //    source's head goes back first, while the writes are still
+        //    held.
         let switched = {
             let _h = self.hold.lock();
             self.mode
@@ -1106,14 +1291,84 @@ impl Migration {
         };
         if !switched {
             // SWITCHING_FAILED: every bio stays held, and reads of the head
-            // wait, until the head is back; then FAILED.
-            self.undo_retire();
+            // wait, until the head is back; then FAILED. A head the target
+            // got is blanked first: the source alone looks like the
+            // filesystem again.
+            if head_on_target {
+                self.blank_target_head();
+            }
+            let _ = self.undo_retire();
             self.leave_switching(Mode::Clone);
             return Err(EIO);
         }
         self.release();
         pr_info!("switched: every bio now goes to the target\n");
         Ok(())
+    }
+
+    /// Regions that hold part of the head.
+    fn head_regions(&self) -> u64 {
+        self.geometry
+            .head_bytes()
+            .div_ceil(self.geometry.region_bytes())
+    }
+
+    /// Regions wholly inside the head.
+    fn head_full_regions(&self) -> u64 {
+        self.geometry.head_bytes() / self.geometry.region_bytes()
+    }
+
+    /// Whether no write reached the head since the copier saw `expected`
+    /// writes to it.
+    fn head_unchanged(&self, expected: u64) -> bool {
+        expected == self.head_writes.load(Ordering::SeqCst)
+    }
+
+    /// Writes the saved head to the target (FUA) within a budget of its own;
+    /// a write still in flight at its end gets a second one. A write that
+    /// failed, maybe in part, is followed by zeros over the target's head,
+    /// so that the source, which gets its head back, stays the only device
+    /// that looks like the filesystem.
+    fn write_target_head(&self, bio: PageBio) -> TargetHeadEnd {
+        let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+        let failed = |e: i32| {
+            self.blank_target_head();
+            TargetHeadEnd::Failed(e)
+        };
+        match self.tsync_run(Ok(bio), budget) {
+            IoEnd::Done(Ok(())) => TargetHeadEnd::Written,
+            IoEnd::NotStarted(e) => TargetHeadEnd::NotWritten(e),
+            IoEnd::Cancelled => TargetHeadEnd::NotWritten(errno(bindings::ETIMEDOUT)),
+            IoEnd::Done(Err(e)) => failed(e.to_errno().abs()),
+            IoEnd::Stuck => {
+                let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+                if !self
+                    .events
+                    .wait_until(ms_until(budget), || self.tsync.idle())
+                {
+                    // It may land later, next to the source's head put
+                    // back: said in the status until the target is wiped.
+                    self.target_head_dirty.store(true, Ordering::Relaxed);
+                    return TargetHeadEnd::Failed(bindings::ETIMEDOUT as i32);
+                }
+                match self.tsync.result() {
+                    Ok(()) => TargetHeadEnd::Written,
+                    Err(e) => failed(e.to_errno().abs()),
+                }
+            }
+        }
+    }
+
+    /// Zeros over the target's head after a failed write of it (best
+    /// effort, bounded; the status says so if it did not complete).
+    fn blank_target_head(&self) {
+        let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
+        if !matches!(
+            self.tsync_run(self.target_head_bio(Head::Zeros), budget),
+            IoEnd::Done(Ok(()))
+        ) {
+            self.target_head_dirty.store(true, Ordering::Relaxed);
+        }
     }
 
     /// The switch failed after the retire marker was written (the mode is
@@ -1123,7 +1378,7 @@ impl Migration {
     /// it cannot land after the head. If the head cannot be put back, the
     /// source is fenced: every bio fails rather than reach a source whose
     /// first region is the marker.
-    fn undo_retire(&self) {
+    fn undo_retire(&self) -> bool {
         let budget = now_ns() + MARKER_BUDGET_MS * 1_000_000;
         let idle = self
             .events
@@ -1135,13 +1390,14 @@ impl Migration {
                 IoEnd::Done(Ok(()))
             )
         {
-            return;
+            return true;
         }
         self.retire_failed.store(true, Ordering::Relaxed);
         // The held bios, and every bio after them, end in error (`route`
         // sees the fence).
         self.fenced.store(true, Ordering::SeqCst);
-        pr_err!("the target failed during the switch and the source's head could not be put back: every I/O to the source fails; restore its head from the saved copy\n");
+        pr_err!("the switch failed and the source's head could not be put back: every I/O to the source fails; restore its head from the saved copy\n");
+        false
     }
 
     /// Writes the retire marker over the source's head and flushes the
@@ -1209,6 +1465,41 @@ impl Migration {
             }
             op.result = if !cloning {
                 abi::REGION_NOT_CLONING
+            } else if cmd == CtlCmd::VerifyBegin {
+                match self.map().verify_begin(op.region) {
+                    Some(Verify::Compare(word)) => {
+                        op.word = word;
+                        abi::REGION_OK
+                    }
+                    Some(Verify::Busy) => {
+                        self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
+                        abi::REGION_BUSY
+                    }
+                    Some(Verify::NotSynced) => abi::REGION_NOT_SYNCED,
+                    None => abi::REGION_RANGE,
+                }
+            } else if cmd == CtlCmd::VerifyEnd {
+                match self.map().verify_end(op.region, op.word) {
+                    Some(true) => abi::REGION_OK,
+                    Some(false) => abi::REGION_CONFLICT,
+                    None => abi::REGION_RANGE,
+                }
+            } else if cmd == CtlCmd::Unsync {
+                if op.word != 0 {
+                    return Err(EINVAL);
+                }
+                // Under the hold lock, in CLONE: the switch enters
+                // SWITCHING under it and then checks again that every
+                // region is synced, so it sees this or refuses it.
+                let _h = self.hold.lock();
+                if self.mode_raw() != Mode::Clone as u32 {
+                    abi::REGION_NOT_CLONING
+                } else if op.region < self.geometry.regions() {
+                    self.map().unsync(op.region);
+                    abi::REGION_OK
+                } else {
+                    abi::REGION_RANGE
+                }
             } else if cmd == CtlCmd::CopyBegin {
                 match self.map().copy_begin(op.region) {
                     Some(Begin::Copy(word)) => {
@@ -1303,6 +1594,19 @@ unsafe extern "C" fn submit_work_fn(work: *mut bindings::work_struct) {
     mig.sync.submit_queued();
 }
 
+/// The target's switch I/O worker's function.
+///
+/// # Safety
+///
+/// Called by the workqueue for the `tsubmit_work` of a live `Migration`
+/// (the work is cancelled before the migration is dropped).
+unsafe extern "C" fn tsubmit_work_fn(work: *mut bindings::work_struct) {
+    // SAFETY: `work` belongs to the `tsubmit_work` field of a `Migration`.
+    let mig =
+        unsafe { &*kernel::container_of!(DelayedWork::from_work(work), Migration, tsubmit_work) };
+    mig.tsync.submit_queued();
+}
+
 impl Filter for Migration {
     const NAME: &'static CStr = c_str!("blkmig");
 
@@ -1360,14 +1664,14 @@ impl Filter for Migration {
         let zeroed = flags::GFP_KERNEL | flags::__GFP_ZERO;
         let marker_page = Page::alloc_page(zeroed)?;
         let zero_page = Page::alloc_page(zeroed)?;
-        let (_, first) = geometry.region_span(0).ok_or(EINVAL)?;
-        let npages = first.min(RETIRE_BYTES).div_ceil(PAGE_SIZE as u64) as usize;
+        let npages = geometry.head_bytes().div_ceil(PAGE_SIZE as u64) as usize;
         let mut head_pages = KVec::with_capacity(npages, flags::GFP_KERNEL)?;
         for _ in 0..npages {
             head_pages.push(Page::alloc_page(zeroed)?, flags::GFP_KERNEL)?;
         }
         let wq = WorkQueue::new()?;
         let io_wq = WorkQueue::new()?;
+        let tio_wq = WorkQueue::new()?;
         let m = KBox::try_pin_init(
             try_pin_init!(&this in Self {
                 target,
@@ -1384,14 +1688,22 @@ impl Filter for Migration {
                 edge_warned: AtomicBool::new(false),
                 holding: AtomicBool::new(false),
                 hold_owner: AtomicI32::new(0),
-                hold <- new_spinlock!(Hold { deadline_ns: 0, held: BioList::new() }, "blkmig_hold"),
+                hold <- new_spinlock!(
+                    Hold { deadline_ns: 0, held: BioList::new(), first_held_ns: 0 },
+                    "blkmig_hold"
+                ),
                 ctl_busy: AtomicBool::new(false),
                 inflight_writes: AtomicU64::new(0),
                 held_count: AtomicU64::new(0),
                 head_reads: AtomicU64::new(0),
                 owned: AtomicU64::new(0),
                 stats: Counters::default(),
+                migration_id: sys::random_u64(),
+                holds: AtomicU64::new(0),
+                hold_longest_ns: AtomicU64::new(0),
+                head_writes: AtomicU64::new(0),
                 retire_failed: AtomicBool::new(false),
+                target_head_dirty: AtomicBool::new(false),
                 marker_page,
                 zero_page,
                 head_pages,
@@ -1400,10 +1712,14 @@ impl Filter for Migration {
                 // outlives `sync`; the object waits for `sync` to be idle
                 // before it is dropped.
                 sync: unsafe { SyncIo::new(ptr::addr_of!((*this.as_ptr()).events)) },
+                // SAFETY: As for `sync`.
+                tsync: unsafe { SyncIo::new(ptr::addr_of!((*this.as_ptr()).events)) },
                 hold_work <- DelayedWork::new(hold_work_fn),
                 submit_work <- DelayedWork::new(submit_work_fn),
+                tsubmit_work <- DelayedWork::new(tsubmit_work_fn),
                 wq,
                 io_wq,
+                tio_wq,
                 ctx_set <- BioSet::new(POOL, bio::CTX_PAD, false),
                 plain_set <- BioSet::new(POOL, 0, false),
                 io_set <- BioSet::new(4, 0, true),
@@ -1447,7 +1763,13 @@ impl Filter for Migration {
                 *len = size_of::<Status>() as u32;
                 Ok(())
             }
-            Some(c @ (CtlCmd::CopyBegin | CtlCmd::CopyEnd)) => self.copy(c, buf, len),
+            Some(
+                c @ (CtlCmd::CopyBegin
+                | CtlCmd::CopyEnd
+                | CtlCmd::VerifyBegin
+                | CtlCmd::VerifyEnd
+                | CtlCmd::Unsync),
+            ) => self.copy(c, buf, len),
             Some(CtlCmd::SyncedMap) => self.synced_map(buf, len),
             Some(CtlCmd::HoldWrites) => {
                 let _busy = self.ctl_claim()?;
@@ -1457,7 +1779,11 @@ impl Filter for Migration {
             }
             Some(CtlCmd::Switch) => {
                 let _busy = self.ctl_claim()?;
-                self.switch()?;
+                if *len as usize != size_of::<u64>() {
+                    return Err(EINVAL);
+                }
+                let head_writes: u64 = buf.reader().read()?;
+                self.switch(head_writes)?;
                 *len = 0;
                 Ok(())
             }
@@ -1495,13 +1821,15 @@ impl PinnedDrop for Migration {
         );
         self.hold_work.cancel_sync();
         self.submit_work.cancel_sync();
+        self.tsubmit_work.cancel_sync();
         self.sync.cancel();
+        self.tsync.cancel();
         self.release();
         // Every bio we took or submitted must be finished before the target
         // is closed, the bio sets go and the module may be unloaded. The
         // device's own I/O timeout bounds this wait.
         while !self.events.wait_until(DRAIN_REPORT_MS, || {
-            self.owned.load(Ordering::SeqCst) == 0 && self.sync.idle()
+            self.owned.load(Ordering::SeqCst) == 0 && self.sync.idle() && self.tsync.idle()
         }) {
             pr_warn!(
                 "detach waits for {} bios still in flight\n",

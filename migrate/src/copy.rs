@@ -177,10 +177,16 @@ pub async fn for_each_region(
     let n = geo.regions();
     let next = Arc::new(AtomicU64::new(0));
     let limit = limiter(rate, geo.region_bytes());
-    // At most 1 GiB: Geometry bounds the region shift.
-    let region_len = geo.region_bytes() as usize;
+    let plan = crate::buffer::plan(
+        geo.region_bytes(),
+        geo.bytes(),
+        n,
+        depth,
+        crate::buffer::mem_available(),
+    )?;
+    let region_len = plan.len;
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..depth.max(1) {
+    for _ in 0..plan.depth {
         let (next, limit, progress, cancel, f) = (
             next.clone(),
             limit.clone(),
@@ -211,7 +217,11 @@ pub async fn for_each_region(
                     (b, res)
                 })
                 .await
-                .map_err(|_| Error::Interrupted)?;
+                .map_err(|e| {
+                    // Stop the other workers too.
+                    next.store(u64::MAX / 2, Ordering::Relaxed);
+                    Error::joined(&e, "copy")
+                })?;
                 buf = Some(b);
                 match res {
                     Ok((crc, w)) => {
@@ -247,7 +257,11 @@ pub async fn for_each_region(
                     first_err = Some(e);
                 }
             }
-            Err(_) => first_err = first_err.or(Some(Error::Interrupted)),
+            Err(e) => {
+                if first_err.is_none() || matches!(first_err, Some(Error::Interrupted)) {
+                    first_err = Some(Error::joined(&e, "copy"));
+                }
+            }
         }
     }
     match first_err {
@@ -295,7 +309,7 @@ pub async fn copy(
     let t = tgt.clone();
     tokio::task::spawn_blocking(move || t.flush())
         .await
-        .map_err(|_| Error::Interrupted)??;
+        .map_err(|e| Error::joined(&e, "flush"))??;
     Ok(CopyReport {
         bytes_total: src.size().0,
         bytes_written: written,
@@ -350,4 +364,35 @@ pub async fn verify(
         regions: geo.regions(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker that panics is a bug, and is reported as one, not as an
+    /// interruption.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicked_worker_is_reported_as_a_bug() {
+        let geo = Geometry::new(64, 12).unwrap_or_else(|e| panic!("{e:?}"));
+        let f: Arc<RegionFn> = Arc::new(|_: &mut AlignedBuf, r, _, _| {
+            if r == 3 {
+                panic!("worker bug");
+            }
+            Ok((0, 0))
+        });
+        let res = for_each_region(
+            geo,
+            2,
+            512,
+            None,
+            Progress::new("copy", 64 << 9),
+            Arc::new(AtomicBool::new(false)),
+            f,
+        )
+        .await;
+        let e = res.err().unwrap_or_else(|| panic!("no error"));
+        assert!(matches!(e, Error::Panicked { .. }), "{e:?}");
+        assert!(e.to_string().contains("bug"), "{e}");
+    }
 }

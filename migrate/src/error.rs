@@ -1,6 +1,6 @@
 //! One error type for device work: what failed, on which path, at which
 //! offset. `Display` never repeats the underlying OS error; callers print the
-//! source chain.
+//! source chain ([`describe`] words an OS error once, with its errno name).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -101,6 +101,9 @@ pub enum Refusal {
         /// The source's logical block size.
         source_block: u32,
     },
+    /// The state directory is on the device itself.
+    #[error("holds the state directory {0}: the source's saved head must survive the switch and a crash inside it; use --state-dir on another disk")]
+    HoldsStateDir(PathBuf),
     /// The region map would be too large.
     #[error("needs {regions} regions of {region_bytes} bytes, more than the {max} a migration may have: use --region-size {suggest} or larger")]
     TooManyRegions {
@@ -120,7 +123,10 @@ impl Refusal {
     pub fn errno_name(&self) -> &'static str {
         match self {
             Refusal::NotADevice | Refusal::NotBlock => "ENOTBLK",
-            Refusal::Mounted(_) | Refusal::Busy | Refusal::LoopBacking(_) => "EBUSY",
+            Refusal::Mounted(_)
+            | Refusal::Busy
+            | Refusal::LoopBacking(_)
+            | Refusal::HoldsStateDir(_) => "EBUSY",
             Refusal::SameDevice(_) | Refusal::Overlaps(_) => "EXDEV",
             Refusal::TooSmall { .. } => "ENOSPC",
             Refusal::UnalignedSize { .. } | Refusal::Empty | Refusal::BlockSize { .. } => "EINVAL",
@@ -135,8 +141,7 @@ impl Refusal {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An I/O or system call failed.
-    #[error("{op} {path}{at}{name}", path = .path.display(), at = at_offset(*.op, *.offset),
-        name = errno_suffix(.source))]
+    #[error("{op} {path}{at}", path = .path.display(), at = at_offset(*.op, *.offset))]
     Io {
         /// What was being done.
         op: Op,
@@ -165,6 +170,14 @@ pub enum Error {
         /// Largest logical block size of the two devices.
         block: u32,
     },
+    /// Not even one region's buffer fits in memory.
+    #[error("a region of {region} needs a buffer of that size, more than half the memory available ({available}): use a smaller --region-size")]
+    Memory {
+        /// The buffer one region needs.
+        region: Bytes,
+        /// MemAvailable.
+        available: Bytes,
+    },
     /// Verification found a region that differs.
     #[error("verification failed: region {region} (bytes {offset}..{end}) differs between {source_path} and {target_path}",
         end = .offset + .len, source_path = .source_path.display(), target_path = .target_path.display())]
@@ -183,6 +196,14 @@ pub enum Error {
     /// The operation was interrupted (Ctrl-C).
     #[error("interrupted")]
     Interrupted,
+    /// A worker panicked: a bug, not something the operator did.
+    #[error(
+        "internal error: a {task} worker panicked; this is a bug in migrate, please report it"
+    )]
+    Panicked {
+        /// What the worker was doing.
+        task: &'static str,
+    },
 }
 
 impl Error {
@@ -213,11 +234,31 @@ impl Error {
     }
 }
 
-/// ` (ENOENT)` for an OS error, so that every error names its errno.
-fn errno_suffix(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(n) => format!(" ({})", crate::filter::errno_name(&n)),
-        None => String::new(),
+impl Error {
+    /// The error of a task that did not return: a panic is a bug; a task
+    /// cancelled by the runtime shutting down is an interruption.
+    pub fn joined(e: &tokio::task::JoinError, task: &'static str) -> Self {
+        if e.is_panic() {
+            Error::Panicked { task }
+        } else {
+            Error::Interrupted
+        }
+    }
+}
+
+/// One link of an error chain in words: an OS error as its description and
+/// errno name (`No such file or directory (ENOENT)`), printed once.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    match e
+        .downcast_ref::<io::Error>()
+        .and_then(io::Error::raw_os_error)
+    {
+        Some(n) => format!(
+            "{} ({})",
+            crate::filter::errno_text(n),
+            crate::filter::errno_name(&n)
+        ),
+        None => e.to_string(),
     }
 }
 

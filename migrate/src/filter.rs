@@ -10,7 +10,7 @@ use blkmig_core::abi::{
 use rustix::ioctl::{self, opcode, Updater};
 
 use crate::device::{DevId, Probe};
-use crate::tracker::{Tracker, TrackerError};
+use crate::tracker::Tracker;
 
 const ATTACH: ioctl::Opcode =
     opcode::write::<BlkfilterAttach>(abi::BLK_IOCTL_TYPE, abi::BLKFILTER_ATTACH_NR);
@@ -24,18 +24,162 @@ const _: () = assert!(ATTACH as u64 == abi::BLKFILTER_ATTACH as u64);
 const _: () = assert!(DETACH as u64 == abi::BLKFILTER_DETACH as u64);
 const _: () = assert!(CTL as u64 == abi::BLKFILTER_CTL as u64);
 
-/// A filter request the kernel refused.
+/// A request to the kernel's block-device filter hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `BLKFILTER_ATTACH`.
+    Attach,
+    /// `BLKFILTER_DETACH`.
+    Detach,
+    /// `BLKFILTER_CTL` with a blkmig command.
+    Ctl(CtlCmd),
+}
+
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cmd = match self {
+            Request::Attach => return f.write_str("cannot attach blkmig"),
+            Request::Detach => return f.write_str("cannot detach blkmig"),
+            Request::Ctl(c) => match c {
+                CtlCmd::Status => "status",
+                CtlCmd::CopyBegin => "copy-begin",
+                CtlCmd::CopyEnd => "copy-end",
+                CtlCmd::HoldWrites => "hold-writes",
+                CtlCmd::Switch => "switch",
+                CtlCmd::Release => "release",
+                CtlCmd::SyncedMap => "synced-map",
+                CtlCmd::VerifyBegin => "verify-begin",
+                CtlCmd::VerifyEnd => "verify-end",
+                CtlCmd::Unsync => "unsync",
+            },
+        };
+        write!(f, "blkmig {cmd} request failed")
+    }
+}
+
+/// An error of the filter layer: the device cannot take filter requests,
+/// or the kernel refused one.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {what}: {meaning} ({name})", path = .path.display(), name = errno_name(.errno))]
-pub struct FilterError {
-    /// The filtered (source) device.
-    pub path: PathBuf,
-    /// What was asked: "cannot attach blkmig", ...
-    pub what: &'static str,
-    /// What the errno means here.
-    pub meaning: String,
-    /// Positive errno.
-    pub errno: i32,
+pub enum FilterError {
+    /// The device could not be opened for filter requests.
+    #[error("cannot open {path} for filter requests", path = .path.display())]
+    Open {
+        /// The device.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Filter requests go to block devices only.
+    #[error("{path} is not a block device: live migration moves block devices (use `migrate copy` for image files) (ENOTBLK)",
+        path = .path.display())]
+    NotBlock {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The running kernel has no filter hook.
+    #[error("{path}: this kernel has no block-device filter hook (BLKFILTER_* ioctls): boot a kernel with the blkmig patches",
+        path = .path.display())]
+    NoHook {
+        /// The device asked.
+        path: PathBuf,
+    },
+    /// The hook is there, the module is not.
+    #[error("{path}: the blkmig module is not loaded: modprobe blkmig", path = .path.display())]
+    NoModule {
+        /// The device asked.
+        path: PathBuf,
+    },
+    /// blkmig is attached already.
+    #[error("{path}: cannot attach blkmig: it is already attached to this device, in {mode} mode, migrating to device {major}:{minor} (EALREADY)",
+        path = .path.display())]
+    AlreadyAttached {
+        /// The source.
+        path: PathBuf,
+        /// Its mode, in words.
+        mode: &'static str,
+        /// The target's major number.
+        major: u32,
+        /// The target's minor number.
+        minor: u32,
+    },
+    /// The kernel refused a request; `errno` says why.
+    #[error("{path}: {request}: {meaning} ({name})", path = .path.display(),
+        meaning = meaning(*.request, *.errno), name = errno_name(.errno))]
+    Refused {
+        /// The filtered (source) device.
+        path: PathBuf,
+        /// What was asked.
+        request: Request,
+        /// Positive errno.
+        errno: i32,
+    },
+}
+
+impl FilterError {
+    /// The errno behind this error, as the kernel would return it.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FilterError::Open { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            FilterError::NotBlock { .. } => libc::ENOTBLK,
+            FilterError::NoHook { .. } => libc::ENOTTY,
+            FilterError::NoModule { .. } => libc::ENOENT,
+            FilterError::AlreadyAttached { .. } => libc::EALREADY,
+            FilterError::Refused { errno, .. } => *errno,
+        }
+    }
+}
+
+/// What an errno means for a filter request, in words.
+fn meaning(request: Request, errno: i32) -> String {
+    let attach = request == Request::Attach;
+    let text = match errno {
+        libc::ENOTTY => "this kernel has no block-device filter hook (BLKFILTER_* ioctls): boot a kernel with the blkmig patches",
+        libc::EPERM => "permission denied: filter requests need CAP_SYS_ADMIN",
+        libc::EBADF => "filter requests need the device opened for writing",
+        libc::ENOENT if attach => "the blkmig filter is not registered: modprobe blkmig",
+        libc::ENOENT => "no blkmig filter is attached to this device",
+        libc::ENODEV => "the device is going away",
+        libc::EBUSY if attach => "the device already has a block-device filter attached",
+        libc::EBUSY if request == Request::Detach => {
+            "the device is in REDIRECT mode and still open: unmount it first"
+        }
+        libc::EALREADY if attach => "blkmig is already attached to this device",
+        libc::ENOSPC if attach => "the target is smaller than the source",
+        libc::EXDEV if attach => "the target is the source itself or overlaps it",
+        libc::EINVAL if attach => {
+            "the kernel refused the options (region size, block size or version)"
+        }
+        libc::E2BIG if attach => "the source has too many regions: use a larger --region-size",
+        libc::EOPNOTSUPP if attach => {
+            "zoned devices cannot be migrated (zone writes bypass the region map)"
+        }
+        libc::EMEDIUMTYPE if attach => {
+            "the source is a bio-based device (dm, md, NVMe multipath): \
+             the writes it has in flight when blkmig attaches cannot be waited for"
+        }
+        libc::ETIMEDOUT if request == Request::Ctl(CtlCmd::HoldWrites) => {
+            "the writes in flight did not drain within the hold timeout"
+        }
+        libc::ETIMEDOUT if request == Request::Ctl(CtlCmd::Switch) => {
+            "the hold timed out before the switch"
+        }
+        libc::EAGAIN if request == Request::Ctl(CtlCmd::Switch) => {
+            "a region is not in sync"
+        }
+        _ => return errno_text(errno),
+    };
+    text.to_owned()
+}
+
+/// The system's description of an errno, without the "(os error N)" that
+/// the standard library appends (the name is printed instead).
+pub fn errno_text(errno: i32) -> String {
+    let text = std::io::Error::from_raw_os_error(errno).to_string();
+    match text.strip_suffix(&format!(" (os error {errno})")) {
+        Some(t) => t.to_owned(),
+        None => text,
+    }
 }
 
 /// The symbolic name of an errno, for messages an operator can search for.
@@ -68,6 +212,7 @@ pub fn errno_name(e: &i32) -> &'static str {
         libc::ENOPKG => "ENOPKG",
         libc::EMEDIUMTYPE => "EMEDIUMTYPE",
         libc::E2BIG => "E2BIG",
+        libc::ENOTBLK => "ENOTBLK",
         _ => "errno",
     }
 }
@@ -87,51 +232,70 @@ pub struct Filtered {
 }
 
 impl Filtered {
-    /// Opens `path` for filter requests.
-    pub fn open(path: &Path) -> Result<Self, crate::error::Error> {
+    /// Opens `path` for filter requests, after checking that it is a block
+    /// device, that this kernel has the filter hook, and that the blkmig
+    /// module is loaded (naming what is missing).
+    pub fn open(path: &Path) -> Result<Self, FilterError> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let md = std::fs::metadata(path).map_err(|source| FilterError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !md.file_type().is_block_device() {
+            return Err(FilterError::NotBlock {
+                path: path.to_owned(),
+            });
+        }
         // Filter requests need a file opened for writing (as BLKDISCARD).
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(path)
-            .map_err(|e| crate::error::Error::io(crate::error::Op::Open, path, 0, e))?;
-        Ok(Self {
+            .map_err(|source| FilterError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let f = Self {
             path: path.to_owned(),
             file,
-        })
+        };
+        let (major, minor) = (rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev()));
+        let no_hook = || FilterError::NoHook {
+            path: path.to_owned(),
+        };
+        if !Path::new(&format!("/sys/dev/block/{major}:{minor}")).exists() {
+            return Err(no_hook());
+        }
+        // A well-formed STATUS: the hook answers 0 or ENOENT; a kernel
+        // without it leaves the ioctl to the driver, which answers ENOTTY
+        // (or EINVAL: the loop driver).
+        match f.status() {
+            Ok(_) => return Ok(f),
+            Err(e) if matches!(e.errno(), libc::ENOTTY | libc::EINVAL) => return Err(no_hook()),
+            Err(e) if e.errno() != libc::ENOENT => return Err(e),
+            Err(_) => {}
+        }
+        if !Path::new("/sys/module/blkmig").exists() {
+            return Err(FilterError::NoModule {
+                path: path.to_owned(),
+            });
+        }
+        Ok(f)
     }
 
-    fn err(
-        &self,
-        what: &'static str,
-        e: rustix::io::Errno,
-        meaning: impl FnOnce(i32) -> Option<String>,
-    ) -> FilterError {
-        let errno = e.raw_os_error();
-        let meaning = meaning(errno).unwrap_or_else(|| match errno {
-            libc::ENOTTY => "this kernel has no block-device filter support (boot a kernel with the blkmig patch)".to_owned(),
-            libc::EPERM => "permission denied: filter requests need CAP_SYS_ADMIN".to_owned(),
-            libc::EBADF => "filter requests need the device opened for writing".to_owned(),
-            libc::ENOENT => "no blkmig filter is attached to this device".to_owned(),
-            libc::ENODEV => "the blkmig module is not loaded".to_owned(),
-            _ => std::io::Error::from_raw_os_error(errno).to_string(),
-        });
-        FilterError {
+    fn err(&self, request: Request, e: rustix::io::Errno) -> FilterError {
+        FilterError::Refused {
             path: self.path.clone(),
-            what,
-            meaning,
-            errno,
+            request,
+            errno: e.raw_os_error(),
         }
     }
 
     /// Attaches blkmig, migrating to `target`.
     pub fn attach(&self, target: &Probe, opts: AttachOptions) -> Result<(), FilterError> {
         let DevId::Block { major, minor } = target.id else {
-            return Err(FilterError {
-                path: self.path.clone(),
-                what: "cannot attach blkmig",
-                meaning: format!("the target {} is not a block device", target.path.display()),
-                errno: libc::ENOTBLK,
+            return Err(FilterError::NotBlock {
+                path: target.path.clone(),
             });
         };
         let opts = AttachOptions {
@@ -154,44 +318,7 @@ impl Filtered {
                 Updater::<ATTACH, BlkfilterAttach>::new(&mut arg),
             )
         }
-        .map_err(|e| {
-            self.err("cannot attach blkmig", e, |errno| {
-                Some(match errno {
-                    libc::EBUSY => {
-                        "the device already has a block-device filter attached".to_owned()
-                    }
-                    libc::EALREADY => "blkmig is already attached to this device".to_owned(),
-                    libc::ENOSPC => format!(
-                        "the target {} is smaller than the source",
-                        target.path.display()
-                    ),
-                    libc::EXDEV => format!(
-                        "the target {} is the source itself or overlaps it",
-                        target.path.display()
-                    ),
-                    libc::EINVAL => {
-                        "the kernel refused the options (region size, block size or version)"
-                            .to_owned()
-                    }
-                    libc::E2BIG => {
-                        "the source has too many regions: use a larger --region-size".to_owned()
-                    }
-                    libc::EOPNOTSUPP => {
-                        "zoned devices cannot be migrated (zone writes bypass the region map)"
-                            .to_owned()
-                    }
-                    libc::EMEDIUMTYPE => {
-                        "the source is a bio-based device (dm, md, NVMe multipath): \
-                        the writes it has in flight when blkmig attaches cannot be waited for"
-                            .to_owned()
-                    }
-                    libc::ENOENT => {
-                        "the blkmig filter is not registered (load blkmig.ko)".to_owned()
-                    }
-                    _ => return None,
-                })
-            })
-        })
+        .map_err(|e| self.err(Request::Attach, e))
     }
 
     /// Detaches blkmig.
@@ -205,13 +332,7 @@ impl Filtered {
                 Updater::<DETACH, BlkfilterDetach>::new(&mut arg),
             )
         }
-        .map_err(|e| {
-            self.err("cannot detach blkmig", e, |errno| {
-                (errno == libc::EBUSY).then(|| {
-                    "the device is in REDIRECT mode and still open: unmount it first".to_owned()
-                })
-            })
-        })
+        .map_err(|e| self.err(Request::Detach, e))
     }
 
     /// Sends `cmd` with `buf` (in and out); returns the bytes written back.
@@ -226,7 +347,7 @@ impl Filtered {
         // alive for the call) and at most `optlen` bytes at `opt`, which is
         // `buf`, exclusively borrowed for the call and that long.
         unsafe { ioctl::ioctl(&self.file, Updater::<CTL, BlkfilterCtl>::new(&mut arg)) }
-            .map_err(|e| self.err("blkmig request failed", e, |_| None))?;
+            .map_err(|e| self.err(Request::Ctl(cmd), e))?;
         Ok((arg.optlen as usize).min(buf.len()))
     }
 
@@ -276,48 +397,50 @@ unsafe impl Pod for HoldRequest {}
 unsafe impl Pod for SyncedQuery {}
 // SAFETY: a byte is plain old data.
 unsafe impl Pod for u8 {}
+// SAFETY: every bit pattern is a valid u64, which has no padding.
+unsafe impl Pod for u64 {}
 
 impl Tracker for Filtered {
-    fn status(&self) -> Result<Status, TrackerError> {
-        Ok(Filtered::status(self)?)
+    fn status(&self) -> Result<Status, FilterError> {
+        Filtered::status(self)
     }
 
-    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
             self.ctl_slice(CtlCmd::CopyBegin, chunk)?;
         }
         Ok(())
     }
 
-    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
             self.ctl_slice(CtlCmd::CopyEnd, chunk)?;
         }
         Ok(())
     }
 
-    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
             self.ctl_slice(CtlCmd::VerifyBegin, chunk)?;
         }
         Ok(())
     }
 
-    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
             self.ctl_slice(CtlCmd::VerifyEnd, chunk)?;
         }
         Ok(())
     }
 
-    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
             self.ctl_slice(CtlCmd::Unsync, chunk)?;
         }
         Ok(())
     }
 
-    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, TrackerError> {
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, FilterError> {
         const HEAD: usize = size_of::<SyncedQuery>();
         let mut out = Vec::with_capacity(count as usize);
         let mut at = first;
@@ -341,7 +464,7 @@ impl Tracker for Filtered {
         Ok(out)
     }
 
-    fn hold_writes(&self, timeout_ms: u32) -> Result<(), TrackerError> {
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), FilterError> {
         let mut req = [HoldRequest {
             timeout_ms,
             reserved: 0,
@@ -350,11 +473,12 @@ impl Tracker for Filtered {
         Ok(())
     }
 
-    fn switch(&self) -> Result<(), TrackerError> {
-        Ok(self.ctl_none(CtlCmd::Switch)?)
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError> {
+        let mut w = [head_writes];
+        self.ctl_slice(CtlCmd::Switch, &mut w).map(|_| ())
     }
 
-    fn release(&self) -> Result<(), TrackerError> {
-        Ok(self.ctl_none(CtlCmd::Release)?)
+    fn release(&self) -> Result<(), FilterError> {
+        self.ctl_none(CtlCmd::Release)
     }
 }

@@ -8,15 +8,23 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use blkmig::copy::{self, CopyOptions};
-use blkmig::core::abi::{self, AttachOptions, Mode, Status};
-use blkmig::device::{Access, Device, Kind, Probe};
-use blkmig::error::{Error, Refusal};
+use blkmig::core::abi::{self, Status};
+use blkmig::device::{Access, Device};
 use blkmig::filter::Filtered;
-use blkmig::migration::{self, MigrateError, MigrateOptions, Migration};
+use blkmig::live::{self, AttachRequest, Attached, Begin, Start};
+use blkmig::migration::{self, MigrateOptions};
 use blkmig::progress::{Progress, Reporter, Style};
-use blkmig::tracker::Tracker;
 use blkmig::units::Bytes;
 use clap::{Args, Parser, Subcommand};
+
+/// A line for the operator on stderr; if stderr itself cannot be written,
+/// there is nowhere left to say so.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -52,13 +60,38 @@ enum Cmd {
         /// The filtered source device.
         source: PathBuf,
     },
-    /// Show the state of the migration of SOURCE.
+    /// Show the state of the migration of SOURCE. With no filter attached
+    /// (after a reboot), say what the disks hold: a retired source and its
+    /// saved head, an interrupted switch, or a source that is authoritative.
     Status {
-        /// The filtered source device.
+        /// The source device.
         source: PathBuf,
+        /// The target, to tell a completed switch from an interrupted one
+        /// when no filter is attached.
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Where `migrate start` saved the source's head.
+        #[arg(long, default_value = "/var/lib/blkmig")]
+        state_dir: PathBuf,
         /// One JSON object on stdout, for automation.
         #[arg(long)]
         json: bool,
+    },
+    /// After a crash inside the switch (the source retired, the target's
+    /// head not yet written; neither device mountable): write the saved
+    /// head to TARGET, which then holds the filesystem, or with --rollback
+    /// back to SOURCE. Changes nothing in any other state.
+    Recover {
+        /// The retired source.
+        source: PathBuf,
+        /// The migration's target.
+        target: PathBuf,
+        /// Put the source back instead of finishing on the target.
+        #[arg(long)]
+        rollback: bool,
+        /// Where `migrate start` saved the source's head.
+        #[arg(long, default_value = "/var/lib/blkmig")]
+        state_dir: PathBuf,
     },
 }
 
@@ -88,8 +121,8 @@ struct CopyArgs {
     /// Regions in flight at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     queue_depth: u16,
-    /// Limit the copy to this many bytes per second (e.g. 200M).
-    #[arg(long)]
+    /// Limit the copy to this many bytes per second (e.g. 200M, at least 1K).
+    #[arg(long, value_parser = blkmig::units::parse_rate)]
     rate_limit: Option<Bytes>,
     /// Read the target back and compare crc32 checksums with the source's.
     #[arg(long)]
@@ -108,11 +141,14 @@ struct StartArgs {
     /// Regions copied at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     queue_depth: u16,
-    /// Limit the background copy to this many bytes per second (e.g. 200M).
-    #[arg(long)]
+    /// Limit the background copy to this many bytes per second (e.g. 200M,
+    /// at least 1K).
+    #[arg(long, value_parser = blkmig::units::parse_rate)]
     rate_limit: Option<Bytes>,
     /// Switch only when the estimated pause of writes fits this budget.
-    #[arg(long, default_value = "100ms", value_parser = blkmig::units::parse_duration)]
+    /// It must exceed the time the switch takes to copy the first and last
+    /// regions (2 x region size / copy rate).
+    #[arg(long, default_value = "100ms", value_parser = blkmig::units::parse_positive_duration)]
     max_pause: Duration,
     /// Copy and keep mirroring, but do not switch (rerun without it to switch).
     #[arg(long)]
@@ -137,10 +173,22 @@ struct AttachArgs {
     /// Region size (power of two, 4K..1G, a multiple of the block size).
     #[arg(long, default_value = "1M")]
     region_size: Bytes,
-    /// How long writes may be held for the switch, in milliseconds.
-    #[arg(long, default_value_t = abi::HOLD_TIMEOUT_MS_DEFAULT,
+    /// How long writes may be held for one switch attempt (e.g. 5s, 800ms;
+    /// at most 60s): the kernel then releases them and cancels the switch.
+    #[arg(long, default_value = "5s", value_parser = blkmig::units::parse_hold_timeout)]
+    hold_timeout: Duration,
+    /// The hold timeout in milliseconds (older spelling of --hold-timeout).
+    #[arg(long, hide = true, conflicts_with = "hold_timeout",
         value_parser = clap::value_parser!(u32).range(1..=abi::HOLD_TIMEOUT_MS_MAX as i64))]
-    hold_timeout_ms: u32,
+    hold_timeout_ms: Option<u32>,
+}
+
+impl AttachArgs {
+    /// The hold timeout in milliseconds, from either spelling.
+    fn hold_timeout_ms(&self) -> u32 {
+        self.hold_timeout_ms
+            .unwrap_or_else(|| u32::try_from(self.hold_timeout.as_millis()).unwrap_or(u32::MAX))
+    }
 }
 
 fn style(p: &ProgressArgs) -> Style {
@@ -176,17 +224,8 @@ fn cancel_on_ctrl_c() -> Result<Arc<AtomicBool>> {
     Ok(cancel)
 }
 
-/// Probes both paths and refuses, before anything is opened for writing,
-/// the same device twice, overlapping partitions, and mounted devices.
-fn probe_pair(source: &Path, target: &Path) -> Result<(Probe, Probe), Error> {
-    let s = Probe::new(source)?;
-    let t = Probe::new(target)?;
-    s.check_distinct(&t)?;
-    Ok((s, t))
-}
-
 async fn cmd_copy(a: CopyArgs) -> Result<()> {
-    let (sp, tp) = probe_pair(&a.source, &a.target)?;
+    let (sp, tp) = live::probe_pair(&a.source, &a.target)?;
     sp.check_unused()?;
     tp.check_unused()?;
     let access = |write| Access {
@@ -211,8 +250,9 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
     let progress = Progress::new("copy", src.size().0);
     let rep = Reporter::start(progress.clone(), style, every);
     let res = copy::copy(src.clone(), tgt.clone(), &opts, progress, cancel.clone()).await;
-    rep.finish().await;
+    let shown = rep.finish(res.is_ok()).await;
     let report = res?;
+    shown.context("cannot write progress to standard output")?;
     let mut verified = None;
     if a.verify {
         let progress = Progress::new("verify", src.size().0);
@@ -227,8 +267,9 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
             cancel,
         )
         .await;
-        rep.finish().await;
+        let shown = rep.finish(res.is_ok()).await;
         verified = Some(res?);
+        shown.context("cannot write progress to standard output")?;
     }
     let rate = report.bytes_total as f64 / report.seconds.max(1e-9);
     if style == Style::Json {
@@ -243,9 +284,9 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
             "verified": verified.is_some(),
             "verify_seconds": verified.as_ref().map(|v| v.seconds),
         });
-        println!("{j}");
+        out(&j.to_string())?;
     } else if style != Style::Quiet {
-        eprintln!(
+        say!(
             "copied {} ({} bytes) in {:.2}s, {}/s; {} written, {} zeroed{}",
             Bytes(report.bytes_total),
             report.bytes_total,
@@ -262,134 +303,53 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Checks SOURCE and TARGET for a live migration and attaches blkmig.
-fn attach(a: &AttachArgs) -> Result<Probe> {
-    let (sp, tp) = probe_pair(&a.source, &a.target)?;
-    for p in [&sp, &tp] {
-        if p.kind != Kind::Block {
-            return Err(Error::refused(&p.path, Refusal::NotBlock).into());
+impl AttachArgs {
+    fn request(&self) -> AttachRequest {
+        AttachRequest {
+            source: self.source.clone(),
+            target: self.target.clone(),
+            region_size: self.region_size,
+            hold_timeout_ms: self.hold_timeout_ms(),
         }
     }
-    // A source that is already being migrated: say so before anything else
-    // (its target is, rightly, busy).
-    if let Ok(st) = Filtered::open(&a.source)?.status() {
-        return Err(blkmig::filter::FilterError {
-            path: a.source.clone(),
-            what: "cannot attach blkmig",
-            meaning: format!(
-                "blkmig is already attached to this device, in {} mode, migrating to device {}:{}",
-                migration::mode_name(st.mode),
-                st.target_major,
-                st.target_minor
-            ),
-            errno: libc::EALREADY,
-        }
-        .into());
-    }
-    // Neither may be zoned; the source must be request-based; the target
-    // must be unused: blkmig will own it. The source is live.
-    sp.check_not_zoned()?;
-    tp.check_not_zoned()?;
-    tp.check_unused()?;
-    sp.check_request_based()?;
-    let shared = Access {
-        write: false,
-        direct: false,
-        exclusive: false,
-    };
-    let src = Device::open(&sp, shared)?;
-    let tgt = Device::open(
-        &tp,
-        Access {
-            exclusive: true,
-            ..shared
-        },
-    )?;
-    copy::check_target_size(&src, &tgt)?;
-    copy::check_block_sizes(&src, &tgt)?;
-    let geo = copy::geometry(&src, &tgt, a.region_size)?;
-    copy::check_region_count(&src, &geo)?;
-    drop(tgt);
-    let f = Filtered::open(&a.source)?;
-    f.attach(
-        &tp,
-        AttachOptions {
-            version: abi::ABI_VERSION,
-            region_shift: geo.shift(),
-            hold_timeout_ms: a.hold_timeout_ms,
-            ..Default::default()
-        },
-    )?;
-    eprintln!(
+}
+
+fn print_attached(a: &AttachArgs, at: &Attached) {
+    say!(
         "blkmig attached to {} (target {}, {} regions of {})",
         a.source.display(),
         a.target.display(),
-        geo.regions(),
-        Bytes(geo.region_bytes())
+        at.regions,
+        Bytes(at.region_bytes)
     );
-    Ok(tp)
 }
 
 fn cmd_attach(a: AttachArgs) -> Result<()> {
-    attach(&a).map(|_| ())
+    let at = live::attach(&a.request())?;
+    print_attached(&a, &at);
+    Ok(())
 }
 
 async fn cmd_start(a: StartArgs) -> Result<()> {
-    let f = Filtered::open(&a.attach.source)?;
-    let tp = match f.status() {
-        Ok(st) => {
-            // Already attached: resume, if it is ours and still cloning.
-            let tp = Probe::new(&a.attach.target)?;
-            let ours = matches!(tp.id, blkmig::device::DevId::Block { major, minor }
-                if (major, minor) == (st.target_major, st.target_minor));
-            if !ours {
-                anyhow::bail!(
-                    "{} is already being migrated to device {}:{}, not to {}",
-                    a.attach.source.display(),
-                    st.target_major,
-                    st.target_minor,
-                    a.attach.target.display()
-                );
-            }
-            match Mode::from_raw(st.mode) {
-                Some(Mode::Redirect) => {
-                    eprintln!(
-                        "{} has already switched to {}: nothing to do",
-                        a.attach.source.display(),
-                        a.attach.target.display()
-                    );
-                    return Ok(());
-                }
-                Some(Mode::Failed) => anyhow::bail!(
-                    "the migration of {} failed: {}; run `migrate abort {}`",
-                    a.attach.source.display(),
-                    migration::failure_text(&st),
-                    a.attach.source.display()
-                ),
-                _ => eprintln!(
-                    "resuming the migration of {}: {} of {} regions in sync",
-                    a.attach.source.display(),
-                    st.regions_synced,
-                    st.regions_total
-                ),
-            }
-            tp
+    let src = a.attach.source.display();
+    let ready = match live::start(&a.attach.request(), &a.state_dir)? {
+        Start::AlreadySwitched => {
+            say!(
+                "{src} has already switched to {}: nothing to do",
+                a.attach.target.display()
+            );
+            return Ok(());
         }
-        Err(e) if e.errno == libc::ENOENT => attach(&a.attach)?,
-        Err(e) => return Err(e.into()),
+        Start::Ready(r) => r,
     };
-    let direct = |write| Access {
-        write,
-        direct: true,
-        exclusive: false,
-    };
-    let sp = Probe::new(&a.attach.source)?;
-    let src = Arc::new(Device::open(&sp, direct(false))?);
-    let tgt = Arc::new(Device::open(&tp, direct(true))?);
-    let st = f.status()?;
-    let tracker: Arc<dyn Tracker> = Arc::new(f);
+    match &ready.begin {
+        Begin::Attached(at) => print_attached(&a.attach, at),
+        Begin::Resumed { synced, total } => {
+            say!("resuming the migration of {src}: {synced} of {total} regions in sync")
+        }
+    }
     let cancel = cancel_on_ctrl_c()?;
-    let progress = Progress::migration(st.source_sectors << 9, st.regions_total);
+    let progress = Progress::migration(ready.bytes(), ready.regions());
     let style = style(&a.progress);
     let rep = Reporter::start(progress.clone(), style, interval(&a.progress)?);
     let opts = MigrateOptions {
@@ -397,57 +357,37 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         rate_limit: a.rate_limit,
         max_pause: a.max_pause,
         no_switch: a.no_switch,
-        hold_timeout_ms: a.attach.hold_timeout_ms,
+        hold_timeout_ms: a.attach.hold_timeout_ms(),
         state_dir: a.state_dir.clone(),
         compare: true,
         verify: a.verify,
     };
-    let res = match Migration::new(tracker.clone(), src, tgt, &st, opts, progress, cancel) {
-        Ok(m) => m.run().await,
-        Err(e) => Err(e),
-    };
-    rep.finish().await;
-    let summary = match res {
-        Ok(s) => s,
-        Err(MigrateError::Interrupted) => {
-            Filtered::open(&a.attach.source)?.detach()?;
-            anyhow::bail!(
-                "interrupted: the migration was abandoned, blkmig detached; {} is untouched and in use as before",
-                a.attach.source.display()
-            );
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let res = ready.run(opts, progress, cancel).await;
+    let shown = rep.finish(res.is_ok()).await;
+    let summary = res?;
+    shown.context("cannot write progress to standard output")?;
     if style == Style::Json {
         let mut j = serde_json::to_value(&summary)?;
         j["event"] = "done".into();
-        println!("{j}");
+        out(&j.to_string())?;
     }
     if style != Style::Quiet {
-        let pause = summary
-            .pause_ms
-            .map(|p| format!("{p:.1} ms"))
-            .unwrap_or_else(|| "no switch".into());
-        eprintln!(
-            "copied {} in {:.1}s ({} already on the target, {} re-copies, {} busy, {} rounds); writes paused {}{}",
+        say!(
+            "copied {} in {:.1}s ({} already on the target, {} re-copies, {} busy, {} rounds); {}",
             Bytes(summary.bytes_copied),
             summary.seconds,
             Bytes(summary.bytes_matched),
             summary.recopies,
             summary.busy,
             summary.rounds,
-            pause,
-            if summary.failed_switches > 0 {
-                format!(" after {} failed switch attempts", summary.failed_switches)
-            } else {
-                String::new()
-            }
+            summary.pause_text(),
         );
         if a.verify {
-            eprintln!(
-                "verified {} regions ({}); {} differed on the target and were copied again{}",
+            say!(
+                "verified {} regions ({} compared), {} left unverified (written continuously); {} differed on the target and were copied again{}",
                 summary.regions_verified,
                 Bytes(summary.bytes_verified),
+                summary.regions_unverified,
                 summary.verify_mismatches,
                 if summary.mismatched_regions.is_empty() {
                     String::new()
@@ -457,15 +397,15 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
             );
         }
         if summary.switched {
-            eprintln!(
-                "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its first region is saved in {saved}).\n\
+            say!(
+                "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its head is saved in {saved}).\n\
                  Remount from {tgt} when convenient, then run `migrate detach {src}`.",
                 src = a.attach.source.display(),
                 tgt = a.attach.target.display(),
                 saved = summary.saved_head.as_deref().unwrap_or(Path::new("?")).display(),
             );
         } else {
-            eprintln!(
+            say!(
                 "in sync and mirroring; run `migrate start {} {}` again to switch",
                 a.attach.source.display(),
                 a.attach.target.display()
@@ -476,22 +416,14 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
 }
 
 fn cmd_detach(source: &Path) -> Result<()> {
-    Filtered::open(source)?.detach()?;
-    eprintln!("blkmig detached from {}", source.display());
+    live::detach(source)?;
+    say!("blkmig detached from {}", source.display());
     Ok(())
 }
 
 fn cmd_abort(source: &Path) -> Result<()> {
-    let f = Filtered::open(source)?;
-    let st = f.status()?;
-    if Mode::from_raw(st.mode) == Some(Mode::Redirect) {
-        anyhow::bail!(
-            "{} has already switched to its target: there is nothing to abort (unmount it, then `migrate detach`)",
-            source.display()
-        );
-    }
-    f.detach()?;
-    eprintln!(
+    live::abort(source)?;
+    say!(
         "migration of {} abandoned; blkmig detached, the source is untouched",
         source.display()
     );
@@ -504,6 +436,9 @@ fn status_json(st: &Status) -> serde_json::Value {
     serde_json::json!({
         "mode": mode_name(st.mode),
         "holding": st.flags & abi::STATUS_HOLDING != 0,
+        "retire_failed": st.flags & abi::STATUS_RETIRE_FAILED != 0,
+        "target_head_dirty": st.flags & abi::STATUS_TARGET_HEAD_DIRTY != 0,
+        "head_writes": st.head_writes,
         "region_bytes": 1u64 << st.region_shift,
         "source_bytes": st.source_sectors << 9,
         "target_bytes": st.target_sectors << 9,
@@ -519,58 +454,200 @@ fn status_json(st: &Status) -> serde_json::Value {
         "failure_text": migration::failure_text(st),
         "failure_errno": st.failure_errno,
         "target_dev": format!("{}:{}", st.target_major, st.target_minor),
+        "holds": st.holds,
+        "hold_longest_ns": st.hold_longest_ns,
+        "migration_id": format!("{:016x}", st.migration_id),
     })
 }
 
-fn cmd_status(source: &Path, json: bool) -> Result<()> {
-    let st = Filtered::open(source)?.status()?;
-    if json {
-        println!("{}", status_json(&st));
+fn status_text(source: &Path, st: &Status) -> String {
+    let pct = if st.regions_total == 0 {
+        100.0
     } else {
-        let pct = if st.regions_total == 0 {
-            100.0
+        st.regions_synced as f64 * 100.0 / st.regions_total as f64
+    };
+    let mut t = format!(
+        "source:  {} ({})\n",
+        source.display(),
+        Bytes(st.source_sectors << 9)
+    );
+    t += &format!(
+        "target:  {}:{} ({})\n",
+        st.target_major,
+        st.target_minor,
+        Bytes(st.target_sectors << 9)
+    );
+    t += &format!(
+        "mode:    {}{}\n",
+        mode_name(st.mode),
+        if st.flags & abi::STATUS_HOLDING != 0 {
+            " (writes held)"
         } else {
-            st.regions_synced as f64 * 100.0 / st.regions_total as f64
-        };
-        println!(
-            "source:  {} ({})",
-            source.display(),
-            Bytes(st.source_sectors << 9)
-        );
-        println!(
-            "target:  {}:{} ({})",
-            st.target_major,
-            st.target_minor,
-            Bytes(st.target_sectors << 9)
-        );
-        println!(
-            "mode:    {}{}",
-            mode_name(st.mode),
-            if st.flags & abi::STATUS_HOLDING != 0 {
-                " (writes held)"
-            } else {
-                ""
-            }
-        );
-        println!(
-            "synced:  {} of {} regions of {} ({pct:.1}%)",
-            st.regions_synced,
-            st.regions_total,
-            Bytes(1 << st.region_shift)
-        );
-        println!(
-            "writes:  {} seen, {} mirrored, {} held",
-            st.writes_seen, st.writes_mirrored, st.writes_held
-        );
-        println!(
-            "copies:  {} conflicts, {} busy",
-            st.copy_conflicts, st.copy_busy
-        );
-        if st.failure != 0 {
-            println!("failure: {}", migration::failure_text(&st));
+            ""
+        }
+    );
+    t += &format!(
+        "synced:  {} of {} regions of {} ({pct:.1}%)\n",
+        st.regions_synced,
+        st.regions_total,
+        Bytes(1 << st.region_shift)
+    );
+    t += &format!(
+        "writes:  {} seen, {} mirrored, {} held\n",
+        st.writes_seen, st.writes_mirrored, st.writes_held
+    );
+    t += &format!(
+        "copies:  {} conflicts, {} busy\n",
+        st.copy_conflicts, st.copy_busy
+    );
+    t += &format!(
+        "holds:   {}, the longest {:.1} ms\n",
+        st.holds,
+        st.hold_longest_ns as f64 / 1e6
+    );
+    t += &format!("id:      {:016x}\n", st.migration_id);
+    if st.failure != 0 {
+        t += &format!("failure: {}\n", migration::failure_text(st));
+    }
+    if st.flags & abi::STATUS_RETIRE_FAILED != 0 {
+        t += "warning: the retire marker could not be confirmed: the source may still look like the filesystem; do not mount it\n";
+    }
+    if st.flags & abi::STATUS_TARGET_HEAD_DIRTY != 0 {
+        t += "warning: the target's head may hold part of the filesystem's: wipe its first MiB before reusing it\n";
+    }
+    t
+}
+
+/// `migrate status` with no filter attached: what the disks hold.
+fn status_offline(
+    source: &Path,
+    target: Option<&Path>,
+    state_dir: &Path,
+    json: bool,
+) -> Result<()> {
+    use blkmig::recover::Finding;
+    use std::fmt::Write;
+    let finding = blkmig::recover::inspect(source, target, state_dir)?;
+    if json {
+        let mut j = serde_json::to_value(&finding)?;
+        j["mode"] = "detached".into();
+        return out(&j.to_string());
+    }
+    let src = source.display();
+    let saved = |p: &Option<PathBuf>| match p {
+        Some(p) => format!("its head is saved in {}", p.display()),
+        None => format!("its saved head is not in {}", state_dir.display()),
+    };
+    let mut t = String::new();
+    let _ = writeln!(t, "source:  {src} (blkmig not attached)");
+    match &finding {
+        Finding::SourceAuthoritative { started: None } => {
+            let _ = writeln!(
+                t,
+                "state:   {src} holds the filesystem; no migration of it is recorded"
+            );
+        }
+        Finding::SourceAuthoritative { started: Some(r) } => {
+            let _ = writeln!(
+                t,
+                "state:   {src} holds the filesystem. A migration to {} (device {}) started and did not switch:
+         the target is half-copied and no tool recognises it. Run `migrate start {src} {}` to start again
+         (regions already on the target are compared, not copied), or reuse the target.",
+                r.target.display(),
+                r.target_dev,
+                r.target.display()
+            );
+        }
+        Finding::Retired { marker, saved_head } => {
+            let _ = writeln!(
+                t,
+                "state:   {src} is retired: it switched to device {} ({} bytes) at {} (migration {:016x}); {}.
+         Name the target (--target) to check that it holds the filesystem.",
+                marker.target_dev,
+                marker.target_bytes,
+                marker.switched_at,
+                marker.migration_id,
+                saved(saved_head)
+            );
+        }
+        Finding::TargetAuthoritative { marker, saved_head } => {
+            let _ = writeln!(
+                t,
+                "state:   the switch completed: {} holds the filesystem; {src} is retired (migration {:016x}; {}).",
+                target.unwrap_or(Path::new("?")).display(),
+                marker.migration_id,
+                saved(saved_head)
+            );
+        }
+        Finding::InterruptedSwitch { marker, saved_head } => {
+            let tgt = target.unwrap_or(Path::new("?")).display();
+            let _ = writeln!(
+                t,
+                "state:   the switch was interrupted: {src} is retired and the head of {tgt} is not written yet;
+         neither device is mountable now (migration {:016x}; {}).
+         Run `migrate recover {src} {tgt}` to finish on {tgt}, or add --rollback to go back to {src}.",
+                marker.migration_id,
+                saved(saved_head)
+            );
         }
     }
+    out(t.trim_end())
+}
+
+fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -> Result<()> {
+    use blkmig::recover::Recovered;
+    if let Ok(st) = Filtered::open(source).and_then(|f| f.status()) {
+        anyhow::bail!(
+            "blkmig is attached to {} ({} mode): the migration is live, there is nothing to recover (see `migrate status`)",
+            source.display(),
+            migration::mode_name(st.mode)
+        );
+    }
+    match blkmig::recover::recover(source, target, state_dir, rollback)? {
+        Recovered::Finished => say!(
+            "{} holds the filesystem now (its head is written); {} stays retired",
+            target.display(),
+            source.display()
+        ),
+        Recovered::RolledBack => say!(
+            "{} holds the filesystem again (its head is back); {} is not recognisable",
+            source.display(),
+            target.display()
+        ),
+    }
     Ok(())
+}
+
+fn cmd_status(source: &Path, target: Option<&Path>, state_dir: &Path, json: bool) -> Result<()> {
+    use blkmig::filter::FilterError;
+    // No filter attached, no module, or no filter hook in this kernel
+    // (booted without the blkmig patches after the migration): read the
+    // disks.
+    let st = match Filtered::open(source).and_then(|f| f.status()) {
+        Ok(st) => st,
+        Err(FilterError::NoHook { .. } | FilterError::NoModule { .. }) => {
+            return status_offline(source, target, state_dir, json)
+        }
+        Err(e) if e.errno() == libc::ENOENT => {
+            return status_offline(source, target, state_dir, json)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        out(&status_json(&st).to_string())
+    } else {
+        out(status_text(source, &st).trim_end())
+    }
+}
+
+/// Writes `line` to standard output: a closed pipe or a full disk is an
+/// error to report, not a panic.
+fn out(line: &str) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "{line}")
+        .and_then(|()| o.flush())
+        .context("cannot write to standard output")
 }
 
 fn init_tracing(verbose: u8) {
@@ -583,7 +660,8 @@ fn init_tracing(verbose: u8) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(blkmig::progress::LogWriter)
         .init();
 }
 
@@ -603,13 +681,52 @@ fn main() -> ExitCode {
         Cmd::Abort { source } => cmd_abort(&source),
         Cmd::Attach(a) => cmd_attach(a),
         Cmd::Detach { source } => cmd_detach(&source),
-        Cmd::Status { source, json } => cmd_status(&source, json),
+        Cmd::Status {
+            source,
+            target,
+            state_dir,
+            json,
+        } => cmd_status(&source, target.as_deref(), &state_dir, json),
+        Cmd::Recover {
+            source,
+            target,
+            rollback,
+            state_dir,
+        } => cmd_recover(&source, &target, &state_dir, rollback),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("migrate: {e:#}");
+            let words: Vec<String> = e.chain().map(blkmig::error::describe).collect();
+            say!("migrate: {}", words.join(": "));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            holds: 3,
+            hold_longest_ns: 5_000_000_000,
+            migration_id: 0x5eed_0000_0000_0001,
+            regions_total: 4,
+            region_shift: 20,
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn status_shows_the_holds_and_the_migration_id() {
+        let j = status_json(&status());
+        assert_eq!(j["holds"], 3);
+        assert_eq!(j["hold_longest_ns"], 5_000_000_000u64);
+        assert_eq!(j["migration_id"], "5eed000000000001");
+        let t = status_text(Path::new("/dev/sdb"), &status());
+        assert!(t.contains("holds:   3, the longest 5000.0 ms"), "{t}");
+        assert!(t.contains("id:      5eed000000000001"), "{t}");
     }
 }

@@ -12,7 +12,7 @@
 //! The first and last regions (superblocks, partition tables, labels) are
 //! wiped on the target at the start and copied only inside the switch
 //! window, so a half-copied target is never recognisable as the filesystem.
-//! The target's head (the first `Geometry::head_bytes` of region 0) is never
+//! The target's head (its first `Geometry::head_bytes`, 1 MiB) is never
 //! written here: the module writes it in the switch, after the retire
 //! marker is on the source.
 
@@ -28,10 +28,19 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use crate::buffer::AlignedBuf;
 use crate::device::Device;
 use crate::error::Error;
+use crate::filter::FilterError;
 use crate::progress::Progress;
-use crate::tracker::{Tracker, TrackerError};
+use crate::tracker::Tracker;
 use crate::units::Bytes;
 use crate::verify::{Bufs, ComparePolicy, Transfer, Verifier};
+
+/// Shortest and longest wait between rounds in which nothing committed.
+const IDLE_MIN: Duration = Duration::from_millis(5);
+/// See [`IDLE_MIN`].
+const IDLE_MAX: Duration = Duration::from_millis(250);
+/// Regions copied before the measured rate is trusted to refuse a pause
+/// budget.
+const RATE_SAMPLE_REGIONS: u64 = 16;
 
 /// How to run a migration.
 #[derive(Clone, Debug)]
@@ -76,8 +85,15 @@ pub struct Summary {
     pub rounds: u64,
     /// Switch attempts that did not complete.
     pub failed_switches: u64,
-    /// How long writes were held for the switch that completed (ms).
+    /// Write holds the kernel made for this migration (switch attempts
+    /// that held writes, failed ones and earlier runs' included).
+    pub holds: u64,
+    /// The longest time one write waited in a hold (ms), failed attempts
+    /// included, as the kernel measured it; `None` if no write was held.
     pub pause_ms: Option<f64>,
+    /// How long the switch that completed kept its window open, from the
+    /// hold to the switch, as the copier timed it (ms).
+    pub switch_window_ms: Option<f64>,
     /// Estimated pause when the switch was decided (ms).
     pub estimated_pause_ms: Option<f64>,
     /// Whether the filter is now in REDIRECT mode.
@@ -103,15 +119,36 @@ pub struct Summary {
     pub mismatched_regions: Vec<u64>,
 }
 
-/// Why a migration stopped.
+impl Summary {
+    /// The pause in words: the longest hold the kernel enforced, the holds
+    /// and failed attempts, and the copier's own timing of the window.
+    pub fn pause_text(&self) -> String {
+        let mut t = match self.pause_ms {
+            Some(p) => format!(
+                "writes paused {p:.1} ms at the longest ({} holds, {} failed switch attempts)",
+                self.holds, self.failed_switches
+            ),
+            None if self.switched => "no write was held".to_owned(),
+            None => "no switch yet".to_owned(),
+        };
+        if let Some(w) = self.switch_window_ms {
+            t += &format!("; the switch window lasted {w:.1} ms");
+        }
+        t
+    }
+}
+
+/// Why a migration stopped or could not start. One type for the migration
+/// layer: device errors (including an interruption) and filter errors are
+/// its sources.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// Device I/O.
+    /// Device I/O, a refusal of a device, or an interruption (Ctrl-C).
     #[error(transparent)]
-    Device(Error),
+    Device(#[from] Error),
     /// The filter refused a request.
     #[error(transparent)]
-    Filter(TrackerError),
+    Filter(FilterError),
     /// The filter went away: someone ran `migrate abort` or `detach`.
     #[error("the migration was aborted elsewhere: blkmig is no longer attached to the source (migrate abort or detach); the source is untouched")]
     Aborted,
@@ -132,26 +169,67 @@ pub enum MigrateError {
         #[source]
         source: std::io::Error,
     },
-    /// Cancelled (Ctrl-C).
-    #[error("interrupted")]
-    Interrupted,
+    /// The source is being migrated to another device than the one asked.
+    #[error("{source_path} is already being migrated to device {major}:{minor}, not to {target}",
+        source_path = .source_path.display(), target = .target.display())]
+    OtherTarget {
+        /// The source.
+        source_path: PathBuf,
+        /// The target asked for.
+        target: PathBuf,
+        /// The attached target's major number.
+        major: u32,
+        /// The attached target's minor number.
+        minor: u32,
+    },
+    /// `abort` after the switch: there is nothing to abort.
+    #[error("{source_path} has already switched to its target: there is nothing to abort (unmount it, then `migrate detach`)",
+        source_path = .source_path.display())]
+    AlreadySwitched {
+        /// The source.
+        source_path: PathBuf,
+    },
+    /// Interrupted (Ctrl-C): the migration was abandoned and blkmig
+    /// detached.
+    #[error("interrupted: the migration was abandoned, blkmig detached; {source_path} is untouched and in use as before",
+        source_path = .source_path.display())]
+    Abandoned {
+        /// The source.
+        source_path: PathBuf,
+    },
+    /// The switch window can never fit the pause budget: it copies the
+    /// first and last regions with writes held.
+    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the first and last regions ({window}) with writes held, which takes about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
+        window = Bytes(*.window_bytes), rate = Bytes(*.rate_bytes_per_sec as u64))]
+    PauseUnreachable {
+        /// The operator's budget, ms.
+        budget_ms: u128,
+        /// Bytes the switch window must copy.
+        window_bytes: u64,
+        /// The measured copy rate.
+        rate_bytes_per_sec: f64,
+        /// The estimated window, ms.
+        need_ms: f64,
+        /// A budget that would do, ms.
+        suggest_ms: u64,
+    },
 }
 
-impl From<TrackerError> for MigrateError {
-    fn from(e: TrackerError) -> Self {
-        if e.errno == libc::ENOENT {
-            MigrateError::Aborted
-        } else {
-            MigrateError::Filter(e)
-        }
+impl MigrateError {
+    /// Whether the migration stopped because it was cancelled (Ctrl-C).
+    pub fn is_interrupted(&self) -> bool {
+        matches!(self, MigrateError::Device(Error::Interrupted))
     }
 }
 
-impl From<Error> for MigrateError {
-    fn from(e: Error) -> Self {
+impl From<FilterError> for MigrateError {
+    fn from(e: FilterError) -> Self {
         match e {
-            Error::Interrupted => MigrateError::Interrupted,
-            e => MigrateError::Device(e),
+            FilterError::Refused {
+                errno: libc::ENOENT,
+                ..
+            } => MigrateError::Aborted,
+            e => MigrateError::Filter(e),
         }
     }
 }
@@ -196,11 +274,7 @@ pub fn failure_text(st: &Status) -> String {
 
 /// The file the source's first region is saved in.
 pub fn head_path(state_dir: &Path, src: &Device) -> PathBuf {
-    let id = match src.id() {
-        crate::device::DevId::Block { major, minor } => format!("{major}-{minor}"),
-        crate::device::DevId::File { dev, ino } => format!("file-{dev}-{ino}"),
-    };
-    state_dir.join(id).join("source-head.bin")
+    crate::recover::source_dir(state_dir, src.id()).join(crate::recover::HEAD_FILE)
 }
 
 /// One live migration, from CLONE to REDIRECT.
@@ -214,6 +288,8 @@ pub struct Migration {
     cancel: Arc<AtomicBool>,
     limit: Option<Arc<DefaultDirectRateLimiter>>,
     align: usize,
+    /// Length of a copy buffer: a region, or the device if it is smaller.
+    buf_len: usize,
     summary: Summary,
     /// Bytes copied and seconds spent copying, for the rate estimate.
     copy_bytes: u64,
@@ -228,6 +304,8 @@ pub struct Migration {
     policy: ComparePolicy,
     /// `--verify`: the regions still to compare.
     verifier: Option<Verifier>,
+    /// The attachment (written into the retire marker).
+    migration_id: u64,
 }
 
 struct Batch {
@@ -260,7 +338,19 @@ impl Migration {
             )))
         });
         let align = src.mem_align().max(tgt.mem_align());
+        let plan = crate::buffer::plan(
+            geo.region_bytes(),
+            geo.bytes(),
+            geo.regions(),
+            opts.queue_depth,
+            crate::buffer::mem_available(),
+        )?;
+        let opts = MigrateOptions {
+            queue_depth: plan.depth,
+            ..opts
+        };
         Ok(Self {
+            buf_len: plan.len,
             tracker,
             src,
             tgt,
@@ -281,6 +371,7 @@ impl Migration {
             policy: ComparePolicy::new(opts.compare),
             verifier: opts.verify.then(|| Verifier::new(geo.regions())),
             opts,
+            migration_id: status.migration_id,
         })
     }
 
@@ -349,7 +440,7 @@ impl Migration {
                 tgt.write_all_at(&zeros, off)
             })
             .await
-            .map_err(|_| MigrateError::Interrupted)??;
+            .map_err(|e| Error::joined(&e, "wipe"))??;
         }
         Ok(())
     }
@@ -398,11 +489,11 @@ impl Migration {
             }
             let mut buf = bufs
                 .pop()
-                .unwrap_or_else(|| Bufs::new(self.align, self.geo.region_bytes() as usize));
+                .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
             // The target's head is the switch's to write (after the retire
-            // marker): region 0 is copied from the end of the head on.
-            let span = (off, len, crate::verify::skip(&self.geo, r, len));
+            // marker): a region in it is copied from the end of the head on.
+            let span = (off, len, self.geo.head_len(r));
             set.spawn_blocking(move || {
                 let res = crate::verify::transfer(&src, &tgt, &mut buf, span, compare);
                 (i, buf, res)
@@ -491,8 +582,8 @@ impl Migration {
                 bufs.push(buf);
                 failed.get_or_insert(e.into());
             }
-            Err(_) => {
-                failed.get_or_insert(MigrateError::Interrupted);
+            Err(e) => {
+                failed.get_or_insert(Error::joined(&e, "copy").into());
             }
         }
     }
@@ -503,7 +594,7 @@ impl Migration {
         let mut committed = 0;
         for chunk in regions.chunks(batch) {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(MigrateError::Interrupted);
+                return Err(Error::Interrupted.into());
             }
             let b = self.copy_batch(chunk).await?;
             committed += b.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
@@ -511,56 +602,67 @@ impl Migration {
         Ok(committed)
     }
 
-    /// Saves the source's first region (read now: writes are held) where
-    /// `migrate` can restore it from, durably.
-    async fn save_head(&self) -> Result<PathBuf, MigrateError> {
-        let path = head_path(&self.opts.state_dir, &self.src);
-        let (off, len) = (0, self.geo.head_bytes());
-        let (src, align, p) = (self.src.clone(), self.align, path.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), MigrateError> {
+    /// Reads the source's head (writes are held). The read forces the
+    /// page-cache writeback of the filesystem's dirty pages over it, which
+    /// the module lets through (they are the copier's own writes).
+    async fn read_head(&self) -> Result<Vec<u8>, MigrateError> {
+        let (src, align, len) = (self.src.clone(), self.align, self.geo.head_bytes());
+        let head = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, Error> {
             let mut buf = AlignedBuf::new(align, len as usize);
-            src.read_exact_at(&mut buf, off)?;
+            src.read_exact_at(&mut buf, 0)?;
+            Ok(buf.to_vec())
+        })
+        .await
+        .map_err(|e| Error::joined(&e, "read"))??;
+        Ok(head)
+    }
+
+    /// Saves `head`, the source's head, where `migrate` can restore it
+    /// from, durably, with what it belongs to
+    /// ([`crate::recover::HeadMeta`]): after a crash between the retire
+    /// marker and the target's head, it is what makes either device whole.
+    async fn save_head(&self, head: &[u8]) -> Result<PathBuf, MigrateError> {
+        let path = head_path(&self.opts.state_dir, &self.src);
+        let p = path.clone();
+        let meta = crate::recover::HeadMeta {
+            migration_id: self.migration_id,
+            head_bytes: head.len() as u64,
+            crc32: crc32fast::hash(head),
+            source: self.src.path().to_owned(),
+            target: self.tgt.path().to_owned(),
+        };
+        let head = head.to_vec();
+        tokio::task::spawn_blocking(move || -> Result<(), MigrateError> {
             let state = |source| MigrateError::State {
                 path: p.clone(),
                 source,
             };
-            if let Some(dir) = p.parent() {
-                std::fs::create_dir_all(dir).map_err(state)?;
-            }
-            let tmp = p.with_extension("tmp");
-            {
-                use std::io::Write;
-                let mut f = std::fs::File::create(&tmp).map_err(state)?;
-                f.write_all(&buf).map_err(state)?;
-                f.sync_all().map_err(state)?;
-            }
-            std::fs::rename(&tmp, &p).map_err(state)?;
-            if let Some(dir) = p.parent() {
-                std::fs::File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(state)?;
-            }
+            let json =
+                serde_json::to_vec_pretty(&meta).map_err(|e| state(std::io::Error::other(e)))?;
+            // The bytes first: a description never points at a head that
+            // is not there.
+            crate::recover::write_durably(&p, &head).map_err(state)?;
+            crate::recover::write_durably(&p.with_file_name(crate::recover::HEAD_META_FILE), &json)
+                .map_err(state)?;
             Ok(())
         })
         .await
-        .map_err(|_| MigrateError::Interrupted)??;
+        .map_err(|e| Error::joined(&e, "save"))??;
         Ok(path)
     }
 
-    /// One switch attempt: hold, copy the rest, save the head, switch.
-    /// Returns whether it switched.
-    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
-        let t0 = Instant::now();
-        if let Err(e) = self.tracker.hold_writes(self.opts.hold_timeout_ms) {
-            tracing::warn!(error = %e, "could not hold writes for the switch");
-            self.summary.failed_switches += 1;
-            return Ok(false);
-        }
-        self.in_window = true;
-        let res: Result<bool, MigrateError> = async {
-            // Writes are held, but the copier's own reads may force page-cache
-            // writeback of the source, which is let through and can race a
-            // copy: copy again what did not commit, a few times.
+    /// Inside the window: copies what is left, saves the source's head, and
+    /// asks for the switch. The copier's own reads force the page-cache
+    /// writeback of the source (let through, being the copier's), which can
+    /// race a copy or change the head after it was read. So: copy until
+    /// everything commits; read the head until no write reached it during
+    /// the read (the module counts them: `Status::head_writes`) and every
+    /// region is still synced; save it; and switch only if the count has
+    /// not moved since (else the module answers `EAGAIN`, still holding, and
+    /// this goes round again).
+    async fn switch_in_window(&mut self) -> Result<bool, MigrateError> {
+        let mut saved: Option<Vec<u8>> = None;
+        for _ in 0..6 {
             let mut left = self.unsynced()?;
             for _ in 0..4 {
                 if left.is_empty() {
@@ -577,20 +679,50 @@ impl Migration {
                 tracing::warn!("regions not verified with writes held");
                 return Ok(false);
             }
-            self.summary.saved_head = Some(self.save_head().await?);
-            match self.tracker.switch() {
-                Ok(()) => Ok(true),
+            let before = self.tracker.status()?.head_writes;
+            let head = self.read_head().await?;
+            if self.tracker.status()?.head_writes != before || !self.unsynced()?.is_empty() {
+                continue;
+            }
+            if saved.as_deref() != Some(&head[..]) {
+                self.summary.saved_head = Some(self.save_head(&head).await?);
+                saved = Some(head);
+            }
+            match self.tracker.switch(before) {
+                Ok(()) => return Ok(true),
+                Err(e)
+                    if e.errno() == libc::EAGAIN
+                        && self.tracker.status()?.flags & abi::STATUS_HOLDING != 0 =>
+                {
+                    tracing::info!(
+                        "the module found the head written or a region to copy; still holding"
+                    );
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "switch refused");
-                    Ok(false)
+                    return Ok(false);
                 }
             }
         }
-        .await;
+        tracing::warn!("the source's head or regions kept changing with writes held");
+        Ok(false)
+    }
+
+    /// One switch attempt: hold, copy the rest, save the head, switch.
+    /// Returns whether it switched.
+    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
+        let t0 = Instant::now();
+        if let Err(e) = self.tracker.hold_writes(self.opts.hold_timeout_ms) {
+            tracing::warn!(error = %e, "could not hold writes for the switch");
+            self.summary.failed_switches += 1;
+            return Ok(false);
+        }
+        self.in_window = true;
+        let res = self.switch_in_window().await;
         self.in_window = false;
         match res {
             Ok(true) => {
-                self.summary.pause_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                self.summary.switch_window_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
                 self.summary.switched = true;
                 self.progress.set(self.geo.bytes());
                 self.progress.set_unsynced(0);
@@ -611,9 +743,12 @@ impl Migration {
         let started = Instant::now();
         self.check_mode()?;
         self.wipe_boundaries().await?;
+        // Waiting for busy or hot regions: the wait grows while nothing
+        // commits, so a stuck region does not cost a core.
+        let mut idle = IDLE_MIN;
         loop {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(MigrateError::Interrupted);
+                return Err(Error::Interrupted.into());
             }
             self.check_mode()?;
             self.summary.rounds += 1;
@@ -640,6 +775,7 @@ impl Migration {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+                self.check_reachable(rate, body.is_empty())?;
             } else if body.is_empty() {
                 // Nothing was copied to measure a rate on (a resumed or
                 // tiny migration): time a read of what is left.
@@ -647,11 +783,19 @@ impl Migration {
                 continue;
             }
             let committed = self.copy_all(&body).await?;
-            if committed == 0 && !body.is_empty() {
-                // Everything left is busy: let the writes complete.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            if committed == 0 {
+                // Everything left is busy or raced: let the writes complete.
+                tokio::time::sleep(idle).await;
+                idle = (idle * 2).min(IDLE_MAX);
+            } else {
+                idle = IDLE_MIN;
             }
         }
+        // The pause is the kernel's figure: the longest any write waited in
+        // a hold, failed attempts included, whatever the copier's clock saw.
+        let st = self.tracker.status()?;
+        self.summary.holds = st.holds;
+        self.summary.pause_ms = (st.holds > 0).then_some(st.hold_longest_ns as f64 / 1e6);
         self.summary.seconds = started.elapsed().as_secs_f64();
         if let Some(v) = &self.verifier {
             v.fill(&mut self.summary);
@@ -703,6 +847,33 @@ impl Migration {
         res.map(|differed| differed == 0 && done)
     }
 
+    /// Refuses a budget the switch can never meet: its window copies at
+    /// least the first and last regions, so a budget below that time at the
+    /// measured rate would wait forever. Judged once the rate rests on
+    /// enough copying (or nothing else is left to copy).
+    fn check_reachable(&self, rate: f64, nothing_else: bool) -> Result<(), MigrateError> {
+        let mut boundaries = vec![0];
+        if self.geo.regions() > 1 {
+            boundaries.push(self.geo.regions() - 1);
+        }
+        let window = self.bytes_of(&boundaries);
+        let need = window as f64 / rate;
+        let budget = self.opts.max_pause.as_secs_f64();
+        let measured = self.copy_bytes >= RATE_SAMPLE_REGIONS * self.geo.region_bytes();
+        if need <= budget || !(nothing_else || measured) {
+            return Ok(());
+        }
+        // Half as much again as the estimate, in whole tens of ms.
+        let suggest_ms = ((need * 1.5e3 / 10.0).ceil() as u64).max(1) * 10;
+        Err(MigrateError::PauseUnreachable {
+            budget_ms: self.opts.max_pause.as_millis(),
+            window_bytes: window,
+            rate_bytes_per_sec: rate,
+            need_ms: need * 1e3,
+            suggest_ms,
+        })
+    }
+
     /// Tells the operator, once, when the unsynced set has stopped shrinking
     /// and the pause it would take does not fit the budget: the regions
     /// left are rewritten faster than they can be copied.
@@ -729,6 +900,14 @@ impl Migration {
     async fn probe_rate(&mut self, regions: &[u64]) -> Result<(), MigrateError> {
         let started = Instant::now();
         let mut bytes = 0;
+        // Nothing left to copy (a resume with every region in sync): time
+        // the last region, or the rate would rest on no bytes at all.
+        let last = [self.geo.regions() - 1];
+        let regions = if regions.is_empty() {
+            &last[..]
+        } else {
+            regions
+        };
         for &r in regions.iter().take(2) {
             let Some((off, len)) = self.geo.region_span(r) else {
                 continue;
@@ -739,11 +918,36 @@ impl Migration {
                 src.read_exact_at(&mut buf, off)
             })
             .await
-            .map_err(|_| MigrateError::Interrupted)??;
+            .map_err(|e| Error::joined(&e, "read"))??;
             bytes += len;
         }
         self.copy_secs += 2.0 * started.elapsed().as_secs_f64().max(1e-6);
         self.copy_bytes += bytes.max(1);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pause_text_is_the_longest_hold_with_the_attempts() {
+        let s = Summary {
+            switched: true,
+            holds: 2,
+            failed_switches: 1,
+            pause_ms: Some(5000.0),
+            switch_window_ms: Some(18.8),
+            ..Summary::default()
+        };
+        assert_eq!(
+            s.pause_text(),
+            "writes paused 5000.0 ms at the longest (2 holds, 1 failed switch attempts); the switch window lasted 18.8 ms"
+        );
+        let v = serde_json::to_value(&s).unwrap_or_default();
+        for k in ["pause_ms", "switch_window_ms", "holds", "failed_switches"] {
+            assert!(v.get(k).is_some(), "missing {k} in {v}");
+        }
     }
 }

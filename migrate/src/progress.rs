@@ -7,7 +7,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -199,10 +199,62 @@ impl Sample {
     }
 }
 
+/// The bar on the terminal now, if any: log lines are printed above it.
+static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
+
+fn active_bar() -> Option<ProgressBar> {
+    BAR.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn set_active_bar(bar: Option<ProgressBar>) {
+    *BAR.lock().unwrap_or_else(|e| e.into_inner()) = bar;
+}
+
+/// Where log lines go: standard error, above the progress bar while one is
+/// shown (the bar is cleared, the line printed, the bar drawn again), so
+/// that the two do not tear each other.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogWriter;
+
+/// One log line being written; printed when dropped.
+pub struct LogLine(Vec<u8>);
+
+impl Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        // Nowhere to report a failed write of a log line.
+        let print = || {
+            let _ = std::io::stderr().lock().write_all(&self.0);
+        };
+        match active_bar() {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogLine;
+
+    fn make_writer(&'a self) -> LogLine {
+        LogLine(Vec::new())
+    }
+}
+
 /// Shows `progress` until the returned guard is finished or dropped.
 pub struct Reporter {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl Reporter {
@@ -220,7 +272,7 @@ impl Reporter {
                 task: None,
             };
         }
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<bool>();
         let task = tokio::spawn(async move {
             let bar = (style == Style::Auto).then(|| {
                 let bar = ProgressBar::with_draw_target(Some(progress.total), ProgressDrawTarget::stderr());
@@ -232,6 +284,7 @@ impl Reporter {
                     .progress_chars("=> "),
                 );
                 bar.set_prefix(progress.what);
+                set_active_bar(Some(bar.clone()));
                 bar
             });
             let tick = if bar.is_some() {
@@ -239,7 +292,10 @@ impl Reporter {
             } else {
                 interval
             };
-            let emit = |final_: bool| {
+            // The first failure to write JSON to stdout (a closed pipe, a
+            // full disk): reporting stops, the caller is told at the end.
+            let mut failed: Option<std::io::Error> = None;
+            let mut emit = |end: Option<bool>| {
                 let s = progress.sample();
                 match (&bar, style) {
                     (Some(bar), _) => {
@@ -252,27 +308,39 @@ impl Reporter {
                             (Some(u), Some(r)) => format!("{eta}, {u} unsynced, {r} re-copies"),
                             _ => eta,
                         });
-                        if final_ {
-                            bar.finish_with_message("done");
+                        match end {
+                            Some(true) => bar.finish_with_message("done"),
+                            // Failed or interrupted: left where it stopped.
+                            Some(false) => bar.abandon_with_message("stopped"),
+                            None => {}
                         }
                     }
-                    (None, Style::Json) => {
+                    (None, Style::Json) if failed.is_none() => {
                         if let Ok(j) = serde_json::to_string(&s) {
                             let mut out = std::io::stdout().lock();
-                            let _ = writeln!(out, "{j}");
+                            if let Err(e) = writeln!(out, "{j}").and_then(|()| out.flush()) {
+                                failed = Some(e);
+                            }
                         }
                     }
-                    _ => eprintln!("{}", s.line()),
+                    (None, Style::Json) => {}
+                    _ => {
+                        let _ = writeln!(std::io::stderr(), "{}", s.line());
+                    }
                 }
             };
             let mut ticker = tokio::time::interval(tick);
             ticker.tick().await;
             loop {
                 tokio::select! {
-                    _ = ticker.tick() => emit(false),
-                    _ = &mut rx => { emit(true); break; }
+                    _ = ticker.tick() => emit(None),
+                    ok = &mut rx => { emit(Some(ok.unwrap_or(false))); break; }
                 }
             }
+            if bar.is_some() {
+                set_active_bar(None);
+            }
+            failed.map_or(Ok(()), Err)
         });
         Self {
             stop: Some(tx),
@@ -280,13 +348,16 @@ impl Reporter {
         }
     }
 
-    /// Prints the final state and stops.
-    pub async fn finish(mut self) {
+    /// Prints the final state (`ok`: the operation completed; otherwise a
+    /// bar is left where it stopped) and stops. Fails if progress could not
+    /// be written to standard output.
+    pub async fn finish(mut self, ok: bool) -> std::io::Result<()> {
         if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
+            let _ = tx.send(ok);
         }
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
+        match self.task.take() {
+            Some(t) => t.await.unwrap_or(Ok(())),
+            None => Ok(()),
         }
     }
 }

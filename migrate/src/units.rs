@@ -28,7 +28,7 @@ impl Bytes {
 /// A byte count could not be parsed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "invalid size {input:?}: expected a number with an optional unit (K, M, G, T, KiB, MB, ...)"
+    "invalid size {input:?}: expected a number with an optional unit (k, m, g, t in either case, KiB, MB, ...), such as 4k, 1.5G or 200M"
 )]
 pub struct ParseSizeError {
     input: String,
@@ -37,30 +37,58 @@ pub struct ParseSizeError {
 impl FromStr for Bytes {
     type Err = ParseSizeError;
 
-    /// Parses `4096`, `4K`, `4KiB` (×1024), `4KB`/`4kB` (×1000), up to T;
-    /// a trailing `/s` is accepted so rates read naturally (`100M/s`).
+    /// Parses `4096`, `4k`/`4K`/`4KiB` (×1024), `4KB`/`4kB` (×1000), up to
+    /// T, with decimals (`1.5G`) as long as the result is a whole number of
+    /// bytes; a trailing `/s` is accepted so rates read naturally (`100M/s`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParseSizeError {
             input: s.to_owned(),
         };
         let t = s.trim();
         let t = t.strip_suffix("/s").unwrap_or(t);
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| err())?;
-        let mult: u64 = match unit.trim() {
-            "" | "B" | "b" => 1,
-            "K" | "k" | "KiB" | "Ki" => 1 << 10,
-            "M" | "MiB" | "Mi" => 1 << 20,
-            "G" | "GiB" | "Gi" => 1 << 30,
-            "T" | "TiB" | "Ti" => 1 << 40,
-            "KB" | "kB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            "TB" => 1_000_000_000_000,
+        let (whole, frac) = num.split_once('.').unwrap_or((num, ""));
+        if whole.is_empty() && frac.is_empty() {
+            return Err(err());
+        }
+        let unit = unit.trim();
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" | "ki" => 1 << 10,
+            "m" | "mib" | "mi" => 1 << 20,
+            "g" | "gib" | "gi" => 1 << 30,
+            "t" | "tib" | "ti" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
             _ => return Err(err()),
         };
-        n.checked_mul(mult).map(Bytes).ok_or_else(err)
+        let digits = |d: &str| -> Result<u128, ParseSizeError> {
+            if d.is_empty() {
+                Ok(0)
+            } else if d.len() > 30 || !d.bytes().all(|b| b.is_ascii_digit()) {
+                Err(err())
+            } else {
+                d.parse().map_err(|_| err())
+            }
+        };
+        // Exact arithmetic: whole * mult + frac * mult / 10^len(frac).
+        let scale = 10u128.checked_pow(frac.len() as u32).ok_or_else(err)?;
+        let frac_bytes = digits(frac)?
+            .checked_mul(u128::from(mult))
+            .ok_or_else(err)?;
+        if frac_bytes % scale != 0 {
+            return Err(err());
+        }
+        let total = digits(whole)?
+            .checked_mul(u128::from(mult))
+            .and_then(|w| w.checked_add(frac_bytes / scale))
+            .ok_or_else(err)?;
+        u64::try_from(total).map(Bytes).map_err(|_| err())
     }
 }
 
@@ -96,6 +124,24 @@ mod tests {
         assert!("1X".parse::<Bytes>().is_err());
         assert!("M".parse::<Bytes>().is_err());
         assert!("99999999999T".parse::<Bytes>().is_err());
+    }
+
+    #[test]
+    fn units_in_either_case_and_decimals() {
+        assert_eq!("1m".parse(), Ok(Bytes(1 << 20)));
+        assert_eq!("1g".parse(), Ok(Bytes(1 << 30)));
+        assert_eq!("4k".parse(), Ok(Bytes(4096)));
+        assert_eq!("2t".parse(), Ok(Bytes(2 << 40)));
+        assert_eq!("1.5G".parse(), Ok(Bytes(3 << 29)));
+        assert_eq!("0.5m".parse(), Ok(Bytes(1 << 19)));
+        assert_eq!("1.5kb".parse(), Ok(Bytes(1500)));
+        assert_eq!("2mib".parse(), Ok(Bytes(2 << 20)));
+        // Not a whole number of bytes, or not a number.
+        assert!("1.3".parse::<Bytes>().is_err());
+        assert!("1.0001K".parse::<Bytes>().is_err());
+        assert!(".".parse::<Bytes>().is_err());
+        assert!("1.2.3M".parse::<Bytes>().is_err());
+        assert!("1x".parse::<Bytes>().is_err());
     }
 
     #[test]
@@ -150,5 +196,78 @@ mod duration_tests {
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+}
+
+/// Parses a copy rate limit: a size per second of at least 1 KiB (the
+/// limiter counts KiB; `0` would not mean "no limit").
+pub fn parse_rate(s: &str) -> Result<Bytes, String> {
+    let b: Bytes = s.parse().map_err(|e: ParseSizeError| e.to_string())?;
+    if b.0 < 1024 {
+        return Err(format!(
+            "invalid rate {s:?}: a rate limit must be at least 1K per second (leave the option out for no limit)"
+        ));
+    }
+    Ok(b)
+}
+
+/// Parses a positive duration (`--max-pause`): a zero budget can never be met.
+pub fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "invalid duration {s:?}: it must be more than zero (the switch copies the first and last regions with writes held)"
+        ));
+    }
+    Ok(d)
+}
+
+/// Parses the hold timeout: a duration from 1 ms to
+/// [`blkmig_core::abi::HOLD_TIMEOUT_MS_MAX`], in whole milliseconds.
+pub fn parse_hold_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    let max = u128::from(blkmig_core::abi::HOLD_TIMEOUT_MS_MAX);
+    if d.as_millis() < 1 || d.as_millis() > max || d.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!(
+            "invalid hold timeout {s:?}: it must be whole milliseconds from 1ms to {}s",
+            max / 1000
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_zero_rate_is_refused() {
+        assert!(parse_rate("0").is_err());
+        assert!(parse_rate("0M").is_err());
+        assert!(parse_rate("100").is_err());
+        assert_eq!(parse_rate("1k"), Ok(Bytes(1024)));
+        assert_eq!(parse_rate("200M/s"), Ok(Bytes(200 << 20)));
+    }
+
+    #[test]
+    fn a_zero_pause_is_refused() {
+        assert!(parse_positive_duration("0").is_err());
+        assert!(parse_positive_duration("0ms").is_err());
+        assert_eq!(
+            parse_positive_duration("100ms"),
+            Ok(Duration::from_millis(100))
+        );
+    }
+
+    #[test]
+    fn hold_timeouts_are_bounded_durations() {
+        assert_eq!(parse_hold_timeout("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_hold_timeout("800ms"), Ok(Duration::from_millis(800)));
+        assert_eq!(parse_hold_timeout("60s"), Ok(Duration::from_secs(60)));
+        assert!(parse_hold_timeout("61s").is_err());
+        assert!(parse_hold_timeout("0s").is_err());
+        assert!(parse_hold_timeout("500us").is_err());
+        assert!(parse_hold_timeout("1.0005s").is_err());
     }
 }

@@ -16,9 +16,9 @@
 //!   copied again, and is compared again afterwards; a second mismatch of the
 //!   same region fails the migration before the switch.
 //!
-//! The target's head (the first [`Geometry::head_bytes`] of region 0) is
-//! never written before the switch, so every comparison of region 0 starts
-//! after it.
+//! The target's head (the first [`Geometry::head_bytes`] of the device,
+//! which may span several regions) is never written before the switch, so
+//! every comparison of a region in it starts after it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,14 +59,10 @@ impl Bufs {
     }
 }
 
-/// Bytes of region `r` (of `len` bytes) that the copier may read, compare
-/// and write: all of it, except the head in region 0.
+/// Bytes at the start of region `r` (of `len` bytes) that the copier
+/// never reads, compares or writes: the part of the head in it.
 pub(crate) fn skip(geo: &Geometry, r: u64, len: u64) -> u64 {
-    if r == 0 {
-        geo.head_bytes().min(len)
-    } else {
-        0
-    }
+    geo.head_len(r).min(len)
 }
 
 /// What [`transfer`] did to one region.
@@ -304,7 +300,7 @@ impl Verifier {
             let mut pool: Vec<Bufs> = Vec::new();
             for &r in &todo {
                 if cx.cancel.load(Ordering::Relaxed) {
-                    return Err(MigrateError::Interrupted);
+                    return Err(MigrateError::from(Error::Interrupted));
                 }
                 if set.len() >= cx.depth.max(1) {
                     if let Some(res) = set.join_next().await {
@@ -356,7 +352,7 @@ impl Verifier {
         pool: &mut Vec<Bufs>,
         again: &mut Vec<u64>,
     ) -> Result<u64, MigrateError> {
-        let (r, bufs, found) = res.map_err(|_| MigrateError::Interrupted)?;
+        let (r, bufs, found) = res.map_err(|_| MigrateError::from(Error::Interrupted))?;
         pool.push(bufs);
         let found = found?;
         if matches!(found, Found::Same(_) | Found::Differ | Found::Void) {

@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blkmig::core::abi::{self, Mode, RegionOp};
+use std::sync::atomic::AtomicU64;
+
+use blkmig::core::abi::{self, CtlCmd, Mode, RegionOp, Status};
 use blkmig::device::{Access, Device, Probe};
+use blkmig::filter::{FilterError, Request};
 use blkmig::migration::{head_path, MigrateError, MigrateOptions, Migration};
 use blkmig::progress::Progress;
 use blkmig::tracker::Tracker;
@@ -270,6 +273,83 @@ async fn the_targets_head_stays_blank_until_the_switch() {
     assert!(rig.sim.head_writes.load(Ordering::Relaxed) > 0);
 }
 
+/// Passes every request to the simulated filter, but makes a write of the
+/// copier's own process over the head just before the first SWITCH (as the
+/// page-cache writeback its read of the head forces does): the module finds
+/// region 0 unsynced and answers EAGAIN, still holding.
+struct WritebackBeforeSwitch {
+    sim: Arc<SimFilter>,
+    done: AtomicBool,
+}
+
+impl Tracker for WritebackBeforeSwitch {
+    fn status(&self) -> Result<abi::Status, blkmig::filter::FilterError> {
+        self.sim.status()
+    }
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.copy_begin(ops)
+    }
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.copy_end(ops)
+    }
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.verify_begin(ops)
+    }
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.verify_end(ops)
+    }
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.unsync(ops)
+    }
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, blkmig::filter::FilterError> {
+        self.sim.synced(first, count)
+    }
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.hold_writes(timeout_ms)
+    }
+    fn switch(&self, head_writes: u64) -> Result<(), blkmig::filter::FilterError> {
+        if !self.done.swap(true, Ordering::SeqCst) {
+            self.sim.write_by_copier(1024, &pattern(4096, 77));
+        }
+        self.sim.switch(head_writes)
+    }
+    fn release(&self) -> Result<(), blkmig::filter::FilterError> {
+        self.sim.release()
+    }
+}
+
+/// A write of the copier's own process over the head inside the window is
+/// copied and the head saved again in the same window: no failed switch,
+/// one hold, and the saved head is the head the switch retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_written_back_inside_the_window_is_saved_again_in_it() {
+    let rig = rig(9);
+    let proxy = Arc::new(WritebackBeforeSwitch {
+        sim: rig.sim.clone(),
+        done: AtomicBool::new(false),
+    });
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    let s = Migration::new(
+        proxy,
+        rig.src.clone(),
+        rig.tgt.clone(),
+        &st,
+        options(&rig),
+        Progress::migration(SIZE, st.regions_total),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .run()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    assert_eq!(s.failed_switches, 0, "the window was given up: {s:?}");
+    assert_eq!(rig.sim.status().map(|st| st.holds).ok(), Some(1));
+    rig.shadow.lock().unwrap_or_else(|e| e.into_inner())[1024..1024 + 4096]
+        .copy_from_slice(&pattern(4096, 77));
+    check_switched(&rig);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrates_under_writes_and_switches() {
     let rig = rig(1);
@@ -344,7 +424,10 @@ async fn a_cancelled_copier_can_be_resumed() {
         c.store(true, Ordering::Relaxed);
     });
     let res = migration(&rig, opts, cancel).run().await;
-    assert!(matches!(res, Err(MigrateError::Interrupted)), "{res:?}");
+    assert!(
+        res.as_ref().is_err_and(MigrateError::is_interrupted),
+        "{res:?}"
+    );
     assert_eq!(rig.sim.mode(), Mode::Clone);
     complete(&rig, options(&rig), stop, threads).await;
 }
@@ -376,7 +459,9 @@ async fn a_copier_dead_in_the_switch_window_blocks_writes_only_until_the_timeout
         "a write waited {waited:?}"
     );
     assert!(
-        rig.sim.switch().is_err(),
+        rig.sim
+            .switch(rig.sim.status().map_or(0, |s| s.head_writes))
+            .is_err(),
         "switch accepted after the hold expired"
     );
     complete(&rig, options(&rig), stop, threads).await;
@@ -652,6 +737,9 @@ async fn verify_compares_region_zero_after_the_head() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut opts = options(&rig);
     opts.verify = true;
+    // 2 MiB regions in a debug build: the window's copies take longer than
+    // the default budget (not what this test is about).
+    opts.max_pause = Duration::from_secs(2);
     let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
         .run()
         .await
@@ -666,5 +754,183 @@ async fn verify_compares_region_zero_after_the_head() {
         s.regions_verified + s.regions_unverified,
         geo.regions(),
         "{s:?}"
+    );
+}
+
+/// The simulated filter seen through a copier that counts its status
+/// requests (one a round) and whose first `slow_fails` switches take
+/// `slow` and then fail, as a switch that timed out in the kernel: the
+/// writes stay held all that time.
+struct Observed {
+    sim: Arc<SimFilter>,
+    statuses: AtomicU64,
+    slow_fails: AtomicU64,
+    slow: Duration,
+}
+
+impl Observed {
+    fn new(sim: Arc<SimFilter>, slow_fails: u64, slow: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            sim,
+            statuses: AtomicU64::new(0),
+            slow_fails: AtomicU64::new(slow_fails),
+            slow,
+        })
+    }
+}
+
+impl Tracker for Observed {
+    fn status(&self) -> Result<Status, FilterError> {
+        self.statuses.fetch_add(1, Ordering::Relaxed);
+        self.sim.status()
+    }
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.copy_begin(ops)
+    }
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.copy_end(ops)
+    }
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.verify_begin(ops)
+    }
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.verify_end(ops)
+    }
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.unsync(ops)
+    }
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, FilterError> {
+        self.sim.synced(first, count)
+    }
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), FilterError> {
+        self.sim.hold_writes(timeout_ms)
+    }
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError> {
+        let slow = self
+            .slow_fails
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if slow {
+            std::thread::sleep(self.slow);
+            return Err(FilterError::Refused {
+                path: "simulated".into(),
+                request: Request::Ctl(CtlCmd::Switch),
+                errno: libc::ETIMEDOUT,
+            });
+        }
+        self.sim.switch(head_writes)
+    }
+    fn release(&self) -> Result<(), FilterError> {
+        self.sim.release()
+    }
+}
+
+fn observed_migration(
+    rig: &Rig,
+    tracker: Arc<Observed>,
+    opts: MigrateOptions,
+    cancel: Arc<AtomicBool>,
+) -> Migration {
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    Migration::new(
+        tracker,
+        rig.src.clone(),
+        rig.tgt.clone(),
+        &st,
+        opts,
+        Progress::migration(SIZE, st.regions_total),
+        cancel,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The pause reported is the longest time a write was held, failed switch
+/// attempts included, as the filter measured it; the copier's own timing of
+/// the window that completed is a separate figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reported_pause_includes_a_failed_attempts_hold() {
+    let rig = rig(8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), false);
+    let obs = Observed::new(rig.sim.clone(), 1, Duration::from_millis(400));
+    let s = observed_migration(&rig, obs, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    finish(stop, threads);
+    check_switched(&rig);
+    assert!(s.failed_switches >= 1, "{s:?}");
+    assert!(s.holds >= 2, "{s:?}");
+    let pause = s.pause_ms.unwrap_or_else(|| panic!("no pause in {s:?}"));
+    assert!(
+        pause >= 400.0,
+        "a write waited 400 ms in the failed attempt, the summary says {pause} ms"
+    );
+    let window = s
+        .switch_window_ms
+        .unwrap_or_else(|| panic!("no window in {s:?}"));
+    assert!(window < pause, "{s:?}");
+    assert!(
+        s.pause_text().contains("1 failed switch attempts"),
+        "{}",
+        s.pause_text()
+    );
+}
+
+/// A budget below the time the switch takes to copy the first and last
+/// regions can never be met: the migration says so, with what to do,
+/// instead of waiting forever (it spun, without sleeping).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_pause_budget_is_refused_with_the_reason() {
+    let rig = rig(9);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_nanos(1);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let task = tokio::spawn(m.run());
+    let res = tokio::time::timeout(Duration::from_secs(10), task).await;
+    // Stop a copier that is still waiting, so that the runtime can end.
+    cancel.store(true, Ordering::Relaxed);
+    let res = res
+        .unwrap_or_else(|_| panic!("the migration still waits for an impossible budget"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    match res {
+        Err(e @ MigrateError::PauseUnreachable { .. }) => {
+            let t = e.to_string();
+            assert!(t.contains("--max-pause") && t.contains("or more"), "{t}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.sim.mode(), Mode::Clone, "still cloning, to resume");
+}
+
+/// While a region stays busy (a write that does not complete), the copier
+/// waits longer and longer between rounds instead of polling the filter
+/// hundreds of times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_region_is_waited_for_with_a_growing_interval() {
+    let rig = rig(10);
+    rig.sim.begin_stuck_write(7);
+    let obs = Observed::new(rig.sim.clone(), 0, Duration::ZERO);
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = observed_migration(&rig, obs.clone(), opts, cancel.clone());
+    let task = tokio::spawn(m.run());
+    // Let the copy finish, then count the rounds while only region 7 is left.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = obs.statuses.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rounds = obs.statuses.load(Ordering::Relaxed) - before;
+    rig.sim.end_stuck_write(7);
+    let s = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap_or_else(|_| panic!("did not finish once the write completed"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!s.switched);
+    assert!(
+        rounds <= 30,
+        "{rounds} rounds in 2 s while waiting for one busy region"
     );
 }

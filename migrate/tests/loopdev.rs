@@ -256,3 +256,187 @@ fn refuses_an_image_file_that_backs_a_loop_device() {
         err(&o)
     );
 }
+
+/// The disks as a crash between the retire marker and the target's head
+/// leaves them: the source's head replaced by the marker (saved in the
+/// state directory under the marker's migration id), the target whole but
+/// for a blank head.
+struct Interrupted {
+    src: Loop,
+    tgt: Loop,
+    state: tempfile::TempDir,
+    data: Vec<u8>,
+}
+
+const HEAD: usize = 1 << 20;
+
+fn interrupted_switch() -> Interrupted {
+    let data = pattern(8 << 20, 11);
+    let mut s = data.clone();
+    let mut t = data.clone();
+    s[..HEAD].fill(0);
+    s[..16].copy_from_slice(&blkmig::core::abi::RETIRE_MAGIC);
+    s[40..48].copy_from_slice(&((8u64 << 20) >> 9).to_ne_bytes());
+    s[48..56].copy_from_slice(&0xabcdu64.to_ne_bytes());
+    s[56..64].copy_from_slice(&(HEAD as u64).to_ne_bytes());
+    t[..HEAD].fill(0);
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // Saved under another device number than the source's: after a reboot
+    // the numbers may differ; the migration id finds it.
+    let dir = state.path().join("7-99");
+    let meta = blkmig::recover::HeadMeta {
+        migration_id: 0xabcd,
+        head_bytes: HEAD as u64,
+        crc32: crc32fast::hash(&data[..HEAD]),
+        source: "/dev/old-source".into(),
+        target: "/dev/old-target".into(),
+    };
+    blkmig::recover::write_durably(&dir.join(blkmig::recover::HEAD_FILE), &data[..HEAD])
+        .unwrap_or_else(|e| panic!("{e}"));
+    blkmig::recover::write_durably(
+        &dir.join(blkmig::recover::HEAD_META_FILE),
+        &serde_json::to_vec(&meta).unwrap_or_else(|e| panic!("{e}")),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    Interrupted {
+        src: Loop::new(&s, false),
+        tgt: Loop::new(&t, false),
+        state,
+        data,
+    }
+}
+
+fn offline_state(i: &Interrupted) -> String {
+    let st = i.state.path().to_string_lossy().into_owned();
+    let o = migrate(&[
+        "status",
+        &i.src.dev,
+        "--target",
+        &i.tgt.dev,
+        "--state-dir",
+        &st,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    let j: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {o:?}"));
+    j["state"].as_str().unwrap_or("").to_owned()
+}
+
+#[test]
+fn recover_finishes_an_interrupted_switch_on_the_target() {
+    if !enabled() {
+        return;
+    }
+    let i = interrupted_switch();
+    assert_eq!(offline_state(&i), "interrupted_switch");
+    let st = i.state.path().to_string_lossy().into_owned();
+    let o = migrate(&["recover", &i.src.dev, &i.tgt.dev, "--state-dir", &st]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        i.tgt.read() == i.data,
+        "the target is not whole after recover"
+    );
+    assert_eq!(offline_state(&i), "target_authoritative");
+    // Once finished, neither a second recover nor a rollback writes anything.
+    let before = i.src.read();
+    let o = migrate(&[
+        "recover",
+        &i.src.dev,
+        &i.tgt.dev,
+        "--rollback",
+        "--state-dir",
+        &st,
+    ]);
+    assert!(
+        !o.status.success(),
+        "a rollback after the switch completed was accepted"
+    );
+    assert!(err(&o).contains("switch completed"), "{}", err(&o));
+    assert!(
+        i.src.read() == before,
+        "a refused rollback changed the source"
+    );
+}
+
+#[test]
+fn recover_rolls_an_interrupted_switch_back_to_the_source() {
+    if !enabled() {
+        return;
+    }
+    let i = interrupted_switch();
+    let st = i.state.path().to_string_lossy().into_owned();
+    let o = migrate(&[
+        "recover",
+        &i.src.dev,
+        &i.tgt.dev,
+        "--rollback",
+        "--state-dir",
+        &st,
+    ]);
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        i.src.read() == i.data,
+        "the source is not whole after the rollback"
+    );
+    assert!(
+        i.tgt.read()[..HEAD].iter().all(|&b| b == 0),
+        "the target's head is not blank after the rollback"
+    );
+    assert_eq!(offline_state(&i), "source_authoritative");
+    let o = migrate(&["recover", &i.src.dev, &i.tgt.dev, "--state-dir", &st]);
+    assert!(
+        !o.status.success(),
+        "recover of a source that is not retired was accepted"
+    );
+    assert!(err(&o).contains("is not retired"), "{}", err(&o));
+}
+
+#[test]
+fn recover_without_the_saved_head_changes_nothing() {
+    if !enabled() {
+        return;
+    }
+    let i = interrupted_switch();
+    let empty = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (s0, t0) = (i.src.read(), i.tgt.read());
+    let e = empty.path().to_string_lossy().into_owned();
+    let o = migrate(&["recover", &i.src.dev, &i.tgt.dev, "--state-dir", &e]);
+    assert!(
+        !o.status.success(),
+        "recover without a saved head was accepted"
+    );
+    assert!(err(&o).contains("saved head"), "{}", err(&o));
+    assert!(
+        i.src.read() == s0 && i.tgt.read() == t0,
+        "a refused recover wrote"
+    );
+}
+
+/// The live commands name what this machine lacks (the kernel's filter
+/// hook, or the module) instead of passing on the driver's errno (a loop
+/// device answers an unknown ioctl with EINVAL).
+#[test]
+fn live_commands_name_the_missing_hook_or_module() {
+    if !enabled() {
+        return;
+    }
+    let dev = Loop::new(&pattern(4 << 20, 3), false);
+    // (status falls back to reading the disk: it is checked below)
+    let o = migrate(&["abort", &dev.dev]);
+    let e = err(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    let hook = "this kernel has no block-device filter hook (BLKFILTER_* ioctls): boot a kernel with the blkmig patches";
+    let module = "the blkmig module is not loaded: modprobe blkmig";
+    let attached = "no blkmig filter is attached";
+    assert!(
+        e.contains(hook) || e.contains(module) || e.contains(attached),
+        "{e}"
+    );
+    assert!(!e.contains("Invalid argument"), "{e}");
+    // With no hook, status says what the disk holds instead.
+    let o = migrate(&["status", &dev.dev, "--json"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(r#""mode":"detached""#), "{out}");
+}

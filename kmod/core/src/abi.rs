@@ -90,7 +90,7 @@ pub const BLKFILTER_CTL: u32 = ioc(
 );
 
 /// Version of blkmig's own payloads; bumped on any incompatible change.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Smallest and largest region size, as log2 of bytes (4 KiB .. 1 GiB).
 pub const REGION_SHIFT_MIN: u32 = 12;
@@ -137,7 +137,10 @@ pub enum CtlCmd {
     CopyEnd = 3,
     /// In: [`HoldRequest`]. Queue new writes and drain in-flight ones.
     HoldWrites = 4,
-    /// No payload. All regions synced: flush target, retire source, redirect.
+    /// In: a `u64`, the `Status::head_writes` the copier saw
+    /// when it read and saved the source's head: `EAGAIN` (still holding)
+    /// if a write reached the head since. All regions synced: flush the
+    /// target, retire the source, write the target's head, redirect.
     Switch = 5,
     /// No payload. Release held writes and cancel the switch.
     Release = 6,
@@ -146,14 +149,17 @@ pub enum CtlCmd {
     /// In/out: array of [`RegionOp`]. For each SYNCED region with no write
     /// in flight, `word` is its word now: a comparison of the region on
     /// both devices made from here on holds if `VerifyEnd` finds it
-    /// unchanged. `REGION_BUSY` or `REGION_NOT_SYNCED` otherwise.
+    /// unchanged. `REGION_BUSY` or `REGION_NOT_SYNCED` otherwise. The
+    /// comparison leaves out the head (`Geometry::head_len`): the target's
+    /// head is blank until the switch.
     VerifyBegin = 8,
     /// In/out: array of [`RegionOp`] with the words `VerifyBegin` returned:
     /// `REGION_OK` if no write was submitted to the region since (the
     /// comparison holds), `REGION_CONFLICT` if one was (compare again).
     VerifyEnd = 9,
     /// In/out: array of [`RegionOp`]: clear SYNCED (a region whose copy
-    /// failed verification is copied again). `word` is ignored.
+    /// failed verification is copied again). `word` must be 0.
+    /// `REGION_NOT_CLONING` once the switch has begun.
     Unsync = 10,
 }
 
@@ -252,6 +258,10 @@ pub const STATUS_HOLDING: u32 = 1 << 0;
 /// could not be undone), and switched anyway because the target held every
 /// byte: the source may still look like the filesystem.
 pub const STATUS_RETIRE_FAILED: u32 = 1 << 1;
+/// `Status::flags` bit: a switch failed while it wrote the target's head,
+/// and zeros could not be written over it: the target may look like the
+/// filesystem (wipe its first MiB before reusing it).
+pub const STATUS_TARGET_HEAD_DIRTY: u32 = 1 << 2;
 
 /// Reply of [`CtlCmd::Status`].
 #[repr(C)]
@@ -302,6 +312,9 @@ pub struct Status {
     /// attempts included (0 if none was held). Measured by the module: the
     /// figure does not depend on the copier's clock or scheduling.
     pub hold_longest_ns: u64,
+    /// Writes that reached the source's head (they are not mirrored: the
+    /// switch writes the target's head).
+    pub head_writes: u64,
 }
 
 /// `RegionOp::result`: done.
@@ -357,13 +370,14 @@ pub struct SyncedQuery {
     pub count: u64,
 }
 
-/// Most bytes of the source's head the retire marker overwrites (the
-/// source's *head*): every filesystem and volume signature blkid probes at
-/// the start of a device lies within it. The head is the first
-/// `min(RETIRE_BYTES, size of region 0)` bytes
-/// ([`crate::region::Geometry::head_bytes`]). The copier never writes the
-/// target's head and the module never mirrors to it: the switch writes it,
-/// after the marker, so that the two devices are never both recognisable.
+/// Bytes of the source's *head*, which the retire marker overwrites: every
+/// filesystem and volume signature blkid probes at the start of a device
+/// lies within it (md 1.2 at 4 KiB, iso9660 at 32 KiB, btrfs at 64 KiB). The
+/// head is the first `min(RETIRE_BYTES, device size)` bytes, over as many
+/// regions as it takes ([`crate::region::Geometry::head_bytes`]). The copier
+/// never writes the target's head and the module never mirrors to it: the
+/// switch writes it, after the marker, so that the two devices are never
+/// both recognisable. A comparison of a region leaves its head part out.
 pub const RETIRE_BYTES: u64 = 1 << 20;
 
 /// The retire marker written over the source's head at the switch.
@@ -405,12 +419,12 @@ assert_layout!(BlkfilterDetach, 32, name @ 0);
 assert_layout!(BlkfilterCtl, 48, name @ 0, cmd @ 32, optlen @ 36, opt @ 40);
 assert_layout!(AttachOptions, 24, version @ 0, region_shift @ 4, target_major @ 8,
     target_minor @ 12, hold_timeout_ms @ 16, flags @ 20);
-assert_layout!(Status, 136, version @ 0, mode @ 4, region_shift @ 8, flags @ 12,
+assert_layout!(Status, 144, version @ 0, mode @ 4, region_shift @ 8, flags @ 12,
     source_sectors @ 16, target_sectors @ 24, regions_total @ 32, regions_synced @ 40,
     copy_conflicts @ 48, copy_busy @ 56, writes_seen @ 64, writes_mirrored @ 72,
     writes_held @ 80, bios_redirected @ 88, failure @ 96, failure_errno @ 100,
     target_major @ 104, target_minor @ 108, migration_id @ 112, holds @ 120,
-    hold_longest_ns @ 128);
+    hold_longest_ns @ 128, head_writes @ 136);
 assert_layout!(RegionOp, 24, region @ 0, word @ 8, result @ 16, reserved @ 20);
 assert_layout!(HoldRequest, 8, timeout_ms @ 0, reserved @ 4);
 assert_layout!(SyncedQuery, 16, first @ 0, count @ 8);

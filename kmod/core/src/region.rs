@@ -145,23 +145,39 @@ impl Geometry {
 
     /// Bytes of the device's head (see [`crate::abi::RETIRE_BYTES`]): the
     /// retire marker's span on the source, and the bytes of the target
-    /// only the switch writes. Always within region 0.
+    /// only the switch writes. It may span several regions.
     pub const fn head_bytes(&self) -> u64 {
-        let first = if self.bytes() < self.region_bytes() {
+        if self.bytes() < crate::abi::RETIRE_BYTES {
             self.bytes()
-        } else {
-            self.region_bytes()
-        };
-        if first < crate::abi::RETIRE_BYTES {
-            first
         } else {
             crate::abi::RETIRE_BYTES
         }
     }
 
+    /// Bytes of region `r` that lie in the head, from its start: what a
+    /// copy of the region leaves out (0 past the head).
+    pub const fn head_len(&self, r: u64) -> u64 {
+        let head = self.head_bytes();
+        let start = r << self.shift;
+        if start >= head {
+            return 0;
+        }
+        let end = start + self.region_bytes();
+        let end = if end > head { head } else { end };
+        end - start
+    }
+
     /// Whether `nr_sectors` sectors at `sector` touch the head.
     pub const fn touches_head(&self, sector: u64, nr_sectors: u64) -> bool {
         nr_sectors != 0 && sector < (self.head_bytes() >> SECTOR_SHIFT)
+    }
+
+    /// Whether `nr_sectors` sectors at `sector` lie wholly within the head.
+    pub const fn within_head(&self, sector: u64, nr_sectors: u64) -> bool {
+        match sector.checked_add(nr_sectors) {
+            Some(end) => nr_sectors != 0 && end <= (self.head_bytes() >> SECTOR_SHIFT),
+            None => false,
+        }
     }
 
     /// Regions touched by `nr_sectors` sectors starting at `sector`, clamped
@@ -391,16 +407,26 @@ mod tests {
     }
 
     #[test]
-    fn head_is_within_region_zero() {
+    fn the_head_is_one_mib_whatever_the_region_size() {
         let g = |sectors, shift| Geometry::new(sectors, shift).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(g(1 << 21, 22).head_bytes(), crate::abi::RETIRE_BYTES);
-        assert_eq!(g(1 << 21, 12).head_bytes(), 4096);
-        // A device smaller than the head and than a region.
+        assert_eq!(g(1 << 21, 22).head_len(0), 1 << 20);
+        assert_eq!(g(1 << 21, 22).head_len(1), 0);
+        // 64 KiB regions: the head is regions 0..16.
+        let small = g(1 << 21, 16);
+        assert_eq!(small.head_bytes(), 1 << 20);
+        assert_eq!(small.head_len(15), 1 << 16);
+        assert_eq!(small.head_len(16), 0);
+        // A device smaller than the head.
         assert_eq!(g(16, 20).head_bytes(), 8192);
+        assert_eq!(g(16, 20).head_len(0), 8192);
         let g = g(1 << 21, 20);
         assert!(g.touches_head(2047, 1));
         assert!(!g.touches_head(2048, 8));
         assert!(!g.touches_head(0, 0));
+        assert!(g.within_head(2040, 8));
+        assert!(!g.within_head(2040, 9));
+        assert!(!g.within_head(u64::MAX, 2));
     }
 
     #[test]

@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use blkmig::core::abi::{self, Mode, RegionOp, Status};
-use blkmig::core::region::{Begin, End, Geometry, RegionMap, Verify};
-use blkmig::tracker::{Tracker, TrackerError};
+use blkmig::core::abi::{self, CtlCmd, Mode, RegionOp, Status};
+use blkmig::core::region::{Begin, End, Geometry, RegionMap, Regions, Verify};
+use blkmig::filter::{FilterError, Request};
+use blkmig::tracker::Tracker;
 
 struct State {
     mode: Mode,
@@ -55,9 +56,10 @@ pub type AfterCommit = Box<dyn Fn(&File, u64) + Send + Sync>;
 /// The simulation's attachment identity (the module's is random).
 pub const SIM_MIGRATION_ID: u64 = 0x5eed_0000_0000_0001;
 
-fn err(what: &str, errno: i32) -> TrackerError {
-    TrackerError {
-        what: what.to_owned(),
+fn err(request: Request, errno: i32) -> FilterError {
+    FilterError::Refused {
+        path: "simulated".into(),
+        request,
         errno,
     }
 }
@@ -134,9 +136,19 @@ impl SimFilter {
     /// A write from the "filesystem" at byte `off`, as the filter's
     /// submit_bio would see it. Blocks while writes are held.
     pub fn write(&self, off: u64, data: &[u8]) {
+        self.write_as(off, data, false);
+    }
+
+    /// A write by the copier's own process (the page-cache writeback its
+    /// reads force): the hold lets it through, as the module does.
+    pub fn write_by_copier(&self, off: u64, data: &[u8]) {
+        self.write_as(off, data, true);
+    }
+
+    fn write_as(&self, off: u64, data: &[u8], copier: bool) {
         let t0 = Instant::now();
         let mut st = self.lock();
-        if st.holding {
+        if st.holding && !copier {
             st.writes_held += 1;
             while st.holding {
                 st = self.wait(st);
@@ -160,14 +172,15 @@ impl SimFilter {
             .geo
             .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
         let mut mirror = self.map().write_submit(regions) && st.mode == Mode::Clone;
-        if self
-            .geo
-            .touches_head(off >> 9, (data.len() as u64).div_ceil(512))
-        {
-            // As the module: the target's head is the switch's alone; the
-            // regions are copied again instead.
-            (regions.start..regions.end).for_each(|r| self.map().unsync(r));
-            self.head_writes.fetch_add(1, Ordering::Relaxed);
+        let (sector, sectors) = (off >> 9, (data.len() as u64).div_ceil(512));
+        if self.geo.touches_head(sector, sectors) {
+            // As the module: the target's head is the switch's alone. A
+            // write within it needs nothing more; one that also reaches past
+            // it sends its regions back to be copied.
+            if !self.geo.within_head(sector, sectors) {
+                (regions.start..regions.end).for_each(|r| self.map().unsync(r));
+            }
+            self.head_writes.fetch_add(1, Ordering::SeqCst);
             mirror = false;
         }
         st.inflight += 1;
@@ -188,8 +201,27 @@ impl SimFilter {
     }
 }
 
+impl SimFilter {
+    /// A write to `region` that is submitted and never completes (until
+    /// [`SimFilter::end_stuck_write`]): the region stays busy.
+    pub fn begin_stuck_write(&self, region: u64) {
+        self.map().write_submit(Regions {
+            start: region,
+            end: region + 1,
+        });
+    }
+
+    /// Completes the write of [`SimFilter::begin_stuck_write`].
+    pub fn end_stuck_write(&self, region: u64) {
+        self.map().write_complete(Regions {
+            start: region,
+            end: region + 1,
+        });
+    }
+}
+
 impl Tracker for SimFilter {
-    fn status(&self) -> Result<Status, TrackerError> {
+    fn status(&self) -> Result<Status, FilterError> {
         let st = self.lock();
         Ok(Status {
             version: abi::ABI_VERSION,
@@ -205,6 +237,7 @@ impl Tracker for SimFilter {
             writes_mirrored: self.mirrored.load(Ordering::Relaxed),
             writes_held: st.writes_held,
             migration_id: SIM_MIGRATION_ID,
+            head_writes: self.head_writes.load(Ordering::SeqCst),
             holds: self.holds.load(Ordering::Relaxed),
             hold_longest_ns: self
                 .longest_hold_wait
@@ -215,7 +248,7 @@ impl Tracker for SimFilter {
         })
     }
 
-    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         if self.lock().mode != Mode::Clone {
             ops.iter_mut()
                 .for_each(|o| o.result = abi::REGION_NOT_CLONING);
@@ -235,7 +268,7 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for o in ops {
             o.result = match self.map().copy_end(o.region, o.word) {
                 Some(End::Committed) => {
@@ -254,7 +287,7 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         let cloning = self.lock().mode == Mode::Clone;
         for o in ops {
             (o.word, o.result) = match self.map().verify_begin(o.region) {
@@ -268,7 +301,7 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for o in ops {
             o.result = match self.map().verify_end(o.region, o.word) {
                 Some(true) => abi::REGION_OK,
@@ -279,7 +312,7 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), TrackerError> {
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for o in ops {
             o.result = if o.region < self.geo.regions() {
                 self.map().unsync(o.region);
@@ -291,18 +324,18 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, TrackerError> {
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, FilterError> {
         Ok((first..(first + count).min(self.geo.regions()))
             .map(|r| blkmig::core::region::is_synced(self.map().load(r)))
             .collect())
     }
 
-    fn hold_writes(&self, timeout_ms: u32) -> Result<(), TrackerError> {
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), FilterError> {
         let timeout = Duration::from_millis(u64::from(timeout_ms));
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         if st.mode != Mode::Clone {
-            return Err(err("not cloning", libc::EINVAL));
+            return Err(err(Request::Ctl(CtlCmd::HoldWrites), libc::EINVAL));
         }
         st.holding = true;
         st.hold_gen += 1;
@@ -323,7 +356,7 @@ impl Tracker for SimFilter {
             if now >= deadline || !st.holding {
                 st.holding = false;
                 self.notify();
-                return Err(err("writes in flight did not drain", libc::ETIMEDOUT));
+                return Err(err(Request::Ctl(CtlCmd::HoldWrites), libc::ETIMEDOUT));
             }
             st = self
                 .shared
@@ -335,16 +368,13 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn switch(&self) -> Result<(), TrackerError> {
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError> {
         let mut st = self.lock();
         if !st.holding {
-            return Err(err(
-                "writes are not held (the hold timed out?)",
-                libc::ETIMEDOUT,
-            ));
+            return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
         }
-        if !self.map().all_synced() {
-            return Err(err("regions are not synced", libc::EAGAIN));
+        if !self.map().all_synced() || head_writes != self.head_writes.load(Ordering::SeqCst) {
+            return Err(err(Request::Ctl(CtlCmd::Switch), libc::EAGAIN));
         }
         // Retire the source: marker + zeros over its head; then the
         // target's head, which nothing wrote before.
@@ -373,7 +403,7 @@ impl Tracker for SimFilter {
         Ok(())
     }
 
-    fn release(&self) -> Result<(), TrackerError> {
+    fn release(&self) -> Result<(), FilterError> {
         let mut st = self.lock();
         st.holding = false;
         self.notify();

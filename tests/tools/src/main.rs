@@ -60,6 +60,28 @@ enum Cmd {
         /// How the rewrites are issued.
         #[arg(long, value_enum, default_value_t = Io::Sync)]
         io: Io,
+        /// Crash tests: every write is durable when it completes (O_DSYNC),
+        /// and is then acknowledged in this file ("BLOCK SEQ" lines,
+        /// fdatasync'ed), which `verify-acked` checks after a reset.
+        #[arg(long)]
+        ack: Option<PathBuf>,
+    },
+    /// Rebuilds on OUT (a device that starts zeroed, as large as the
+    /// logged one) what a dm-log-writes LOG says was durable: every logged
+    /// write up to the last flush, and every FUA write after it.
+    ReplayLog {
+        /// The log device of dm-log-writes.
+        log: PathBuf,
+        /// Where to replay (written at the logged sectors).
+        out: PathBuf,
+    },
+    /// After a crash: every block of FILE holds an intact stamp of its own
+    /// block, at least as new as the last one ACK acknowledges.
+    VerifyAcked {
+        /// The data file.
+        file: PathBuf,
+        /// The acknowledgements `write --ack` kept.
+        ack: PathBuf,
     },
     /// Read LEN bytes at OFFSET of DEV again and again with O_DIRECT
     /// through a polled io_uring (IORING_SETUP_IOPOLL, so the bios carry
@@ -157,7 +179,7 @@ enum AbiReq {
 }
 
 fn errno_of(e: &blkmig::filter::FilterError) -> String {
-    blkmig::filter::errno_name(&e.errno).to_owned()
+    blkmig::filter::errno_name(&e.errno()).to_owned()
 }
 
 fn region_op(dev: &Path, cmd: abi::CtlCmd, op: abi::RegionOp) -> Result<abi::RegionOp> {
@@ -400,8 +422,22 @@ fn write(
     slow: Duration,
     seed: u64,
     io: Io,
+    ack: Option<&Path>,
 ) -> Result<()> {
-    let f = open_direct(file, true)?;
+    let f = match ack {
+        None => open_direct(file, true)?,
+        Some(_) => OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+            .open(file)
+            .with_context(|| format!("open {}", file.display()))?,
+    };
+    let mut acks = match ack {
+        Some(p) => Some(File::create(p).with_context(|| format!("create {}", p.display()))?),
+        None => None,
+    };
     let mut ring = match io {
         Io::Sync => None,
         Io::Uring => Some(Ring::new(false)?),
@@ -419,6 +455,15 @@ fn write(
         last[b as usize] = seq;
     }
     f.sync_all().context("fsync")?;
+    if let Some(a) = acks.as_mut() {
+        let mut text = String::new();
+        for (b, s) in last.iter().enumerate() {
+            text.push_str(&format!("{b} {s}\n"));
+        }
+        a.write_all(text.as_bytes())
+            .context("write the acknowledgements")?;
+        a.sync_data().context("fdatasync the acknowledgements")?;
+    }
     println!(
         "stampwriter: {blocks} blocks stamped, writing until {} exists",
         stop.display()
@@ -450,6 +495,10 @@ fn write(
             .with_context(|| format!("write block {b} ({io:?})"))?;
             let dt = t0.elapsed();
             last[b as usize] = seq;
+            if let Some(a) = acks.as_mut() {
+                writeln!(a, "{b} {seq}").context("write an acknowledgement")?;
+                a.sync_data().context("fdatasync the acknowledgements")?;
+            }
             writes += 1;
             if dt > worst {
                 worst = dt;
@@ -529,6 +578,159 @@ fn verify(file: &Path, log: &Path) -> Result<()> {
     Ok(())
 }
 
+const LOG_MAGIC: u64 = 0x006a_7366_7773_6872;
+const LOG_FLUSH: u64 = 1 << 0;
+const LOG_FUA: u64 = 1 << 1;
+const LOG_DISCARD: u64 = 1 << 2;
+const LOG_MARK: u64 = 1 << 3;
+
+/// One entry of a dm-log-writes log: where its data lies in the log.
+struct LogEntry {
+    sector: u64,
+    nr_sectors: u64,
+    flags: u64,
+    data_at: u64,
+}
+
+fn replay_log(log: &Path, out: &Path) -> Result<()> {
+    let l = File::open(log).with_context(|| format!("open {}", log.display()))?;
+    let le = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
+    let mut sup = [0u8; 32];
+    l.read_exact_at(&mut sup, 0)
+        .context("read the log's super block")?;
+    if le(&sup, 0) != LOG_MAGIC {
+        bail!(
+            "{} is not a dm-log-writes log (magic {:#x})",
+            log.display(),
+            le(&sup, 0)
+        );
+    }
+    let bs = u64::from(u32::from_le_bytes(sup[24..28].try_into().unwrap_or([0; 4])));
+    if !(512..=65536).contains(&bs) || !bs.is_power_of_two() {
+        bail!("bad sector size {bs} in the log");
+    }
+    // A block device's metadata says 0 bytes: its end does not.
+    let len = {
+        use std::io::Seek;
+        (&l).seek(std::io::SeekFrom::End(0))
+            .context("size of the log")?
+    };
+    // Walk the entries until a blank one (the log device started zeroed;
+    // the super block's count may lag the last entries written).
+    let mut entries = Vec::new();
+    let mut pos = bs;
+    let mut meta = vec![0u8; bs as usize];
+    while pos + bs <= len {
+        l.read_exact_at(&mut meta, pos)
+            .context("read a log entry")?;
+        let (sector, nr_sectors, flags) = (le(&meta, 0), le(&meta, 8), le(&meta, 16));
+        if sector == 0 && nr_sectors == 0 && flags == 0 {
+            break;
+        }
+        if flags & !(LOG_FLUSH | LOG_FUA | LOG_DISCARD | LOG_MARK | (1 << 4)) != 0 {
+            bail!(
+                "entry {} at byte {pos}: unknown flags {flags:#x}",
+                entries.len()
+            );
+        }
+        let data = if flags & (LOG_DISCARD | LOG_MARK) != 0 {
+            0
+        } else {
+            nr_sectors
+        };
+        entries.push(LogEntry {
+            sector,
+            nr_sectors,
+            flags,
+            data_at: pos + bs,
+        });
+        pos += bs * (1 + data);
+    }
+    let last_flush = entries.iter().rposition(|e| e.flags & LOG_FLUSH != 0);
+    let o = OpenOptions::new()
+        .write(true)
+        .open(out)
+        .with_context(|| format!("open {}", out.display()))?;
+    let (mut applied, mut fua_after) = (0u64, 0u64);
+    for (i, e) in entries.iter().enumerate() {
+        let durable = last_flush.is_some_and(|f| i <= f) || e.flags & LOG_FUA != 0;
+        if !durable || e.flags & LOG_MARK != 0 || e.nr_sectors == 0 {
+            continue;
+        }
+        let n = (e.nr_sectors * bs) as usize;
+        let buf = if e.flags & LOG_DISCARD != 0 {
+            vec![0u8; n]
+        } else {
+            let mut b = vec![0u8; n];
+            l.read_exact_at(&mut b, e.data_at)
+                .context("read logged data")?;
+            b
+        };
+        o.write_all_at(&buf, e.sector * bs)
+            .context("replay a write")?;
+        applied += 1;
+        fua_after += u64::from(last_flush.is_none_or(|f| i > f));
+    }
+    o.sync_all().context("fsync the replay")?;
+    println!(
+        "replay-log: {} entries, the last flush is entry {}; {applied} writes replayed ({fua_after} FUA writes after it)",
+        entries.len(),
+        last_flush.map_or("none".to_owned(), |f| f.to_string())
+    );
+    Ok(())
+}
+
+fn verify_acked(file: &Path, ack: &Path) -> Result<()> {
+    let f = open_direct(file, false)?;
+    let text = std::fs::read_to_string(ack).with_context(|| format!("read {}", ack.display()))?;
+    let mut want: Vec<u64> = Vec::new();
+    let mut lines = 0;
+    for line in text.lines() {
+        let mut it = line.split_whitespace().map(str::parse::<u64>);
+        // The last line may be torn by the crash: it was never acknowledged.
+        let (Some(Ok(b)), Some(Ok(seq)), None) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        if want.len() <= b as usize {
+            want.resize(b as usize + 1, 0);
+        }
+        want[b as usize] = want[b as usize].max(seq);
+        lines += 1;
+    }
+    if want.is_empty() {
+        bail!("{} holds no acknowledgement", ack.display());
+    }
+    let mut buf = AlignedBuf::new(BLOCK, BLOCK);
+    let (mut bad, mut newer) = (0, 0);
+    for (b, &w) in want.iter().enumerate() {
+        f.read_exact_at(&mut buf, b as u64 * BLOCK as u64)
+            .with_context(|| format!("read block {b}"))?;
+        match stamp(&buf) {
+            Ok((blk, seq)) if blk == b as u64 && seq >= w => newer += u64::from(seq > w),
+            Ok((blk, seq)) => {
+                bad += 1;
+                if bad <= 10 {
+                    eprintln!("block {b}: holds stamp (block {blk}, seq {seq}), but seq {w} was acknowledged");
+                }
+            }
+            Err(why) => {
+                bad += 1;
+                if bad <= 10 {
+                    eprintln!("block {b}: {why}");
+                }
+            }
+        }
+    }
+    if bad > 0 {
+        bail!("{bad} of {} blocks lost an acknowledged write", want.len());
+    }
+    println!(
+        "stampwriter: all {} blocks hold their acknowledged stamps ({lines} acknowledgements; {newer} blocks newer, written but not yet acknowledged)",
+        want.len()
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Write {
@@ -541,6 +743,7 @@ fn main() -> Result<()> {
             slow_ms,
             seed,
             io,
+            ack,
         } => write(
             &file,
             &log,
@@ -551,7 +754,10 @@ fn main() -> Result<()> {
             Duration::from_millis(slow_ms),
             seed,
             io,
+            ack.as_deref(),
         ),
+        Cmd::VerifyAcked { file, ack } => verify_acked(&file, &ack),
+        Cmd::ReplayLog { log, out } => replay_log(&log, &out),
         Cmd::PollRead {
             dev,
             offset,

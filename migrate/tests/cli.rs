@@ -1,0 +1,317 @@
+//! The `migrate` binary under abuse: bad options, closed pipes, a full
+//! disk, paths that are not block devices. On image files; nothing here
+//! needs root or the kernel module.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pattern;
+
+fn migrate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_migrate"))
+}
+
+fn run(args: &[&str]) -> Output {
+    migrate()
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run migrate: {e}"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits for `child` at most `limit`; kills it and fails if it runs longer.
+fn wait_at_most(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap_or_else(|e| panic!("{e}")) {
+            return st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two image files: a patterned source of `size` bytes and an empty target.
+struct Images {
+    dir: tempfile::TempDir,
+}
+
+impl Images {
+    fn new(size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        fs::write(dir.path().join("src.img"), pattern(size, 11)).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(dir.path().join("tgt.img"), vec![0u8; size]).unwrap_or_else(|e| panic!("{e}"));
+        Self { dir }
+    }
+
+    fn src(&self) -> PathBuf {
+        self.dir.path().join("src.img")
+    }
+
+    fn tgt(&self) -> PathBuf {
+        self.dir.path().join("tgt.img")
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_else(|| panic!("non-UTF-8 path"))
+}
+
+#[test]
+fn sizes_take_units_in_either_case_and_decimals() {
+    let im = Images::new(1 << 20);
+    for size in ["1m", "64k", "0.5M", "512K"] {
+        let o = run(&[
+            "copy",
+            s(&im.src()),
+            s(&im.tgt()),
+            "-q",
+            "--region-size",
+            size,
+        ]);
+        assert!(o.status.success(), "--region-size {size}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_zero_rate_limit_is_refused() {
+    let im = Images::new(1 << 20);
+    let mut child = migrate()
+        .args([
+            "copy",
+            s(&im.src()),
+            s(&im.tgt()),
+            "-q",
+            "--rate-limit",
+            "0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let st = wait_at_most(&mut child, Duration::from_secs(10), "--rate-limit 0");
+    let o = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--rate-limit"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_zero_pause_budget_is_refused() {
+    let im = Images::new(1 << 20);
+    let o = run(&["start", s(&im.src()), s(&im.tgt()), "--max-pause", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--max-pause"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_hold_timeout_is_a_bounded_duration() {
+    let im = Images::new(1 << 20);
+    let (src, tgt) = (im.src(), im.tgt());
+    for ok in [
+        ["--hold-timeout", "800ms"],
+        ["--hold-timeout", "5s"],
+        ["--hold-timeout-ms", "800"],
+    ] {
+        let o = run(&["attach", s(&src), s(&tgt), ok[0], ok[1]]);
+        // Accepted: it gets as far as looking at the (file) source.
+        assert_eq!(o.status.code(), Some(1), "{ok:?}: {}", stderr(&o));
+    }
+    for bad in ["61s", "0s", "fast"] {
+        let o = run(&["attach", s(&src), s(&tgt), "--hold-timeout", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--hold-timeout"), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn live_commands_on_a_file_say_it_is_not_a_block_device() {
+    let im = Images::new(1 << 20);
+    for args in [
+        vec!["status", s(&im.src())],
+        vec!["abort", s(&im.src())],
+        vec!["detach", s(&im.src())],
+        vec!["start", s(&im.src()), s(&im.tgt())],
+    ] {
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("is not a block device"), "{args:?}: {err}");
+        assert!(!err.contains("kernel"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn the_errno_is_printed_once() {
+    let im = Images::new(1 << 20);
+    let o = run(&["copy", "/nonexistent/disk.img", s(&im.tgt())]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("ENOENT").count(), 1, "{err}");
+    assert!(!err.contains("os error"), "{err}");
+    assert!(err.contains("No such file or directory"), "{err}");
+}
+
+/// Peak resident memory of a child, in bytes, after it exits.
+fn exit_and_peak_rss(child: &Child) -> (i32, u64) {
+    let pid = i32::try_from(child.id()).unwrap_or_else(|e| panic!("{e}"));
+    let mut status = 0;
+    // SAFETY: `rusage` is plain old data, valid when zeroed.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `status` and `usage` are valid for writes for the call; the
+    // pid is our child's, not yet reaped (`Child::wait` is not called).
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    // ru_maxrss is in KiB.
+    (code, u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024)
+}
+
+#[test]
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait4 in exit_and_peak_rss"
+)]
+fn buffers_never_exceed_the_device_or_the_memory_budget() {
+    let im = Images::new(64 << 20);
+    let child = migrate()
+        .args([
+            "copy",
+            s(&im.src()),
+            s(&im.tgt()),
+            "-q",
+            "--region-size",
+            "1G",
+        ])
+        .args(["--queue-depth", "8"])
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (code, rss) = exit_and_peak_rss(&child);
+    assert_eq!(code, 0);
+    assert!(rss < 200 << 20, "peak RSS {rss} bytes for a 64 MiB image");
+    assert_eq!(
+        fs::read(im.src()).unwrap_or_default(),
+        fs::read(im.tgt()).unwrap_or_default()
+    );
+}
+
+#[test]
+fn a_closed_pipe_on_stdout_is_an_error_not_a_panic() {
+    let im = Images::new(8 << 20);
+    let mut child = migrate()
+        .args(["copy", s(&im.src()), s(&im.tgt()), "--json", "-i", "0.05"])
+        .args(["--rate-limit", "16M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // `| head -0`: the reader goes away at once.
+    drop(child.stdout.take());
+    let st = wait_at_most(
+        &mut child,
+        Duration::from_secs(30),
+        "copy into a closed pipe",
+    );
+    let o = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let err = stderr(&o);
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("standard output"), "{err}");
+}
+
+#[test]
+fn a_full_stdout_is_an_error_not_a_panic() {
+    let im = Images::new(1 << 20);
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap_or_else(|e| panic!("/dev/full: {e}"));
+    let o = migrate()
+        .args(["copy", s(&im.src()), s(&im.tgt()), "--json"])
+        .stdout(full)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("No space left on device (ENOSPC)"), "{err}");
+}
+
+#[test]
+fn log_lines_off_a_terminal_have_no_escapes() {
+    let im = Images::new(1 << 20);
+    let o = run(&["-v", "copy", s(&im.src()), s(&im.tgt())]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("copy starts"), "{err}");
+    assert!(!err.contains('\x1b'), "{err:?}");
+}
+
+/// A pseudo-terminal for a child's stderr: the progress bar is drawn.
+struct Pty {
+    master: fs::File,
+    slave: fs::File,
+}
+
+impl Pty {
+    fn new() -> Self {
+        use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY)
+            .unwrap_or_else(|e| panic!("openpt: {e}"));
+        grantpt(&master).unwrap_or_else(|e| panic!("grantpt: {e}"));
+        unlockpt(&master).unwrap_or_else(|e| panic!("unlockpt: {e}"));
+        let name = ptsname(&master, Vec::new()).unwrap_or_else(|e| panic!("ptsname: {e}"));
+        let slave = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(name.to_string_lossy().as_ref())
+            .unwrap_or_else(|e| panic!("pty slave: {e}"));
+        Self {
+            master: master.into(),
+            slave,
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_copy_leaves_the_bar_where_it_stopped() {
+    use std::io::Read;
+    let im = Images::new(64 << 20);
+    let pty = Pty::new();
+    let mut child = migrate()
+        .args(["copy", s(&im.src()), s(&im.tgt()), "--rate-limit", "4M"])
+        .stderr(pty.slave.try_clone().unwrap_or_else(|e| panic!("{e}")))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(pty.slave);
+    let mut master = pty.master;
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        // EIO once the child has exited and the slave is closed.
+        let _ = master.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = rustix::process::Pid::from_child(&child);
+    rustix::process::kill_process(pid, rustix::process::Signal::INT)
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    let st = wait_at_most(&mut child, Duration::from_secs(20), "interrupted copy");
+    let shown = reader.join().unwrap_or_else(|_| panic!("reader panicked"));
+    assert_eq!(st.code(), Some(1), "{shown}");
+    assert!(shown.contains("interrupted"), "{shown}");
+    assert!(!shown.contains("done"), "{shown}");
+    assert!(!shown.contains("100%"), "{shown}");
+}
