@@ -12,5 +12,6 @@ pub mod progress;
 pub mod recover;
 pub mod tracker;
 pub mod units;
+pub mod verify;
 
 pub use blkmig_core as core;

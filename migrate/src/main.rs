@@ -153,6 +153,10 @@ struct StartArgs {
     /// Copy and keep mirroring, but do not switch (rerun without it to switch).
     #[arg(long)]
     no_switch: bool,
+    /// Before the switch, compare every region on both devices; copy again
+    /// what differs, and do not switch over a region that differs twice.
+    #[arg(long, conflicts_with = "no_switch")]
+    verify: bool,
     /// Where the source's first region is saved before it is retired.
     #[arg(long, default_value = "/var/lib/blkmig")]
     state_dir: PathBuf,
@@ -355,6 +359,8 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         no_switch: a.no_switch,
         hold_timeout_ms: a.attach.hold_timeout_ms(),
         state_dir: a.state_dir.clone(),
+        compare: true,
+        verify: a.verify,
     };
     let res = ready.run(opts, progress, cancel).await;
     let shown = rep.finish(res.is_ok()).await;
@@ -367,14 +373,29 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     }
     if style != Style::Quiet {
         say!(
-            "copied {} in {:.1}s ({} re-copies, {} busy, {} rounds); {}",
+            "copied {} in {:.1}s ({} already on the target, {} re-copies, {} busy, {} rounds); {}",
             Bytes(summary.bytes_copied),
             summary.seconds,
+            Bytes(summary.bytes_matched),
             summary.recopies,
             summary.busy,
             summary.rounds,
             summary.pause_text(),
         );
+        if a.verify {
+            say!(
+                "verified {} regions ({} compared), {} left unverified (written continuously); {} differed on the target and were copied again{}",
+                summary.regions_verified,
+                Bytes(summary.bytes_verified),
+                summary.regions_unverified,
+                summary.verify_mismatches,
+                if summary.mismatched_regions.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (regions {:?})", summary.mismatched_regions)
+                }
+            );
+        }
         if summary.switched {
             say!(
                 "switched: all I/O to {src} now goes to {tgt}; {src} is retired (its head is saved in {saved}).\n\

@@ -32,6 +32,7 @@ use crate::filter::FilterError;
 use crate::progress::Progress;
 use crate::tracker::Tracker;
 use crate::units::Bytes;
+use crate::verify::{Bufs, ComparePolicy, Transfer, Verifier};
 
 /// Shortest and longest wait between rounds in which nothing committed.
 const IDLE_MIN: Duration = Duration::from_millis(5);
@@ -56,13 +57,24 @@ pub struct MigrateOptions {
     pub hold_timeout_ms: u32,
     /// Where the source's first region is saved before the switch.
     pub state_dir: PathBuf,
+    /// Compare before copying, and commit without a write what the target
+    /// already holds (a resumed migration), while comparisons find matches.
+    pub compare: bool,
+    /// Before the switch, compare every region on both devices; copy again
+    /// what differs, and fail rather than switch over a region that differs
+    /// twice.
+    pub verify: bool,
 }
 
 /// What a migration did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Summary {
-    /// Bytes the copier read and wrote.
+    /// Bytes the copier read from the source and wrote to the target.
     pub bytes_copied: u64,
+    /// Bytes compared on both devices before a copy (a resumed migration).
+    pub bytes_compared: u64,
+    /// Bytes of regions committed by such a comparison, without a write.
+    pub bytes_matched: u64,
     /// Regions in all.
     pub regions: u64,
     /// Copies thrown away because a write raced them.
@@ -90,6 +102,21 @@ pub struct Summary {
     pub seconds: f64,
     /// Where the source's first region was saved.
     pub saved_head: Option<PathBuf>,
+    /// `--verify`: regions whose last copy was compared on both devices
+    /// and found the same (all of them when the migration switched).
+    pub regions_verified: u64,
+    /// `--verify`: regions written so continuously that no comparison of
+    /// them held (each left after several passes; never one that differed).
+    pub regions_unverified: u64,
+    /// `--verify`: bytes of the comparisons that found them the same.
+    pub bytes_verified: u64,
+    /// `--verify`: comparisons a write made void (made again).
+    pub verify_conflicts: u64,
+    /// `--verify`: comparisons that found the target different (each such
+    /// region was copied again).
+    pub verify_mismatches: u64,
+    /// `--verify`: the regions that differed.
+    pub mismatched_regions: Vec<u64>,
 }
 
 impl Summary {
@@ -273,6 +300,10 @@ pub struct Migration {
     best: (u64, u64),
     /// Whether the operator was told that the migration does not converge.
     told_stalled: bool,
+    /// When to compare before copying.
+    policy: ComparePolicy,
+    /// `--verify`: the regions still to compare.
+    verifier: Option<Verifier>,
     /// The attachment (written into the retire marker).
     migration_id: u64,
 }
@@ -328,7 +359,6 @@ impl Migration {
                 regions: geo.regions(),
                 ..Summary::default()
             },
-            opts,
             progress,
             cancel,
             limit,
@@ -338,6 +368,9 @@ impl Migration {
             in_window: false,
             best: (u64::MAX, 0),
             told_stalled: false,
+            policy: ComparePolicy::new(opts.compare),
+            verifier: opts.verify.then(|| Verifier::new(geo.regions())),
+            opts,
             migration_id: status.migration_id,
         })
     }
@@ -423,12 +456,14 @@ impl Migration {
             })
             .collect();
         self.tracker.copy_begin(&mut ops)?;
+        // Compare first where the target may already hold the data; never
+        // in the switch window, whose copies must be quick.
+        let compare = !self.in_window && self.policy.next_batch();
         let started = Instant::now();
         let mut paced = 0.0;
-        let mut bytes = 0;
         let mut set = tokio::task::JoinSet::new();
-        let mut bufs: Vec<AlignedBuf> = Vec::new();
-        let mut copied: Vec<usize> = Vec::new();
+        let mut bufs: Vec<Bufs> = Vec::new();
+        let mut copied: Vec<(usize, Transfer)> = Vec::new();
         let mut failed: Option<MigrateError> = None;
         let todo: Vec<usize> = (0..ops.len())
             .filter(|&i| ops[i].result == abi::REGION_OK)
@@ -454,22 +489,15 @@ impl Migration {
             }
             let mut buf = bufs
                 .pop()
-                .unwrap_or_else(|| AlignedBuf::new(self.align, self.buf_len));
+                .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
             let (src, tgt) = (self.src.clone(), self.tgt.clone());
             // The target's head is the switch's to write (after the retire
             // marker): a region in it is copied from the end of the head on.
-            let skip = self.geo.head_len(r);
+            let span = (off, len, self.geo.head_len(r));
             set.spawn_blocking(move || {
-                let (n, k) = (len as usize, skip as usize);
-                let res = if k >= n {
-                    Ok(())
-                } else {
-                    src.read_exact_at(&mut buf[k..n], off + skip)
-                        .and_then(|()| tgt.write_all_at(&buf[k..n], off + skip))
-                };
+                let res = crate::verify::transfer(&src, &tgt, &mut buf, span, compare);
                 (i, buf, res)
             });
-            bytes += len;
         }
         while let Some(res) = set.join_next().await {
             Self::collect(res, &mut bufs, &mut copied, &mut failed);
@@ -478,18 +506,46 @@ impl Migration {
             // Nothing is committed: the regions stay unsynced.
             return Err(e);
         }
+        // Work for the rate: the bytes of each region done, copied or
+        // compared (a comparison reads as much as a copy moves).
+        let (mut bytes, mut written, mut compared, mut same, mut differ) = (0, 0, 0, 0, 0);
+        for &(_, t) in &copied {
+            match t {
+                Transfer::Written(w) => (bytes, written) = (bytes + w, written + w),
+                Transfer::Matched(c) => {
+                    (bytes, compared, same) = (bytes + c, compared + c, same + 1)
+                }
+                Transfer::Rewritten(c, w) => {
+                    (bytes, written, compared, differ) =
+                        (bytes + c, written + w, compared + c, differ + 1)
+                }
+            }
+        }
+        if compare {
+            self.policy.record(same, differ);
+        }
         self.copy_bytes += bytes;
         self.copy_secs += (started.elapsed().as_secs_f64() - paced).max(1e-6);
-        self.summary.bytes_copied += bytes;
+        self.summary.bytes_copied += written;
+        self.summary.bytes_compared += compared;
         self.progress.add_work(bytes);
-        let mut ends: Vec<RegionOp> = copied.iter().map(|&i| ops[i]).collect();
+        let mut ends: Vec<RegionOp> = copied.iter().map(|&(i, _)| ops[i]).collect();
         if !ends.is_empty() {
             self.tracker.copy_end(&mut ends)?;
         }
-        for e in &ends {
+        for (e, &(_, t)) in ends.iter().zip(&copied) {
             if e.result == abi::REGION_OK {
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
+                if let Transfer::Matched(c) = t {
+                    self.summary.bytes_matched += c;
+                }
+                if let Some(v) = &mut self.verifier {
+                    match t {
+                        Transfer::Matched(c) => v.matched(e.region, c),
+                        _ => v.copied(e.region),
+                    }
+                }
             }
             if e.result == abi::REGION_CONFLICT {
                 self.summary.recopies += 1;
@@ -505,22 +561,22 @@ impl Migration {
         }
         // Report each op with its final result.
         let mut out = ops;
-        for (k, &i) in copied.iter().enumerate() {
+        for (k, &(i, _)) in copied.iter().enumerate() {
             out[i].result = ends[k].result;
         }
         Ok(Batch { ops: out })
     }
 
     fn collect(
-        res: Result<(usize, AlignedBuf, Result<(), Error>), tokio::task::JoinError>,
-        bufs: &mut Vec<AlignedBuf>,
-        copied: &mut Vec<usize>,
+        res: Result<(usize, Bufs, Result<Transfer, Error>), tokio::task::JoinError>,
+        bufs: &mut Vec<Bufs>,
+        copied: &mut Vec<(usize, Transfer)>,
         failed: &mut Option<MigrateError>,
     ) {
         match res {
-            Ok((i, buf, Ok(()))) => {
+            Ok((i, buf, Ok(t))) => {
                 bufs.push(buf);
-                copied.push(i);
+                copied.push((i, t));
             }
             Ok((_, buf, Err(e))) => {
                 bufs.push(buf);
@@ -619,6 +675,10 @@ impl Migration {
                 tracing::warn!(left = left.len(), "regions did not commit with writes held");
                 return Ok(false);
             }
+            if self.verifier.is_some() && !self.verify_pending().await? {
+                tracing::warn!("regions not verified with writes held");
+                return Ok(false);
+            }
             let before = self.tracker.status()?.head_writes;
             let head = self.read_head().await?;
             if self.tracker.status()?.head_writes != before || !self.unsynced()?.is_empty() {
@@ -703,7 +763,7 @@ impl Migration {
                     break;
                 }
             } else if let Some(rate) = self.rate() {
-                let est = self.bytes_of(&left) as f64 / rate;
+                let est = self.estimate(&left, rate).await?;
                 self.watch_convergence(left.len() as u64, est);
                 if est <= self.opts.max_pause.as_secs_f64() {
                     self.summary.estimated_pause_ms = Some(est * 1e3);
@@ -737,7 +797,54 @@ impl Migration {
         self.summary.holds = st.holds;
         self.summary.pause_ms = (st.holds > 0).then_some(st.hold_longest_ns as f64 / 1e6);
         self.summary.seconds = started.elapsed().as_secs_f64();
+        if let Some(v) = &self.verifier {
+            v.fill(&mut self.summary);
+        }
         Ok(self.summary)
+    }
+
+    /// The estimated pause of a switch now, in seconds, at `rate`: the time
+    /// to copy `left`. With `--verify`, once that fits the budget, the
+    /// regions not compared since their last copy are compared first, and
+    /// the estimate adds the time to compare those left for the window.
+    async fn estimate(&mut self, left: &[u64], rate: f64) -> Result<f64, MigrateError> {
+        let est = self.bytes_of(left) as f64 / rate;
+        if self.verifier.is_none() || est > self.opts.max_pause.as_secs_f64() {
+            return Ok(est);
+        }
+        self.verify_pending().await?;
+        let left = self.unsynced()?;
+        let pending: Vec<u64> = self.verifier.iter().flat_map(|v| v.pending()).collect();
+        Ok((self.bytes_of(&left) + self.bytes_of(&pending)) as f64 / rate)
+    }
+
+    /// `--verify`: compares every SYNCED region not compared since its last
+    /// copy ([`crate::verify`]). Returns whether every region is verified.
+    async fn verify_pending(&mut self) -> Result<bool, MigrateError> {
+        let Some(mut v) = self.verifier.take() else {
+            return Ok(true);
+        };
+        let cx = crate::verify::Ctx {
+            tracker: &self.tracker,
+            src: &self.src,
+            tgt: &self.tgt,
+            geo: self.geo,
+            align: self.align,
+            depth: self.opts.queue_depth,
+            limit: self.limit.as_deref().filter(|_| !self.in_window),
+            cancel: &self.cancel,
+        };
+        let (t0, read) = (Instant::now(), v.counts.bytes_read);
+        let res = v.pass(&cx).await;
+        if !self.in_window && v.counts.bytes_read > read {
+            // A comparison reads as much as a copy moves: it measures the
+            // rate as well (a resumed migration may have copied nothing).
+            self.copy_bytes += v.counts.bytes_read - read;
+            self.copy_secs += t0.elapsed().as_secs_f64().max(1e-6);
+        }
+        let done = v.done();
+        self.verifier = Some(v);
+        res.map(|differed| differed == 0 && done)
     }
 
     /// Refuses a budget the switch can never meet: its window copies at
@@ -793,6 +900,14 @@ impl Migration {
     async fn probe_rate(&mut self, regions: &[u64]) -> Result<(), MigrateError> {
         let started = Instant::now();
         let mut bytes = 0;
+        // Nothing left to copy (a resume with every region in sync): time
+        // the last region, or the rate would rest on no bytes at all.
+        let last = [self.geo.regions() - 1];
+        let regions = if regions.is_empty() {
+            &last[..]
+        } else {
+            regions
+        };
         for &r in regions.iter().take(2) {
             let Some((off, len)) = self.geo.region_span(r) else {
                 continue;

@@ -51,11 +51,17 @@ fn open_dev(p: &Path, write: bool) -> Arc<Device> {
 }
 
 fn rig(seed: u64) -> Rig {
+    rig_with(seed, SHIFT)
+}
+
+/// A rig with regions of `1 << shift` bytes.
+fn rig_with(seed: u64, shift: u32) -> Rig {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let (sp, tp) = (dir.path().join("src.img"), dir.path().join("tgt.img"));
     let data = pattern(SIZE as usize, seed);
     fs::write(&sp, &data).unwrap_or_else(|e| panic!("{e}"));
-    fs::write(&tp, pattern(SIZE as usize, seed + 1)).unwrap_or_else(|e| panic!("{e}"));
+    // Another pattern (`pattern` seeds n and n + 1 alike when n is even).
+    fs::write(&tp, pattern(SIZE as usize, seed + 1000)).unwrap_or_else(|e| panic!("{e}"));
     let rw = |p: &Path| {
         OpenOptions::new()
             .read(true)
@@ -63,7 +69,7 @@ fn rig(seed: u64) -> Rig {
             .open(p)
             .unwrap_or_else(|e| panic!("{e}"))
     };
-    let sim = SimFilter::new(rw(&sp), rw(&tp), SIZE, SHIFT);
+    let sim = SimFilter::new(rw(&sp), rw(&tp), SIZE, shift);
     Rig {
         state: dir.path().join("state"),
         src: open_dev(&sp, false),
@@ -83,6 +89,8 @@ fn options(rig: &Rig) -> MigrateOptions {
         no_switch: false,
         hold_timeout_ms: 5000,
         state_dir: rig.state.clone(),
+        compare: true,
+        verify: false,
     }
 }
 
@@ -91,11 +99,23 @@ fn options(rig: &Rig) -> MigrateOptions {
 /// through the filter, mirroring each into the shadow. `hot` makes writer 0
 /// hammer one region instead.
 fn writers(rig: &Rig, stop: Arc<AtomicBool>, hot: bool) -> Vec<std::thread::JoinHandle<u64>> {
+    writers_in(rig, stop, hot, 0..SIZE)
+}
+
+/// [`writers`] within `zone` (bytes; each writer owns one half of it).
+fn writers_in(
+    rig: &Rig,
+    stop: Arc<AtomicBool>,
+    hot: bool,
+    zone: std::ops::Range<u64>,
+) -> Vec<std::thread::JoinHandle<u64>> {
     (0..2u64)
         .map(|w| {
             let (sim, shadow, stop) = (rig.sim.clone(), rig.shadow.clone(), stop.clone());
+            let zone = zone.clone();
             std::thread::spawn(move || {
-                let half = SIZE / 2;
+                let half = (zone.end - zone.start) / 2;
+                let base = zone.start + w * half;
                 let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (w + 1);
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
@@ -105,8 +125,8 @@ fn writers(rig: &Rig, stop: Arc<AtomicBool>, hot: bool) -> Vec<std::thread::Join
                     let (off, len) = if hot && w == 0 {
                         (5 << SHIFT, 4096)
                     } else {
-                        let len = 4096 * (1 + (x >> 40) % 50);
-                        let off = (w * half + ((x % half) & !4095)).min(w * half + half - len);
+                        let len = (4096 * (1 + (x >> 40) % 50)).min(half);
+                        let off = (base + ((x % half) & !4095)).min(base + half - len);
                         (off, len)
                     };
                     let data = pattern(len as usize, x);
@@ -520,6 +540,221 @@ async fn a_resume_after_the_boundaries_committed_keeps_them() {
     // ...and the copier dies here. The hold times out; a new one resumes.
     tokio::time::sleep(Duration::from_millis(500)).await;
     complete(&rig, options(&rig), stop, threads).await;
+}
+
+/// A migration resumed over a target that already holds most of the
+/// device (a reboot at 80% copied: the filter is attached again with
+/// nothing in sync): what the target holds is compared and committed, only
+/// what differs is written, and the target ends up exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_writes_only_what_the_target_lacks() {
+    let rig = rig(8);
+    let geo = rig.sim.geometry();
+    // Four regions in five already on the target, as a copier that was
+    // stopped left them; the fifth holds something else.
+    let mut stale = 0;
+    for r in 0..geo.regions() {
+        let (off, len) = geo.region_span(r).unwrap_or_else(|| panic!("region {r}"));
+        if r % 5 == 0 {
+            stale += len;
+            continue;
+        }
+        let shadow = rig.shadow.lock().unwrap_or_else(|e| e.into_inner());
+        rig.tgt_file
+            .write_all_at(&shadow[off as usize..(off + len) as usize], off)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Writers on 16 regions (copied once more, or left for the window).
+    let zone = (100 << SHIFT)..(116 << SHIFT);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers_in(&rig, stop.clone(), false, zone.clone());
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "the migration did not switch");
+    finish(stop, threads);
+    check_switched(&rig);
+    // Slack: the writers' regions, copied at most once in the rounds and
+    // once in the switch window, the two boundary regions, and one region
+    // for every copy a write raced.
+    let slack = 2 * (zone.end - zone.start) + ((2 + s.recopies) << SHIFT);
+    assert!(
+        s.bytes_copied <= stale + slack,
+        "wrote {} bytes to the target, more than the {stale} it lacked and {slack} of slack: {s:?}",
+        s.bytes_copied
+    );
+    assert!(
+        s.bytes_matched >= SIZE / 2,
+        "only {} bytes committed by comparison",
+        s.bytes_matched
+    );
+    assert!(s.bytes_compared >= s.bytes_matched);
+}
+
+/// With a region of `SHIFT` bytes at `r`, 16 bytes of garbage in the target
+/// at its offset 1000.
+fn scribble(tgt: &File, r: u64) {
+    tgt.write_all_at(&[0xa5; 16], (r << SHIFT) + 1000)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `--verify`: the target changes a region behind the filter's back after
+/// it was copied (a bad write, a bit flip). The comparison before the switch
+/// finds it, the region is copied again and compared again, the mismatch is
+/// reported, and the switch leaves an exact target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_a_corrupted_region_and_copies_it_again() {
+    let rig = rig(9);
+    const BAD: u64 = 300;
+    let once = AtomicBool::new(false);
+    *rig.sim
+        .after_commit
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move |tgt: &File, r| {
+        if r == BAD && !once.swap(true, Ordering::Relaxed) {
+            scribble(tgt, r);
+        }
+    }));
+    // The writers keep off the bad region (a write there would mend it).
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers_in(&rig, stop.clone(), false, 0..SIZE / 2);
+    let mut opts = options(&rig);
+    opts.verify = true;
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "the migration did not switch");
+    finish(stop, threads);
+    check_switched(&rig);
+    assert_eq!(s.verify_mismatches, 1, "{s:?}");
+    assert_eq!(s.mismatched_regions, vec![BAD]);
+    assert_eq!(
+        s.regions_verified + s.regions_unverified,
+        rig.sim.geometry().regions(),
+        "{s:?}"
+    );
+}
+
+/// `--verify` over a target that corrupts the same region after every
+/// copy: the second mismatch fails the migration, which never switches; the
+/// region is left unsynced and the source is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_refuses_to_switch_over_a_region_that_differs_twice() {
+    let rig = rig(10);
+    const BAD: u64 = 250;
+    *rig.sim
+        .after_commit
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(|tgt: &File, r| {
+        if r == BAD {
+            scribble(tgt, r);
+        }
+    }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers_in(&rig, stop.clone(), false, 0..SIZE / 2);
+    let mut opts = options(&rig);
+    opts.verify = true;
+    let res = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await;
+    finish(stop, threads);
+    match res {
+        Err(MigrateError::Device(blkmig::error::Error::Mismatch { region, .. })) => {
+            assert_eq!(region, BAD)
+        }
+        other => panic!("expected a verification failure of region {BAD}, got {other:?}"),
+    }
+    assert_eq!(rig.sim.mode(), Mode::Clone, "switched over a bad region");
+    let synced = rig.sim.synced(BAD, 1).unwrap_or_default();
+    assert_eq!(synced, vec![false], "the bad region is still in sync");
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.flags & abi::STATUS_HOLDING, 0, "writes left held");
+    let shadow = rig.shadow.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut src = vec![0u8; SIZE as usize];
+    rig.src
+        .read_exact_at(&mut src, 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        src == shadow,
+        "the source differs from what the writers wrote"
+    );
+}
+
+/// `--verify` and the head: with regions larger than the head, region 0
+/// is compared only after it (the target's head stays blank until the
+/// switch). A resumed migration whose boundary regions are in sync (a
+/// copier that died in the switch window) has them compared before the
+/// switch like any other region; none differs. Regions written too
+/// continuously for any comparison to hold are left unverified, and the
+/// migration still switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_compares_region_zero_after_the_head() {
+    let rig = rig_with(11, 21);
+    let geo = rig.sim.geometry();
+    assert!(geo.head_bytes() < geo.region_bytes());
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Writers on regions 1 to 5 (in sync: mirrored); region 0 and the last
+    // are quiet.
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers_in(&rig, stop.clone(), false, (2 << 20)..(12 << 20));
+    // A switch window that committed the boundary regions, as the copier
+    // copies them (region 0 from the end of the head on), then died.
+    rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
+    let last = geo.regions() - 1;
+    let mut ops: Vec<RegionOp> = [0, last]
+        .iter()
+        .map(|&region| RegionOp {
+            region,
+            ..RegionOp::default()
+        })
+        .collect();
+    rig.sim
+        .copy_begin(&mut ops)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for op in &ops {
+        assert_eq!(op.result, abi::REGION_OK, "region {} busy", op.region);
+        let (off, len) = geo
+            .region_span(op.region)
+            .unwrap_or_else(|| panic!("region {}", op.region));
+        let skip = if op.region == 0 { geo.head_bytes() } else { 0 };
+        let mut buf = vec![0u8; (len - skip) as usize];
+        rig.src
+            .read_exact_at(&mut buf, off + skip)
+            .unwrap_or_else(|e| panic!("{e}"));
+        rig.tgt
+            .write_all_at(&buf, off + skip)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    rig.sim.copy_end(&mut ops).unwrap_or_else(|e| panic!("{e}"));
+    assert!(ops.iter().all(|op| op.result == abi::REGION_OK), "{ops:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut opts = options(&rig);
+    opts.verify = true;
+    // 2 MiB regions in a debug build: the window's copies take longer than
+    // the default budget (not what this test is about).
+    opts.max_pause = Duration::from_secs(2);
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    finish(stop, threads);
+    check_switched(&rig);
+    assert_eq!(s.verify_mismatches, 0, "{s:?}");
+    // Regions 1 to 5 may be written too often to compare.
+    assert!(s.regions_verified >= geo.regions() - 5, "{s:?}");
+    assert_eq!(
+        s.regions_verified + s.regions_unverified,
+        geo.regions(),
+        "{s:?}"
+    );
 }
 
 /// The simulated filter seen through a copier that counts its status

@@ -44,7 +44,14 @@ pub struct SimFilter {
     holds: AtomicU64,
     /// Writes that touched the head and were not mirrored.
     pub head_writes: AtomicU64,
+    /// Called with the target file and the region after every committed
+    /// copy: a target that changes what was written to it, behind the
+    /// filter's back.
+    pub after_commit: Mutex<Option<AfterCommit>>,
 }
+
+/// See [`SimFilter::after_commit`].
+pub type AfterCommit = Box<dyn Fn(&File, u64) + Send + Sync>;
 
 /// The simulation's attachment identity (the module's is random).
 pub const SIM_MIGRATION_ID: u64 = 0x5eed_0000_0000_0001;
@@ -96,6 +103,7 @@ impl SimFilter {
             longest_hold_wait: Mutex::new(Duration::ZERO),
             holds: AtomicU64::new(0),
             head_writes: AtomicU64::new(0),
+            after_commit: Mutex::new(None),
         })
     }
 
@@ -263,7 +271,12 @@ impl Tracker for SimFilter {
     fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
         for o in ops {
             o.result = match self.map().copy_end(o.region, o.word) {
-                Some(End::Committed) => abi::REGION_OK,
+                Some(End::Committed) => {
+                    if let Some(f) = &*self.after_commit.lock().unwrap_or_else(|e| e.into_inner()) {
+                        f(&self.tgt, o.region);
+                    }
+                    abi::REGION_OK
+                }
                 Some(End::Conflict) => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     abi::REGION_CONFLICT
