@@ -487,6 +487,43 @@ async fn a_rate_limited_migration_with_a_hot_region_converges() {
 /// resumed migration must not wipe them on the target, since nothing would
 /// copy them again. (It did: the target's first and last regions were zeros
 /// after the switch.)
+/// What a copier does in a switch window before SWITCH: holds writes
+/// (300 ms), copies the first and last regions as it does (each region's
+/// head part left out) and commits them. A test then lets it "die".
+fn commit_boundaries_in_a_window(rig: &Rig) {
+    let geo = rig.sim.geometry();
+    rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
+    let mut ops: Vec<RegionOp> = [0, geo.regions() - 1]
+        .iter()
+        .map(|&region| RegionOp {
+            region,
+            ..RegionOp::default()
+        })
+        .collect();
+    rig.sim
+        .copy_begin(&mut ops)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for op in &ops {
+        assert_eq!(op.result, abi::REGION_OK, "region {} busy", op.region);
+        let (off, len) = geo
+            .region_span(op.region)
+            .unwrap_or_else(|| panic!("region {}", op.region));
+        let skip = geo.head_len(op.region).min(len);
+        let mut buf = vec![0u8; (len - skip) as usize];
+        rig.src
+            .read_exact_at(&mut buf, off + skip)
+            .unwrap_or_else(|e| panic!("{e}"));
+        rig.tgt
+            .write_all_at(&buf, off + skip)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    rig.sim.copy_end(&mut ops).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        ops.iter().all(|op| op.result == abi::REGION_OK),
+        "boundary regions did not commit: {ops:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_after_the_boundaries_committed_keeps_them() {
     let rig = rig(7);
@@ -499,44 +536,8 @@ async fn a_resume_after_the_boundaries_committed_keeps_them() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // The switch window of a copier that dies before SWITCH: writes held,
-    // the boundary regions copied and committed under the protocol.
-    rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
-    let last = rig.sim.geometry().regions() - 1;
-    let mut ops: Vec<RegionOp> = [0, last]
-        .iter()
-        .map(|&region| RegionOp {
-            region,
-            ..RegionOp::default()
-        })
-        .collect();
-    rig.sim
-        .copy_begin(&mut ops)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for op in &ops {
-        assert_eq!(
-            op.result,
-            abi::REGION_OK,
-            "boundary region {} busy",
-            op.region
-        );
-        let (off, len) = rig
-            .sim
-            .geometry()
-            .region_span(op.region)
-            .unwrap_or_else(|| panic!("region {}", op.region));
-        let mut buf = vec![0u8; len as usize];
-        rig.src
-            .read_exact_at(&mut buf, off)
-            .unwrap_or_else(|e| panic!("{e}"));
-        rig.tgt
-            .write_all_at(&buf, off)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    rig.sim.copy_end(&mut ops).unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        ops.iter().all(|op| op.result == abi::REGION_OK),
-        "boundary regions did not commit: {ops:?}"
-    );
+    // the boundary regions copied and committed under the protocol...
+    commit_boundaries_in_a_window(&rig);
     // ...and the copier dies here. The hold times out; a new one resumes.
     tokio::time::sleep(Duration::from_millis(500)).await;
     complete(&rig, options(&rig), stop, threads).await;
@@ -704,36 +705,8 @@ async fn verify_compares_region_zero_after_the_head() {
     // are quiet.
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers_in(&rig, stop.clone(), false, (2 << 20)..(12 << 20));
-    // A switch window that committed the boundary regions, as the copier
-    // copies them (region 0 from the end of the head on), then died.
-    rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
-    let last = geo.regions() - 1;
-    let mut ops: Vec<RegionOp> = [0, last]
-        .iter()
-        .map(|&region| RegionOp {
-            region,
-            ..RegionOp::default()
-        })
-        .collect();
-    rig.sim
-        .copy_begin(&mut ops)
-        .unwrap_or_else(|e| panic!("{e}"));
-    for op in &ops {
-        assert_eq!(op.result, abi::REGION_OK, "region {} busy", op.region);
-        let (off, len) = geo
-            .region_span(op.region)
-            .unwrap_or_else(|| panic!("region {}", op.region));
-        let skip = if op.region == 0 { geo.head_bytes() } else { 0 };
-        let mut buf = vec![0u8; (len - skip) as usize];
-        rig.src
-            .read_exact_at(&mut buf, off + skip)
-            .unwrap_or_else(|e| panic!("{e}"));
-        rig.tgt
-            .write_all_at(&buf, off + skip)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-    rig.sim.copy_end(&mut ops).unwrap_or_else(|e| panic!("{e}"));
-    assert!(ops.iter().all(|op| op.result == abi::REGION_OK), "{ops:?}");
+    // A switch window that committed the boundary regions, then died.
+    commit_boundaries_in_a_window(&rig);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut opts = options(&rig);
     opts.verify = true;

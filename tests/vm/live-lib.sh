@@ -285,6 +285,18 @@ crash_writer_begin() {
 	live_begin "$1"
 }
 
+# redirect_writes SRC SECONDS: after the switch, the writer goes on through the redirect for
+# SECONDS, and bios are seen redirected
+redirect_writes() {
+	expect_mode "$1" redirect
+	_r0=$(status_field "$1" bios_redirected)
+	sleep "$2"
+	sw_alive
+	_r1=$(status_field "$1" bios_redirected)
+	echo "  bios_redirected: $_r0 -> $_r1 in $2 s after the switch"
+	[ "${_r1:-0}" -gt "${_r0:-0}" ] || fail "nothing was redirected after the switch"
+}
+
 # after_crash_fs DEV: the filesystem on DEV mounts (its journal replays), is fsck-clean once
 # unmounted, and every acknowledged stamp is on it
 after_crash_fs() {

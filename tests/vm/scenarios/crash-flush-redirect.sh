@@ -20,13 +20,7 @@ if [ "$BLKMIG_BOOT" = 1 ]; then
 	[ -b /dev/mapper/lwtgt ] || dmsetup mknodes lwtgt
 	[ -b /dev/mapper/lwtgt ] || fail "dmsetup made no /dev/mapper/lwtgt"
 	live_start /dev/vda /dev/mapper/lwtgt --max-pause 500ms --state-dir "$CRASH_STATE"
-	expect_mode /dev/vda redirect
-	_r0=$(status_field /dev/vda bios_redirected)
-	sleep 3
-	sw_alive
-	_r1=$(status_field /dev/vda bios_redirected)
-	echo "  bios_redirected: $_r0 -> $_r1 in 3 s after the switch"
-	[ "${_r1:-0}" -gt "${_r0:-0}" ] || fail "nothing was redirected after the switch"
+	redirect_writes /dev/vda 3
 	note acks_before_freeze "$(wc -l </notes/acks)"
 	# Frozen, so that every acknowledged write has reached the log (dm-log-writes completes a
 	# FUA write before it logs it) when the machine resets.
