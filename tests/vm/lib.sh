@@ -257,7 +257,8 @@ writer_start() {
 				md5sum "$1/w$j" >/tmp/sums/w$j.md5
 			fi
 			[ $((i % 4)) -eq 0 ] && sync
-			echo $i >/tmp/writer.n
+			# Renamed into place: a reader never sees the file empty, half-written.
+			echo $i >/tmp/writer.n.tmp && mv -f /tmp/writer.n.tmp /tmp/writer.n
 		done
 	) &
 	WRITER_PID=$!
