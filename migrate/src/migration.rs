@@ -429,10 +429,11 @@ impl Migration {
         }
         let unsynced = self.unsynced()?;
         rs.retain(|r| unsynced.contains(r));
-        for r in rs {
-            let Some((off, len)) = self.geo.region_span(r) else {
-                continue;
-            };
+        // The head first, whatever is in sync: nothing else ever blanks it
+        // before the switch writes it (it may span many small regions).
+        let spans = std::iter::once((0, self.geo.head_bytes()))
+            .chain(rs.into_iter().filter_map(|r| self.geo.region_span(r)));
+        for (off, len) in spans {
             let tgt = self.tgt.clone();
             let align = self.align;
             tokio::task::spawn_blocking(move || {

@@ -214,6 +214,41 @@ async fn complete(
     check_switched(rig);
 }
 
+/// A target that held something before (an old filesystem, a label) has
+/// a blank head as soon as the copy runs, whatever the region size: the
+/// copier never writes the head, so what was there would stay, and a crash
+/// before the switch would leave a target some tool still recognises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_targets_head_is_blank_while_cloning() {
+    let rig = rig(13);
+    let head = rig.sim.geometry().head_bytes() as usize;
+    assert!(head > rig.sim.geometry().region_bytes() as usize);
+    let mut before = vec![0u8; head];
+    rig.tgt_file
+        .read_exact_at(&mut before, 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        before.iter().any(|&b| b != 0),
+        "the rig's target starts blank"
+    );
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rig.sim.mode(), Mode::Clone);
+    let mut now = vec![0u8; head];
+    rig.tgt_file
+        .read_exact_at(&mut now, 0)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let left = now.iter().position(|&b| b != 0);
+    assert_eq!(
+        left, None,
+        "the target's head still holds what it held before (first byte left)"
+    );
+}
+
 /// The target's head is written only by the switch, after the retire
 /// marker: a crash at any instant before leaves a target no tool
 /// recognises, even while the filesystem rewrites its superblock.
