@@ -373,6 +373,15 @@ impl Filtered {
         Ok(st[0])
     }
 
+    /// A command over an array of region ops, in calls of at most
+    /// `REGION_OPS_MAX` ops.
+    fn region_ops(&self, cmd: CtlCmd, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
+            self.ctl_slice(cmd, chunk)?;
+        }
+        Ok(())
+    }
+
     /// A command without payload.
     fn ctl_none(&self, cmd: CtlCmd) -> Result<(), FilterError> {
         self.ctl(cmd, &mut []).map(|_| ())
@@ -406,38 +415,23 @@ impl Tracker for Filtered {
     }
 
     fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
-            self.ctl_slice(CtlCmd::CopyBegin, chunk)?;
-        }
-        Ok(())
+        self.region_ops(CtlCmd::CopyBegin, ops)
     }
 
     fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
-            self.ctl_slice(CtlCmd::CopyEnd, chunk)?;
-        }
-        Ok(())
+        self.region_ops(CtlCmd::CopyEnd, ops)
     }
 
     fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
-            self.ctl_slice(CtlCmd::VerifyBegin, chunk)?;
-        }
-        Ok(())
+        self.region_ops(CtlCmd::VerifyBegin, ops)
     }
 
     fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
-            self.ctl_slice(CtlCmd::VerifyEnd, chunk)?;
-        }
-        Ok(())
+        self.region_ops(CtlCmd::VerifyEnd, ops)
     }
 
     fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        for chunk in ops.chunks_mut(abi::REGION_OPS_MAX as usize) {
-            self.ctl_slice(CtlCmd::Unsync, chunk)?;
-        }
-        Ok(())
+        self.region_ops(CtlCmd::Unsync, ops)
     }
 
     fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, FilterError> {

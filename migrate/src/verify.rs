@@ -59,12 +59,6 @@ impl Bufs {
     }
 }
 
-/// Bytes at the start of region `r` (of `len` bytes) that the copier
-/// never reads, compares or writes: the part of the head in it.
-pub(crate) fn skip(geo: &Geometry, r: u64, len: u64) -> u64 {
-    geo.head_len(r).min(len)
-}
-
 /// What [`transfer`] did to one region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Transfer {
@@ -89,31 +83,27 @@ pub(crate) fn transfer(
     compare: bool,
 ) -> Result<Transfer, Error> {
     let (k, n) = (skip as usize, len as usize);
-    if k >= n {
-        return Ok(if compare {
-            Transfer::Matched(0)
-        } else {
-            Transfer::Written(0)
-        });
-    }
-    src.read_exact_at(&mut bufs.src[k..n], off + skip)?;
+    let bytes = len.saturating_sub(skip);
     if compare {
-        let (s, t) = bufs.both();
-        tgt.read_exact_at(&mut t[k..n], off + skip)?;
-        if t[k..n] == s[k..n] {
-            return Ok(Transfer::Matched(len - skip));
+        if same(src, tgt, bufs, (off, len, skip))? {
+            return Ok(Transfer::Matched(bytes));
         }
+    } else if k < n {
+        src.read_exact_at(&mut bufs.src[k..n], off + skip)?;
     }
-    tgt.write_all_at(&bufs.src[k..n], off + skip)?;
+    if k < n {
+        tgt.write_all_at(&bufs.src[k..n], off + skip)?;
+    }
     Ok(if compare {
-        Transfer::Rewritten(len - skip, len - skip)
+        Transfer::Rewritten(bytes, bytes)
     } else {
-        Transfer::Written(len - skip)
+        Transfer::Written(bytes)
     })
 }
 
 /// Blocking: whether the source and the target hold the same bytes in
-/// region `r` (the head excepted).
+/// region `r` (the head excepted). The source's bytes are left in
+/// `bufs.src`.
 fn same(
     src: &Device,
     tgt: &Device,
@@ -384,7 +374,7 @@ impl Verifier {
                     self.counts.mismatched.push(r);
                 }
                 let (off, len) = cx.geo.region_span(r).unwrap_or((0, 0));
-                let (from, to) = (off + skip(&cx.geo, r, len), off + len);
+                let (from, to) = (off + cx.geo.head_len(r), off + len);
                 // Copied again by the rounds; never in sync again in this
                 // attachment if it differs a second time, so that no switch
                 // can take it for a copy.
@@ -463,7 +453,7 @@ fn compare(
     let Some((off, len)) = geo.region_span(r) else {
         return Ok(Found::Range);
     };
-    let skip = skip(geo, r, len);
+    let skip = geo.head_len(r);
     let equal = same(src, tgt, bufs, (off, len, skip))?;
     tracker.verify_end(&mut op)?;
     Ok(if op[0].result != abi::REGION_OK {

@@ -543,7 +543,7 @@ fn commit_boundaries_in_a_window(rig: &Rig) {
         let (off, len) = geo
             .region_span(op.region)
             .unwrap_or_else(|| panic!("region {}", op.region));
-        let skip = geo.head_len(op.region).min(len);
+        let skip = geo.head_len(op.region);
         let mut buf = vec![0u8; (len - skip) as usize];
         rig.src
             .read_exact_at(&mut buf, off + skip)
