@@ -150,9 +150,19 @@ fn read_all(f: &File) -> Vec<u8> {
 }
 
 fn migration(rig: &Rig, opts: MigrateOptions, cancel: Arc<AtomicBool>) -> Migration {
+    migration_with(rig, rig.sim.clone(), opts, cancel)
+}
+
+/// A migration whose filter requests go through `tracker`.
+fn migration_with(
+    rig: &Rig,
+    tracker: Arc<dyn Tracker>,
+    opts: MigrateOptions,
+    cancel: Arc<AtomicBool>,
+) -> Migration {
     let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
     Migration::new(
-        rig.sim.clone(),
+        tracker,
         rig.src.clone(),
         rig.tgt.clone(),
         &st,
@@ -275,14 +285,14 @@ async fn the_targets_head_stays_blank_until_the_switch() {
     rig.tgt_file
         .write_all_at(&vec![0u8; head], 0)
         .unwrap_or_else(|e| panic!("{e}"));
-    let (sim, tgt, done) = (
+    let (sim, tgt, done, looks) = (
         rig.sim.clone(),
         rig.tgt_file.try_clone().unwrap_or_else(|e| panic!("{e}")),
         Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
     );
-    let done2 = done.clone();
+    let (done2, looks2) = (done.clone(), looks.clone());
     let watch = std::thread::spawn(move || {
-        let mut looks = 0u64;
         let mut buf = vec![0u8; head];
         while !done2.load(Ordering::Relaxed) {
             // Read the mode before the head: a blank head read after the
@@ -295,29 +305,46 @@ async fn the_targets_head_stays_blank_until_the_switch() {
                     buf.iter().all(|&b| b == 0),
                     "the target's head was written while cloning"
                 );
-                looks += 1;
+                looks2.fetch_add(1, Ordering::Relaxed);
             }
             std::thread::sleep(Duration::from_micros(300));
         }
-        looks
     });
-    complete(&rig, options(&rig), stop, threads).await;
+    // However fast the copy, the switch waits (a bounded time) until the
+    // watcher has looked at the head while cloning many times.
+    const LOOKS: u64 = 50;
+    let looks3 = looks.clone();
+    let gate = Arc::new(BeforeSwitch {
+        sim: rig.sim.clone(),
+        before: Box::new(move |_| {
+            let until = std::time::Instant::now() + Duration::from_secs(20);
+            while looks3.load(Ordering::Relaxed) < LOOKS && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }),
+    });
+    let s = migration_with(&rig, gate, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "the migration did not switch");
+    finish(stop, threads);
+    check_switched(&rig);
     done.store(true, Ordering::Relaxed);
-    let looks = watch.join().unwrap_or_else(|_| panic!("watcher panicked"));
-    assert!(looks > 10, "the watcher looked only {looks} times");
+    watch.join().unwrap_or_else(|_| panic!("watcher panicked"));
+    let looks = looks.load(Ordering::Relaxed);
+    assert!(looks >= LOOKS, "the watcher looked only {looks} times");
     assert!(rig.sim.head_writes.load(Ordering::Relaxed) > 0);
 }
 
-/// Passes every request to the simulated filter, but makes a write of the
-/// copier's own process over the head just before the first SWITCH (as the
-/// page-cache writeback its read of the head forces does): the module finds
-/// region 0 unsynced and answers EAGAIN, still holding.
-struct WritebackBeforeSwitch {
+/// Passes every request to the simulated filter, but runs `before` just
+/// before each SWITCH request.
+struct BeforeSwitch {
     sim: Arc<SimFilter>,
-    done: AtomicBool,
+    before: Box<dyn Fn(&SimFilter) + Send + Sync>,
 }
 
-impl Tracker for WritebackBeforeSwitch {
+impl Tracker for BeforeSwitch {
     fn status(&self) -> Result<abi::Status, blkmig::filter::FilterError> {
         self.sim.status()
     }
@@ -343,9 +370,7 @@ impl Tracker for WritebackBeforeSwitch {
         self.sim.hold_writes(timeout_ms)
     }
     fn switch(&self, head_writes: u64) -> Result<(), blkmig::filter::FilterError> {
-        if !self.done.swap(true, Ordering::SeqCst) {
-            self.sim.write_by_copier(1024, &pattern(4096, 77));
-        }
+        (self.before)(&self.sim);
         self.sim.switch(head_writes)
     }
     fn release(&self) -> Result<(), blkmig::filter::FilterError> {
@@ -359,24 +384,22 @@ impl Tracker for WritebackBeforeSwitch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_written_back_inside_the_window_is_saved_again_in_it() {
     let rig = rig(9);
-    let proxy = Arc::new(WritebackBeforeSwitch {
+    // Before the first SWITCH, a write of the copier's own process over the
+    // head (as the page-cache writeback its read of the head forces): the
+    // module finds region 0 unsynced and answers EAGAIN, still holding.
+    let once = AtomicBool::new(false);
+    let proxy = Arc::new(BeforeSwitch {
         sim: rig.sim.clone(),
-        done: AtomicBool::new(false),
+        before: Box::new(move |sim| {
+            if !once.swap(true, Ordering::SeqCst) {
+                sim.write_by_copier(1024, &pattern(4096, 77));
+            }
+        }),
     });
-    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
-    let s = Migration::new(
-        proxy,
-        rig.src.clone(),
-        rig.tgt.clone(),
-        &st,
-        options(&rig),
-        Progress::migration(SIZE, st.regions_total),
-        Arc::new(AtomicBool::new(false)),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-    .run()
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    let s = migration_with(&rig, proxy, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(s.switched);
     assert_eq!(s.failed_switches, 0, "the window was given up: {s:?}");
     assert_eq!(rig.sim.status().map(|st| st.holds).ok(), Some(1));
@@ -833,25 +856,6 @@ impl Tracker for Observed {
     }
 }
 
-fn observed_migration(
-    rig: &Rig,
-    tracker: Arc<Observed>,
-    opts: MigrateOptions,
-    cancel: Arc<AtomicBool>,
-) -> Migration {
-    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
-    Migration::new(
-        tracker,
-        rig.src.clone(),
-        rig.tgt.clone(),
-        &st,
-        opts,
-        Progress::migration(SIZE, st.regions_total),
-        cancel,
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// The pause reported is the longest time a write was held, failed switch
 /// attempts included, as the filter measured it; the copier's own timing of
 /// the window that completed is a separate figure.
@@ -861,7 +865,7 @@ async fn the_reported_pause_includes_a_failed_attempts_hold() {
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers(&rig, stop.clone(), false);
     let obs = Observed::new(rig.sim.clone(), 1, Duration::from_millis(400));
-    let s = observed_migration(&rig, obs, options(&rig), Arc::new(AtomicBool::new(false)))
+    let s = migration_with(&rig, obs, options(&rig), Arc::new(AtomicBool::new(false)))
         .run()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -923,7 +927,7 @@ async fn a_stuck_region_is_waited_for_with_a_growing_interval() {
     let mut opts = options(&rig);
     opts.no_switch = true;
     let cancel = Arc::new(AtomicBool::new(false));
-    let m = observed_migration(&rig, obs.clone(), opts, cancel.clone());
+    let m = migration_with(&rig, obs.clone(), opts, cancel.clone());
     let task = tokio::spawn(m.run());
     // Let the copy finish, then count the rounds while only region 7 is left.
     tokio::time::sleep(Duration::from_millis(500)).await;
