@@ -46,6 +46,15 @@ pub(crate) trait Filter: Sized + Send + Sync {
         Err(Error::from_errno(-(bindings::EOPNOTSUPP as i32)))
     }
 
+    /// Whether the filter serves every bio of its device without the
+    /// device's own queue, and will until it is detached. Asked once, when
+    /// the device's disk goes away: if so, the device's users carry on and
+    /// the filter stays attached until the last of them closes it.
+    /// Called under a global mutex: must not sleep.
+    fn serving(&self) -> bool {
+        false
+    }
+
     /// A bio for the filtered device. Returns `None` if the filter took
     /// it (and will finish it), or gives it back to let it pass.
     ///
@@ -131,6 +140,7 @@ impl<T: Filter> Registration<T> {
                 may_detach: Some(may_detach_callback::<T>),
                 detach: Some(detach_callback::<T>),
                 ctl: Some(ctl_callback::<T>),
+                serving: Some(serving_callback::<T>),
                 submit_bio: Some(submit_bio_callback::<T>),
             };
             // SAFETY: `ops` is valid for writes (see above).
@@ -234,6 +244,15 @@ unsafe extern "C" fn detach_callback<T: Filter>(flt: *mut bindings::blkfilter) {
     drop(unsafe { Pin::new_unchecked(obj) });
     // SAFETY: `flt` is valid; nothing reads `private` any more.
     unsafe { (*flt).private = core::ptr::null_mut() };
+}
+
+/// # Safety
+///
+/// Called by the block layer only, on an attached filter.
+unsafe extern "C" fn serving_callback<T: Filter>(flt: *mut bindings::blkfilter) -> bool {
+    // SAFETY: The filter is attached, so `private` is live.
+    let f = unsafe { filter::<T>(flt) };
+    f.serving()
 }
 
 /// # Safety

@@ -1803,6 +1803,12 @@ impl Filter for Migration {
         self.route(bio)
     }
 
+    fn serving(&self) -> bool {
+        // REDIRECT is final: every bio goes to the target from now on, so
+        // the source's disk may go (the source was retired at the switch).
+        self.mode_raw() == Mode::Redirect as u32
+    }
+
     fn holder_dead(&self) {
         self.fail(Failure::TargetGone, bindings::ENODEV as i32);
     }
