@@ -530,7 +530,11 @@ fn status_offline(
     let finding = blkmig::recover::inspect(source, target, state_dir)?;
     if json {
         let mut j = serde_json::to_value(&finding)?;
-        j["mode"] = "detached".into();
+        j["mode"] = match finding {
+            Finding::SourceRemoved { .. } => "removed",
+            _ => "detached",
+        }
+        .into();
         return out(&j.to_string());
     }
     let src = source.display();
@@ -539,8 +543,44 @@ fn status_offline(
         None => format!("its saved head is not in {}", state_dir.display()),
     };
     let mut t = String::new();
-    let _ = writeln!(t, "source:  {src} (blkmig not attached)");
+    if !matches!(finding, Finding::SourceRemoved { .. }) {
+        let _ = writeln!(t, "source:  {src} (blkmig not attached)");
+    }
     match &finding {
+        Finding::SourceRemoved {
+            source_dev,
+            target,
+            switched,
+            mounts,
+        } => {
+            let tgt = target.display();
+            let _ = writeln!(t, "source:  {src} (removed; it was device {source_dev})");
+            let on = mounts
+                .iter()
+                .map(|m| m.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = match (switched, mounts.is_empty()) {
+                (true, false) => writeln!(
+                    t,
+                    "state:   source removed, served by {tgt}: the filesystem still mounted on {on} lives on {tgt},
+         and blkmig serves it from there until it is unmounted. Mount {tgt} from then on."
+                ),
+                (true, true) => writeln!(
+                    t,
+                    "state:   source removed; {tgt} holds the filesystem (the switch completed)"
+                ),
+                (false, _) => writeln!(
+                    t,
+                    "state:   source removed before its migration switched: {tgt} holds no filesystem{}",
+                    if mounts.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", and the filesystem still mounted on {on} lost its disk")
+                    }
+                ),
+            };
+        }
         Finding::SourceAuthoritative { started: None } => {
             let _ = writeln!(
                 t,

@@ -245,6 +245,21 @@ pub enum Finding {
         /// The saved head, if found.
         saved_head: Option<PathBuf>,
     },
+    /// The source's device is gone (unplugged). What its state directory
+    /// and the target say.
+    SourceRemoved {
+        /// The source's device number when its migration started ("MAJ:MIN").
+        source_dev: String,
+        /// The migration's target (as named, or as recorded).
+        target: PathBuf,
+        /// The target's head was written: the switch completed, and the
+        /// target holds the filesystem.
+        switched: bool,
+        /// Where a filesystem of the removed device is still mounted: with
+        /// `switched`, blkmig serves it from the target until it is
+        /// unmounted.
+        mounts: Vec<PathBuf>,
+    },
 }
 
 /// The retire marker, for people and JSON.
@@ -299,6 +314,11 @@ fn open_block(path: &Path, write: bool) -> Result<Device, Error> {
 /// Reads the source's head (and the target's, if named) and says which
 /// device holds the filesystem.
 pub fn inspect(src: &Path, tgt: Option<&Path>, state_dir: &Path) -> Result<Finding, Error> {
+    if !src.exists() {
+        if let Some(f) = inspect_removed(src, tgt, state_dir)? {
+            return Ok(f);
+        }
+    }
     let s = open_block(src, false)?;
     let head = read_head(&s, abi::RETIRE_BYTES)?;
     let Some(marker) = parse_marker(&head) else {
@@ -327,6 +347,94 @@ pub fn inspect(src: &Path, tgt: Option<&Path>, state_dir: &Path) -> Result<Findi
             saved_head,
         },
     })
+}
+
+/// [`inspect`] for a source whose device node is gone: the newest migration
+/// recorded under that name in `state_dir`, or `None` if there is none.
+fn inspect_removed(
+    src: &Path,
+    tgt: Option<&Path>,
+    state_dir: &Path,
+) -> Result<Option<Finding>, Error> {
+    let newest = fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (major, minor) = name.split_once('-')?;
+            let (major, minor): (u32, u32) = (major.parse().ok()?, minor.parse().ok()?);
+            let rec: MigrationRecord =
+                serde_json::from_slice(&fs::read(e.path().join(MIGRATION_FILE)).ok()?).ok()?;
+            (rec.source == src).then_some((format!("{major}:{minor}"), rec))
+        })
+        .max_by_key(|(_, rec)| rec.started_at);
+    let Some((source_dev, rec)) = newest else {
+        return Ok(None);
+    };
+    let target = tgt.map_or_else(|| rec.target.clone(), Path::to_path_buf);
+    // The copier never writes the target's head: only the switch does.
+    let t = open_block(&target, false)?;
+    let switched = read_head(&t, abi::RETIRE_BYTES)?.iter().any(|&b| b != 0);
+    let mounts = fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| mounts_of(&m, &source_dev, src))
+        .unwrap_or_default();
+    Ok(Some(Finding::SourceRemoved {
+        source_dev,
+        target,
+        switched,
+        mounts,
+    }))
+}
+
+/// Mount points in `mountinfo` (the format of /proc/self/mountinfo) of
+/// device `dev` ("MAJ:MIN", named `path`) or of one of its partitions (a
+/// mount of `path` followed by a partition number, `1` or `p1`, on the same
+/// major).
+fn mounts_of(mountinfo: &str, dev: &str, path: &Path) -> Vec<PathBuf> {
+    let major = dev.split(':').next().unwrap_or("");
+    let path = path.to_string_lossy();
+    let partition = |name: &str| {
+        name.strip_prefix(path.as_ref())
+            .map(|n| n.strip_prefix('p').unwrap_or(n))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let (dv, mp) = (f.nth(2)?, f.nth(1)?);
+            let source = l.split(" - ").nth(1)?.split(' ').nth(1)?;
+            let ours = dv == dev
+                || (dv.split(':').next() == Some(major) && partition(&unescape_mount(source)));
+            ours.then(|| PathBuf::from(unescape_mount(mp)))
+        })
+        .collect()
+}
+
+/// Undoes the octal escapes (`\040` for a space) of a mountinfo field.
+fn unescape_mount(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b.get(i + 1..i + 4).and_then(|o| {
+            std::str::from_utf8(o)
+                .ok()
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+        });
+        match (b[i], oct) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn target_head(
@@ -449,6 +557,40 @@ mod tests {
         v[48..56].copy_from_slice(&id.to_ne_bytes());
         v[56..64].copy_from_slice(&head.to_ne_bytes());
         v
+    }
+
+    #[test]
+    fn mounts_of_a_device_are_found_with_their_escapes() {
+        let mi = "22 1 0:21 / /proc rw - proc proc rw
+31 1 253:0 / /mnt/src rw,relatime - ext4 /dev/vda rw
+32 1 253:16 / /mnt/tgt rw - ext4 /dev/vdb rw
+33 1 253:0 /sub /srv/my\\040data rw - ext4 /dev/vda rw
+";
+        let vda = Path::new("/dev/vda");
+        assert_eq!(
+            mounts_of(mi, "253:0", vda),
+            vec![PathBuf::from("/mnt/src"), PathBuf::from("/srv/my data")]
+        );
+        assert_eq!(mounts_of(mi, "253:1", vda), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn mounts_of_the_partitions_of_a_removed_disk_are_found() {
+        let mi = "31 1 253:1 / /mnt/a rw - ext4 /dev/vda1 rw
+32 1 253:16 / /mnt/b rw - ext4 /dev/vdb1 rw
+33 1 259:3 / /mnt/c rw - ext4 /dev/nvme0n1p2 rw
+34 1 253:2 / /mnt/d rw - ext4 /dev/vdaa rw
+35 1 8:1 / /mnt/e rw - ext4 /dev/vda1 rw
+";
+        assert_eq!(
+            mounts_of(mi, "253:0", Path::new("/dev/vda")),
+            vec![PathBuf::from("/mnt/a")]
+        );
+        assert_eq!(
+            mounts_of(mi, "259:0", Path::new("/dev/nvme0n1")),
+            vec![PathBuf::from("/mnt/c")]
+        );
+        assert_eq!(unescape_mount("a\\134b\\0"), "a\\b\\0");
     }
 
     #[test]
