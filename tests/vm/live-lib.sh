@@ -349,3 +349,77 @@ expect_offline_state() {
 	cp /tmp/offline.json "$OUT"
 	expect_eq "$_st" "$3" "state of $1 and $2 after the reset"
 }
+
+# --- unplugging the retired source ------------------------------------------------------------
+
+# pci_of DEV: the PCI device directory of virtio disk DEV (for .../remove)
+pci_of() {
+	_p=$(readlink -f "/sys/block/$(basename "$1")/device/..")
+	[ -e "$_p/remove" ] || fail "no PCI remove attribute for $1 ($_p)"
+	echo "$_p"
+}
+
+# module_refs: the blkmig module's reference count (one per attached filter)
+module_refs() {
+	cat /sys/module/blkmig/refcnt 2>/dev/null || echo gone
+}
+
+# unplug_served SRC TGT MNT: after the switch, the PCI device of SRC is removed while the
+# filesystem on MNT stays mounted and the writer keeps writing: the device node goes, the
+# filter stays, nothing is shut down, the writer's writes keep landing (its hot block advances,
+# read back with O_DIRECT through the filesystem), and buffered writes well over the dirty limit
+# are written back and synced (the disk's writeback must outlive it). Sets UNPLUG_BUF_MD5.
+unplug_served() {
+	_pci=$(pci_of "$1")
+	_refs=$(module_refs)
+	step "remove $1's PCI device ($_pci) with the filesystem mounted and written"
+	dmesg -c >/dev/null
+	echo 1 >"$_pci/remove" || fail "PCI remove of $1 failed"
+	wait_until 10 "$1 to disappear" _gone "$1"
+	dmesg | sed 's/^/  kernel: /' | tail -n 8
+	dmesg | grep -q "$(basename "$1"): removed; filter blkmig serves it until its last close" ||
+		fail "the kernel did not say the filter keeps $1"
+	dmesg | grep -Eiq 'shut ?down|EXT4-fs error|I/O error|Buffer I/O' &&
+		fail "the filesystem saw an error or was shut down: $(dmesg | grep -Ei 'shut|error' | head -n3 | tr '\n' ' ')"
+	expect_eq "$(module_refs)" "$_refs" "blkmig references after the removal (the filter stays)"
+	run_capture migrate status "$1"
+	[ "$RC" -eq 0 ] || fail "migrate status $1 failed after the removal (exit $RC): $(errtail "$ERR")"
+	grep -q "source removed, served by $2" "$OUT" || fail "migrate status does not say the source is served by $2: $(errtail "$OUT")"
+	grep -q "mounted on $3" "$OUT" || fail "migrate status does not name the mount $3: $(errtail "$OUT")"
+
+	step "the writer keeps writing through the kept device, to $2"
+	_h0=$(hot_seq "$SW_FILE" "$HOT")
+	sleep 2
+	sw_alive
+	_h1=$(hot_seq "$SW_FILE" "$HOT")
+	echo "  hot block's stamp: $_h0 -> $_h1 in 2 s"
+	[ "${_h1:-0}" -gt "${_h0:-0}" ] || fail "the writer's hot block did not advance after the removal ($_h0 -> $_h1)"
+
+	step "buffered writes far over the dirty limit are written back (bounded: 90 s)"
+	echo 4194304 >/proc/sys/vm/dirty_background_bytes
+	echo 8388608 >/proc/sys/vm/dirty_bytes
+	dd if=/dev/urandom of=/tmp/chunk bs=1M count=1 2>/dev/null
+	_i=0
+	while [ $_i -lt 40 ]; do cat /tmp/chunk; _i=$((_i + 1)); done | md5sum | cut -d' ' -f1 >/tmp/buf.md5
+	UNPLUG_BUF_MD5=$(cat /tmp/buf.md5)
+	timeout 90 sh -c 'i=0; while [ $i -lt 40 ]; do cat /tmp/chunk; i=$((i + 1)); done >'"$3"'/buffered.dat' ||
+		fail "40 MiB of buffered writes did not finish in 90 s after the removal (writeback stalled?)"
+	timeout 60 sync || fail "sync did not finish in 60 s after the removal"
+	echo "  40 MiB written back and synced"
+	sw_alive
+}
+_gone() {
+	[ ! -e "/sys/block/$(basename "$1")" ] && [ ! -b "$1" ]
+}
+
+# last_close_detaches MNT REFS: unmounting MNT (the last opener of the removed source) detaches
+# the filter: the module's references drop to REFS within 10 s
+last_close_detaches() {
+	step "umount $1: the last close detaches the filter"
+	must umount "$1"
+	wait_until 10 "the filter to be detached after the last close (refcnt $(module_refs))" _refs_are "$2"
+	dmesg | grep -q 'blkmig: detached' || fail "the module did not say it detached"
+}
+_refs_are() {
+	[ "$(module_refs)" = "$1" ]
+}
