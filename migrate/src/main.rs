@@ -355,6 +355,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     let opts = MigrateOptions {
         queue_depth: a.queue_depth.into(),
         rate_limit: a.rate_limit,
+        shared_limit: None,
         max_pause: a.max_pause,
         no_switch: a.no_switch,
         hold_timeout_ms: a.attach.hold_timeout_ms(),
