@@ -9,6 +9,7 @@ pub mod filter;
 pub mod live;
 pub mod migration;
 pub mod progress;
+pub mod rebalance;
 pub mod recover;
 pub mod tracker;
 pub mod units;

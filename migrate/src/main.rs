@@ -1,9 +1,10 @@
 //! `migrate`: live migration of a block device (and offline copies).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -14,6 +15,7 @@ use blkmig::filter::Filtered;
 use blkmig::live::{self, AttachRequest, Attached, Begin, Start};
 use blkmig::migration::{self, MigrateOptions};
 use blkmig::progress::{Progress, Reporter, Style};
+use blkmig::rebalance::{self, LiveLauncher, Observer, Outcome, Plan, Planned, Report, Verdict};
 use blkmig::units::Bytes;
 use clap::{Args, Parser, Subcommand};
 
@@ -53,6 +55,12 @@ enum Cmd {
         /// The filtered source device.
         source: PathBuf,
     },
+    /// Live-migrate many devices from a plan (JSON): at most N at once,
+    /// going on when one fails, with a report per device. Run again, it
+    /// resumes what is attached and skips what has switched. Exit status:
+    /// 0 when every migration switched (now or before), 1 when any failed
+    /// or was interrupted, 2 when the plan is refused (nothing started).
+    Rebalance(RebalanceArgs),
     /// Attach the blkmig filter to a live source, with TARGET as its target.
     Attach(AttachArgs),
     /// Detach the blkmig filter (in CLONE mode: abandons the migration).
@@ -165,6 +173,25 @@ struct StartArgs {
 }
 
 #[derive(Args)]
+struct RebalanceArgs {
+    /// The plan: a JSON file (see docs/operations.md, "Rebalance many
+    /// devices").
+    plan: PathBuf,
+    /// The report as one JSON object on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+    /// No progress lines.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Seconds between progress lines (one per running migration).
+    #[arg(short = 'i', long, default_value_t = 5.0)]
+    interval: f64,
+    /// Check the plan and its devices, and start nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Args)]
 struct AttachArgs {
     /// The live source block device.
     source: PathBuf,
@@ -201,16 +228,11 @@ fn style(p: &ProgressArgs) -> Style {
     }
 }
 
-fn interval(p: &ProgressArgs) -> Result<Duration> {
-    Duration::try_from_secs_f64(p.interval)
+fn interval(secs: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|d| !d.is_zero())
-        .with_context(|| {
-            format!(
-                "invalid --interval {}: must be a positive number of seconds",
-                p.interval
-            )
-        })
+        .with_context(|| format!("invalid --interval {secs}: must be a positive number of seconds"))
 }
 
 /// A flag that SIGINT and SIGTERM set. The handler only stores to the
@@ -243,7 +265,7 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
         rate_limit: a.rate_limit,
         sparse: a.sparse,
     };
-    let (style, every) = (style(&a.progress), interval(&a.progress)?);
+    let (style, every) = (style(&a.progress), interval(a.progress.interval)?);
     tracing::info!(source = %a.source.display(), target = %a.target.display(),
         size = src.size().0, region = opts.region_size.0, depth = opts.queue_depth, "copy starts");
     let cancel = cancel_on_ctrl_c()?;
@@ -351,10 +373,11 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     let cancel = cancel_on_ctrl_c()?;
     let progress = Progress::migration(ready.bytes(), ready.regions());
     let style = style(&a.progress);
-    let rep = Reporter::start(progress.clone(), style, interval(&a.progress)?);
+    let rep = Reporter::start(progress.clone(), style, interval(a.progress.interval)?);
     let opts = MigrateOptions {
         queue_depth: a.queue_depth.into(),
         rate_limit: a.rate_limit,
+        shared_limit: None,
         max_pause: a.max_pause,
         no_switch: a.no_switch,
         hold_timeout_ms: a.attach.hold_timeout_ms(),
@@ -413,6 +436,146 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shows the migrations of a rebalance as they start and end, and a
+/// progress line per running migration every interval (plain lines on
+/// stderr, each naming its source: nothing to tear with N at once).
+struct RebalanceView {
+    running: Mutex<BTreeMap<usize, (PathBuf, Arc<Progress>)>>,
+    quiet: bool,
+}
+
+impl Observer for RebalanceView {
+    fn started(&self, index: usize, m: &Planned, resumed: bool, progress: Arc<Progress>) {
+        if !self.quiet {
+            say!(
+                "{} -> {}: {}",
+                m.source.display(),
+                m.target.display(),
+                if resumed {
+                    "resumed"
+                } else {
+                    "attached, copying"
+                }
+            );
+        }
+        self.lock().insert(index, (m.source.clone(), progress));
+    }
+
+    fn finished(&self, index: usize, outcome: &Outcome) {
+        self.lock().remove(&index);
+        if !self.quiet {
+            say!("{}", outcome_line(outcome));
+        }
+    }
+}
+
+impl RebalanceView {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, (PathBuf, Arc<Progress>)>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn show_progress(&self) {
+        for (src, p) in self.lock().values() {
+            say!("{}: {}", src.display(), p.sample().line());
+        }
+    }
+}
+
+/// One migration's result in a line: `SRC -> TGT: switched in 12.3s (...)`.
+fn outcome_line(o: &Outcome) -> String {
+    let head = format!("{} -> {}", o.source.display(), o.target.display());
+    let resumed = if o.resumed { ", resumed" } else { "" };
+    match (o.result, &o.migration) {
+        (Verdict::Switched, Some(s)) => format!(
+            "{head}: switched in {:.1}s{resumed} (copied {}, {} already on the target; {})",
+            o.seconds,
+            Bytes(s.bytes_copied),
+            Bytes(s.bytes_matched),
+            s.pause_text()
+        ),
+        (v, _) => format!(
+            "{head}: {}{resumed}: {}",
+            match v {
+                Verdict::Switched => "switched",
+                Verdict::Skipped => "skipped",
+                Verdict::Failed => "failed",
+                Verdict::Cancelled => "cancelled",
+            },
+            o.reason.as_deref().unwrap_or("no reason given")
+        ),
+    }
+}
+
+fn report_text(r: &Report) -> String {
+    let mut t: Vec<String> = r.results.iter().map(outcome_line).collect();
+    let n = &r.totals;
+    t.push(format!(
+        "rebalance {}: {} migrations: {} switched, {} skipped (switched before), {} failed, {} cancelled ({} resumed) in {:.1}s",
+        r.plan.display(),
+        n.migrations,
+        n.switched,
+        n.skipped,
+        n.failed,
+        n.cancelled,
+        n.resumed,
+        n.seconds
+    ));
+    t.join("\n")
+}
+
+/// Exit status of a refused plan: nothing was started.
+const EXIT_PLAN_REFUSED: u8 = 2;
+
+async fn cmd_rebalance(a: RebalanceArgs) -> Result<ExitCode> {
+    let every = interval(a.interval)?;
+    let plan = match Plan::load(&a.plan).and_then(|p| p.check_devices().map(|()| p)) {
+        Ok(p) => p,
+        Err(e) => {
+            report_error(&anyhow::Error::new(e));
+            return Ok(ExitCode::from(EXIT_PLAN_REFUSED));
+        }
+    };
+    if a.check {
+        say!(
+            "the plan {} is valid: {} migrations, at most {} at once; nothing was started",
+            plan.path.display(),
+            plan.migrations.len(),
+            plan.concurrency
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cancel = cancel_on_ctrl_c()?;
+    let view = Arc::new(RebalanceView {
+        running: Mutex::new(BTreeMap::new()),
+        quiet: a.quiet,
+    });
+    let ticker = (!a.quiet).then(|| {
+        let view = view.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            t.tick().await;
+            loop {
+                t.tick().await;
+                view.show_progress();
+            }
+        })
+    });
+    let report = rebalance::run(&plan, Arc::new(LiveLauncher), view, cancel).await;
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if a.json {
+        out(&serde_json::to_string(&report)?)?;
+    } else {
+        out(&report_text(&report))?;
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn cmd_detach(source: &Path) -> Result<()> {
@@ -716,6 +879,14 @@ fn main() -> ExitCode {
             .context("cannot start the async runtime")
     };
     let res = match cli.cmd {
+        Cmd::Rebalance(a) => {
+            return runtime()
+                .and_then(|rt| rt.block_on(cmd_rebalance(a)))
+                .unwrap_or_else(|e| {
+                    report_error(&e);
+                    ExitCode::FAILURE
+                })
+        }
         Cmd::Copy(a) => runtime().and_then(|rt| rt.block_on(cmd_copy(a))),
         Cmd::Start(a) => runtime().and_then(|rt| rt.block_on(cmd_start(a))),
         Cmd::Abort { source } => cmd_abort(&source),
@@ -737,11 +908,16 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let words: Vec<String> = e.chain().map(blkmig::error::describe).collect();
-            say!("migrate: {}", words.join(": "));
+            report_error(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// `migrate: ` and the error with its causes, each once, on stderr.
+fn report_error(e: &anyhow::Error) {
+    let words: Vec<String> = e.chain().map(blkmig::error::describe).collect();
+    say!("migrate: {}", words.join(": "));
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use blkmig_core::abi::{self, Mode, RegionOp, Status};
 use blkmig_core::region::Geometry;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::DefaultDirectRateLimiter;
 
 use crate::buffer::AlignedBuf;
 use crate::device::Device;
@@ -49,6 +49,9 @@ pub struct MigrateOptions {
     pub queue_depth: usize,
     /// Copier limit in bytes per second.
     pub rate_limit: Option<Bytes>,
+    /// A limit shared with other migrations running at once (`migrate
+    /// rebalance`'s total), paced after `rate_limit`.
+    pub shared_limit: Option<Arc<DefaultDirectRateLimiter>>,
     /// Switch only when the estimated pause is at most this.
     pub max_pause: Duration,
     /// Copy and keep mirroring, but do not switch.
@@ -286,7 +289,8 @@ pub struct Migration {
     opts: MigrateOptions,
     progress: Arc<Progress>,
     cancel: Arc<AtomicBool>,
-    limit: Option<Arc<DefaultDirectRateLimiter>>,
+    /// The copier's own limit and the shared one, if any.
+    limits: Vec<Arc<DefaultDirectRateLimiter>>,
     align: usize,
     /// Length of a copy buffer: a region, or the device if it is smaller.
     buf_len: usize,
@@ -329,14 +333,10 @@ impl Migration {
                 block: src.block_size(),
             }
         })?;
-        let limit = opts.rate_limit.and_then(|r| {
-            let kib = |b: u64| u32::try_from(b.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-            let per = std::num::NonZeroU32::new(kib(r.0))?;
-            let burst = std::num::NonZeroU32::new(kib(geo.region_bytes()))?;
-            Some(Arc::new(RateLimiter::direct(
-                Quota::per_second(per).allow_burst(burst),
-            )))
-        });
+        let limits = crate::copy::limiter(opts.rate_limit, geo.region_bytes())
+            .into_iter()
+            .chain(opts.shared_limit.clone())
+            .collect();
         let align = src.mem_align().max(tgt.mem_align());
         let plan = crate::buffer::plan(
             geo.region_bytes(),
@@ -361,7 +361,7 @@ impl Migration {
             },
             progress,
             cancel,
-            limit,
+            limits,
             align,
             copy_bytes: 0,
             copy_secs: 0.0,
@@ -479,13 +479,13 @@ impl Migration {
                     Self::collect(res, &mut bufs, &mut copied, &mut failed);
                 }
             }
-            if let (Some(l), false) = (&self.limit, self.in_window) {
+            if !self.limits.is_empty() && !self.in_window {
                 // Interrupted: nothing of this batch is committed, so every
                 // region in it stays unsynced; that is safe. The time spent
                 // waiting here is not copy time: the pause estimate needs
                 // the unthrottled rate, as the window is not rate-limited.
                 let w0 = Instant::now();
-                crate::copy::pace(l, len, &self.cancel).await?;
+                crate::copy::pace_all(&self.limits, len, &self.cancel).await?;
                 paced += w0.elapsed().as_secs_f64();
             }
             let mut buf = bufs
@@ -832,7 +832,7 @@ impl Migration {
             geo: self.geo,
             align: self.align,
             depth: self.opts.queue_depth,
-            limit: self.limit.as_deref().filter(|_| !self.in_window),
+            limits: if self.in_window { &[] } else { &self.limits },
             cancel: &self.cancel,
         };
         let (t0, read) = (Instant::now(), v.counts.bytes_read);

@@ -180,8 +180,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) geo: Geometry,
     pub(crate) align: usize,
     pub(crate) depth: usize,
-    /// The copier's rate limit (none inside the switch window).
-    pub(crate) limit: Option<&'a DefaultDirectRateLimiter>,
+    /// The copier's rate limits (none inside the switch window).
+    pub(crate) limits: &'a [Arc<DefaultDirectRateLimiter>],
     pub(crate) cancel: &'a AtomicBool,
 }
 
@@ -297,10 +297,8 @@ impl Verifier {
                         differed += self.found(cx, res, &mut pool, &mut again)?;
                     }
                 }
-                if let Some(l) = cx.limit {
-                    // Both devices are read: twice the bytes of a region.
-                    crate::copy::pace(l, 2 * cx.geo.region_bytes(), cx.cancel).await?;
-                }
+                // Both devices are read: twice the bytes of a region.
+                crate::copy::pace_all(cx.limits, 2 * cx.geo.region_bytes(), cx.cancel).await?;
                 let mut bufs = pool
                     .pop()
                     .unwrap_or_else(|| Bufs::new(cx.align, cx.geo.region_bytes() as usize));

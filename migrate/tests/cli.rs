@@ -315,3 +315,103 @@ fn an_interrupted_copy_leaves_the_bar_where_it_stopped() {
     assert!(!shown.contains("done"), "{shown}");
     assert!(!shown.contains("100%"), "{shown}");
 }
+
+/// Runs `migrate rebalance` on a plan written from `json`, with `DIR`
+/// standing for a scratch directory that holds two image files (and
+/// would hold the plan's state directory). Returns its output, its stderr
+/// with the scratch directory named `DIR` again, and whether the state
+/// directory exists afterwards.
+fn rebalance(json: &str) -> (Output, String, bool) {
+    let im = Images::new(1 << 20);
+    let dir = im.dir.path();
+    let plan = dir.join("plan.json");
+    fs::write(&plan, json.replace("DIR", s(dir))).unwrap_or_else(|e| panic!("{e}"));
+    let o = run(&["rebalance", s(&plan)]);
+    let err = stderr(&o).replace(s(dir), "DIR");
+    (o, err, dir.join("state").exists())
+}
+
+#[test]
+fn a_bad_plan_is_refused_whole_with_the_problem_named() {
+    let pair = r#"{"source": "DIR/src.img", "target": "DIR/tgt.img"}"#;
+    let cases = [
+        (
+            format!(r#"{{"concurrency": 2, "paralel": 3, "migrations": [{pair}]}}"#),
+            "unknown field `paralel`",
+        ),
+        (
+            format!(r#"{{"concurrency": 0, "migrations": [{pair}]}}"#),
+            "concurrency: must be at least 1",
+        ),
+        (
+            format!(r#"{{"options": {{"max_pause": "soon"}}, "migrations": [{pair}]}}"#),
+            "options.max_pause: invalid duration \"soon\"",
+        ),
+        (
+            format!(r#"{{"total_rate_limit": "0", "migrations": [{pair}]}}"#),
+            "total_rate_limit: invalid rate",
+        ),
+        (
+            r#"{"migrations": [{"source": "DIR/src.img", "target": "DIR/src.img"}]}"#.into(),
+            "is both the source and the target of one migration",
+        ),
+        (
+            format!(
+                r#"{{"migrations": [{pair}, {{"source": "DIR/other.img", "target": "DIR/tgt.img"}}]}}"#
+            ),
+            "migrations[1].target: DIR/tgt.img is named again (it is migrations[0].target already)",
+        ),
+        (
+            format!(
+                r#"{{"migrations": [{pair}, {{"source": "DIR/missing.img", "target": "DIR/t2.img"}}]}}"#
+            ),
+            "migrations[1].source: cannot look up DIR/missing.img: No such file or directory (ENOENT)",
+        ),
+        (
+            format!(r#"{{"state_dir": "DIR/state", "migrations": [{pair}]}}"#),
+            "migrations[0].source: DIR/src.img is not a block device",
+        ),
+    ];
+    for (plan, words) in cases {
+        let (o, err, state) = rebalance(&plan);
+        assert_eq!(o.status.code(), Some(2), "{plan}: {err}");
+        assert!(err.contains(words), "{plan}\n  got: {err}\n  want: {words}");
+        assert!(err.starts_with("migrate: the plan DIR/plan.json"), "{err}");
+        assert!(o.stdout.is_empty(), "a refused plan printed a report");
+        assert!(!state, "a refused plan created its state directory");
+    }
+}
+
+#[test]
+fn one_device_under_two_names_is_refused() {
+    let im = Images::new(1 << 20);
+    let dir = im.dir.path();
+    std::os::unix::fs::symlink(im.src(), dir.join("alias.img")).unwrap_or_else(|e| panic!("{e}"));
+    let plan = dir.join("plan.json");
+    let json = format!(
+        r#"{{"migrations": [{{"source": {:?}, "target": {:?}}}, {{"source": {:?}, "target": {:?}}}]}}"#,
+        im.src(),
+        im.tgt(),
+        dir.join("alias.img"),
+        dir.join("t2.img")
+    );
+    fs::write(&plan, json).unwrap_or_else(|e| panic!("{e}"));
+    let o = run(&["rebalance", s(&plan), "--check"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("migrations[1].source (and migrations[0].source)")
+            && err.contains("is the same device as"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_toml_plan_is_refused_with_the_format_named() {
+    let im = Images::new(4096);
+    let plan = im.dir.path().join("plan.toml");
+    fs::write(&plan, "concurrency = 2\n").unwrap_or_else(|e| panic!("{e}"));
+    let o = run(&["rebalance", s(&plan)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("plans are JSON"), "{}", stderr(&o));
+}

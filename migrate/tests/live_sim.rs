@@ -85,6 +85,7 @@ fn options(rig: &Rig) -> MigrateOptions {
     MigrateOptions {
         queue_depth: 4,
         rate_limit: None,
+        shared_limit: None,
         max_pause: Duration::from_millis(100),
         no_switch: false,
         hold_timeout_ms: 5000,
