@@ -360,6 +360,10 @@ impl Plan {
         for (i, m) in self.migrations.iter().enumerate() {
             for (role, dev) in [("source", &m.source), ("target", &m.target)] {
                 let at = format!("migrations[{i}].{role}");
+                if role == "source" && removed_after_switch(m, &self.state_dir) {
+                    // Unplugged after an earlier run switched it: skipped.
+                    continue;
+                }
                 let p = Probe::new(dev).map_err(|source| PlanError::Device {
                     path: self.path.clone(),
                     at: at.clone(),
@@ -594,9 +598,25 @@ impl Prepared for live::Ready {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LiveLauncher;
 
+/// Whether `m`'s source is gone (unplugged) after a switch onto `m`'s
+/// target, as its state directory and the target's head say.
+fn removed_after_switch(m: &Planned, state_dir: &Path) -> bool {
+    !m.source.exists()
+        && matches!(
+            crate::recover::inspect(&m.source, Some(&m.target), state_dir),
+            Ok(Finding::SourceRemoved { switched: true, .. })
+        )
+}
+
 impl Launcher for LiveLauncher {
     fn launch(&self, m: &Planned, state_dir: &Path) -> Result<Launch, LaunchError> {
         let src = m.source.display();
+        if removed_after_switch(m, state_dir) {
+            return Ok(Launch::Switched(format!(
+                "already switched: {src} was removed after its switch; {} holds the filesystem",
+                m.target.display()
+            )));
+        }
         // Nothing attached: the source may have switched in an earlier run
         // and been detached since (or the machine rebooted). Attaching
         // again would copy a retired source over its own target.
@@ -630,6 +650,8 @@ impl Launcher for LiveLauncher {
                         target: m.target.clone(),
                     })
                 }
+                // The source was just opened: it is not removed.
+                Finding::SourceRemoved { .. } => {}
             }
         }
         Ok(match live::start(&m.request(), state_dir)? {
