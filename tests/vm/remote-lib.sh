@@ -7,6 +7,7 @@
 #   nbd_serve DISK              nbd-server exporting DISK as "tgt" on 127.0.0.1:$NBD_PORT
 #   nbd_connect                 /dev/nbd0 attached to it (512-byte blocks, $NBD_TIMEOUT s timeout)
 #   nbd_disconnect              /dev/nbd0 let go (bounded)
+#   nbd_server_alive / nbd_server_stop
 #   nvme_loop_export DISK       nvmet: subsystem $NVME_NQN, namespace 1 on DISK, a loop port
 #   nvme_loop_connect           the host side connected; NVME_NS is its namespace (/dev/nvmeXnY)
 #   remote_pause PROTO          the pause of the last `migrate start --json` (MIG_LOG), printed
@@ -82,11 +83,22 @@ nbd_disconnect() {
 	[ "$RC" -eq 0 ] || fail "nbd-client -d $NBD_DEV failed (exit $RC): $(errtail "$ERR")"
 }
 
-# nbd_server_stop: end the server (it is still running: check that too)
+# nbd_server_stop: the server, alive until now, is stopped: run after nbd_disconnect, which
+# ends its one connection, and with it the server itself (-d serves one client); SIGTERM if
+# it is still there after 10 s
 nbd_server_stop() {
-	kill -0 "$NBD_SERVER_PID" 2>/dev/null || fail "nbd-server died: $(errtail "$NBD_LOG")"
-	kill "$NBD_SERVER_PID"
+	wait_until 10 "nbd-server to exit after the disconnect" _nbd_server_gone
+	kill "$NBD_SERVER_PID" 2>/dev/null
 	wait "$NBD_SERVER_PID" 2>/dev/null
+	echo "  nbd-server exited: $(errtail "$NBD_LOG")"
+}
+_nbd_server_gone() {
+	! kill -0 "$NBD_SERVER_PID" 2>/dev/null
+}
+
+# nbd_server_alive: the server is still running
+nbd_server_alive() {
+	kill -0 "$NBD_SERVER_PID" 2>/dev/null || fail "nbd-server died: $(errtail "$NBD_LOG")"
 }
 
 # --- NVMe over Fabrics, loop transport ----------------------------------------------------------

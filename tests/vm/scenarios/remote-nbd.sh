@@ -24,6 +24,7 @@ live_finish /dev/vda /dev/nbd0
 remote_pause nbd
 
 step "disconnect /dev/nbd0, stop the server; the exported disk vdb holds the filesystem"
+nbd_server_alive
 nbd_disconnect
 nbd_server_stop
 live_check_target /dev/vdb
