@@ -36,6 +36,7 @@ if [ $need_kernel = 1 ]; then
 		"clang-$CLANG" "lld-$CLANG" "llvm-$CLANG" "libclang-$CLANG-dev"
 		flex bison bc libelf-dev libssl-dev cpio kmod make gcc xz-utils zstd
 		qemu-system-x86 busybox-static dmsetup util-linux python3-ply python3-git
+		nbd-server nbd-client # the remote-nbd* VM scenarios: server and client in the guest
 	)
 fi
 

@@ -96,6 +96,15 @@ for alias in mkfs.ext4:mke2fs fsck.ext4:e2fsck; do
 	ln -s "${alias#*:}" "$root/usr/sbin/${alias%%:*}"
 done
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
+# The remote-nbd* scenarios serve a disk over NBD inside the guest. Optional: without them
+# only those scenarios fail, naming the missing tool.
+for tool in nbd-server nbd-client; do
+	p=$(command -v "$tool" 2>/dev/null) || {
+		log "warning: $tool not found (scripts/setup-toolchain.sh installs it); the remote-nbd scenarios will fail"
+		continue
+	}
+	copy_with_libs "$p" "/usr/sbin/$tool"
+done
 
 cat >"$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
@@ -115,6 +124,7 @@ echo blkmig-vm >"$root/etc/hostname"
 install -m 0755 "$vm/init" "$root/init"
 install -m 0644 "$vm/lib.sh" "$root/tests/lib.sh"
 [ -f "$vm/live-lib.sh" ] && install -m 0644 "$vm/live-lib.sh" "$root/tests/live-lib.sh"
+[ -f "$vm/remote-lib.sh" ] && install -m 0644 "$vm/remote-lib.sh" "$root/tests/remote-lib.sh"
 for s in "$vm"/scenarios/*.sh; do install -m 0755 "$s" "$root/tests/scenarios/"; done
 
 # /dev/console must exist before /init runs, or init has no stdout.
