@@ -260,6 +260,17 @@ impl Ready {
                     source_path: self.source,
                 })
             }
+            Err(MigrateError::Device(cause)) => {
+                let attached = self
+                    .filter
+                    .status()
+                    .is_ok_and(|st| Mode::from_raw(st.mode) == Some(Mode::Clone));
+                Err(MigrateError::Stopped {
+                    source_path: self.source,
+                    attached,
+                    cause,
+                })
+            }
             res => res,
         }
     }

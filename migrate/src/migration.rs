@@ -200,6 +200,24 @@ pub enum MigrateError {
         /// The source.
         source_path: PathBuf,
     },
+    /// The copier's own I/O failed (a target that went away, a source
+    /// read error) before the switch: the source holds the filesystem.
+    #[error("the copy stopped before the switch, {source_path} is intact and still holds the filesystem{hint}",
+        source_path = .source_path.display(),
+        hint = if *.attached {
+            format!(" (blkmig stays attached and mirroring: run `migrate start` again to resume once the devices work, or `migrate abort {}`)", .source_path.display())
+        } else {
+            String::new()
+        })]
+    Stopped {
+        /// The source.
+        source_path: PathBuf,
+        /// Whether blkmig is still attached in CLONE.
+        attached: bool,
+        /// The failure.
+        #[source]
+        cause: Error,
+    },
     /// The switch window can never fit the pause budget: it copies the
     /// first and last regions with writes held.
     #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the first and last regions ({window}) with writes held, which takes about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
