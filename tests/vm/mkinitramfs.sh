@@ -115,6 +115,7 @@ echo blkmig-vm >"$root/etc/hostname"
 install -m 0755 "$vm/init" "$root/init"
 install -m 0644 "$vm/lib.sh" "$root/tests/lib.sh"
 [ -f "$vm/live-lib.sh" ] && install -m 0644 "$vm/live-lib.sh" "$root/tests/live-lib.sh"
+[ -f "$vm/parts-lib.sh" ] && install -m 0644 "$vm/parts-lib.sh" "$root/tests/parts-lib.sh"
 for s in "$vm"/scenarios/*.sh; do install -m 0755 "$s" "$root/tests/scenarios/"; done
 
 # /dev/console must exist before /init runs, or init has no stdout.
