@@ -83,11 +83,9 @@ copy_with_libs() {
 		[ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
 	done
 }
-for tool in mke2fs e2fsck blkid dumpe2fs sfdisk dmsetup resizepart; do
-	p=$(command -v "$tool" 2>/dev/null) || {
-		[ "$tool" = sfdisk ] && continue # optional: busybox fdisk and lib.sh's MBR writer suffice
-		die "$tool not found (run scripts/setup-toolchain.sh: e2fsprogs, dmsetup, util-linux)"
-	}
+for tool in mke2fs e2fsck blkid dumpe2fs sfdisk wipefs dmsetup resizepart; do
+	p=$(command -v "$tool" 2>/dev/null) ||
+		die "$tool not found (run scripts/setup-toolchain.sh: e2fsprogs, dmsetup, util-linux, fdisk)"
 	rm -f "$root/usr/sbin/$tool" "$root/sbin/$tool"
 	copy_with_libs "$p" "/usr/sbin/$tool"
 done

@@ -96,6 +96,19 @@ parts_migrate() {
 	sync -f /notes/sw2.log
 }
 
+# parts_clean_detach: the stampwriter on vda1 stops (its log kept on /notes), both partitions
+# are unmounted and blkmig is detached from the whole disk
+parts_clean_detach() {
+	step "clean shutdown: stop the writer, umount, detach"
+	sw_stop
+	cp "$SW_LOG" /notes/sw.log
+	must umount /mnt/src
+	must umount /mnt/other
+	run_capture migrate detach "$PARTS_SRC"
+	[ "$RC" -eq 0 ] || fail "migrate detach $PARTS_SRC failed (exit $RC): $(errtail "$ERR")"
+	expect_no_filter "$PARTS_SRC"
+}
+
 # parts_check_kernel: the kernel's partition scan at this boot found both partitions on the
 # target and none on the retired source
 parts_check_kernel() {
@@ -117,7 +130,7 @@ parts_check_kernel() {
 # parts_check_source: the retired source: no filesystem or partition table for blkid or
 # sfdisk, and it does not mount; what stays on it is printed and checked: the filesystem that
 # was vda1 lies intact beyond the first MiB (with its UUID), and for GPT the backup header
-# still sits in the last sector
+# still sits in the last sector (unless an earlier boot noted backup_wiped)
 parts_check_source() {
 	not_recognisable "$PARTS_SRC"
 	echo "  blkid -p -o udev $PARTS_SRC: $(blkid -p -o udev "$PARTS_SRC" 2>&1 | tr '\n' ' ')"
@@ -140,7 +153,10 @@ parts_check_source() {
 	echo "  sector $_sb: the old vda1's ext4 superblock, UUID $(noted uuid1), no partition leads to it"
 	_last=$(($(dev_sectors "$PARTS_SRC") - 1))
 	_sig=$(dd if="$PARTS_SRC" bs=512 skip=$_last count=1 iflag=direct 2>/dev/null | head -c 8)
-	if [ "$(noted label)" = gpt ]; then
+	if [ "$(noted backup_wiped)" = yes ]; then
+		[ "$_sig" = "EFI PART" ] && fail "the GPT backup header of $PARTS_SRC is back after wipefs"
+		echo "  last sector ($_last): no GPT backup header (wiped)"
+	elif [ "$(noted label)" = gpt ]; then
 		expect_eq "$_sig" "EFI PART" "signature of the last sector of $PARTS_SRC (the GPT backup header)"
 		echo "  last sector ($_last): the GPT backup header, ignored without a protective MBR"
 	else
