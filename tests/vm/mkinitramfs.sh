@@ -83,11 +83,9 @@ copy_with_libs() {
 		[ -e "$root$lib" ] || cp -L "$lib" "$root$lib"
 	done
 }
-for tool in mke2fs e2fsck blkid dumpe2fs sfdisk dmsetup resizepart; do
-	p=$(command -v "$tool" 2>/dev/null) || {
-		[ "$tool" = sfdisk ] && continue # optional: busybox fdisk and lib.sh's MBR writer suffice
-		die "$tool not found (run scripts/setup-toolchain.sh: e2fsprogs, dmsetup, util-linux)"
-	}
+for tool in mke2fs e2fsck blkid dumpe2fs sfdisk wipefs dmsetup resizepart; do
+	p=$(command -v "$tool" 2>/dev/null) ||
+		die "$tool not found (run scripts/setup-toolchain.sh: e2fsprogs, dmsetup, util-linux, fdisk)"
 	rm -f "$root/usr/sbin/$tool" "$root/sbin/$tool"
 	copy_with_libs "$p" "/usr/sbin/$tool"
 done
@@ -125,6 +123,7 @@ install -m 0755 "$vm/init" "$root/init"
 install -m 0644 "$vm/lib.sh" "$root/tests/lib.sh"
 [ -f "$vm/live-lib.sh" ] && install -m 0644 "$vm/live-lib.sh" "$root/tests/live-lib.sh"
 [ -f "$vm/remote-lib.sh" ] && install -m 0644 "$vm/remote-lib.sh" "$root/tests/remote-lib.sh"
+[ -f "$vm/parts-lib.sh" ] && install -m 0644 "$vm/parts-lib.sh" "$root/tests/parts-lib.sh"
 for s in "$vm"/scenarios/*.sh; do install -m 0755 "$s" "$root/tests/scenarios/"; done
 
 # /dev/console must exist before /init runs, or init has no stdout.
