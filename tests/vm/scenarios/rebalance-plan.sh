@@ -6,8 +6,9 @@
 # failure; exit status 1. The failed source's application never sees an error, and its
 # filesystem is fsck-clean with every stamp. The same plan run again skips the two that switched
 # (blkmig in REDIRECT) and reports it; run once more after they are detached, it skips them from
-# what the disks say (retired sources). The switched targets hold the filesystems with every
-# last stamp.
+# what the disks say (retired sources), and once more after vda is unplugged, from its state
+# directory and its target's head. The switched targets hold the filesystems with every last
+# stamp.
 # disks: 96M 96M 96M 96M 96M 96M
 # needs: module migrate
 # timeout: 600
@@ -157,5 +158,14 @@ grep -q '3 migrations: 0 switched, 2 skipped (switched before), 1 failed' "$OUT"
 for d in vda vdc vde; do expect_no_filter /dev/$d; done
 dd if=/dev/vdc bs=4096 count=1 iflag=direct 2>/dev/null | head -c 16 | grep -qa 'BLKMIG-RETIRED' &&
 	fail "the failed source vdc carries the retire marker after the third run"
+step "vda unplugged: the plan once more skips it from its state directory and vdb's head"
+pci=$(pci_of /dev/vda)
+echo 1 >"$pci/remove" || fail "PCI remove of vda failed"
+wait_until 10 "vda to disappear" _gone /dev/vda
+run_capture migrate rebalance /tmp/plan.json
+expect_eq "$RC" 1 "exit status of the fourth run (vdc's target still fails)"
+grep -q '^/dev/vda -> /dev/vdb: skipped: already switched: /dev/vda was removed after its switch' "$OUT" ||
+	fail "the unplugged vda was not skipped: $(errtail "$OUT")"
+grep -q '3 migrations: 0 switched, 2 skipped (switched before), 1 failed' "$OUT" || fail "summary line: $(errtail "$OUT")"
 must dmsetup remove bad
 unload_module
