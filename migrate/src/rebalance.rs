@@ -735,8 +735,8 @@ async fn one(
         }
         Ok(Err(e)) => {
             // A failed migration of ours found attached: abandon it too.
-            if matches!(e, LaunchError::Migrate(MigrateError::Failed(_))) {
-                out.reason = Some(abandoned(&chain_text(&e), &*launcher, &m, &state_dir));
+            if let LaunchError::Migrate(e @ MigrateError::Failed(_)) = &e {
+                out.reason = Some(abandoned(&failure_text(e), &*launcher, &m, &state_dir));
             } else {
                 out.reason = Some(chain_text(&e));
             }
@@ -776,10 +776,22 @@ async fn one(
             out.result = Verdict::Cancelled;
             out.reason = Some(chain_text(&e));
         }
-        Err(e) => out.reason = Some(abandoned(&chain_text(&e), &*launcher, &m, &state_dir)),
+        Err(e) => out.reason = Some(abandoned(&failure_text(&e), &*launcher, &m, &state_dir)),
     }
     out.seconds = t0.elapsed().as_secs_f64();
     out
+}
+
+/// What went wrong, without the advice the CLI gives with it (rerun,
+/// abort): the runner abandons the migration itself.
+fn failure_text(e: &MigrateError) -> String {
+    match e {
+        MigrateError::Stopped { cause, .. } => {
+            format!("the copy stopped before the switch: {}", chain_text(cause))
+        }
+        MigrateError::Failed(why) => format!("the migration failed in the kernel: {why}"),
+        e => chain_text(e),
+    }
 }
 
 /// Abandons a failed migration; the reason says whether that worked.

@@ -409,6 +409,11 @@ async fn a_failed_migration_does_not_stop_the_others_and_is_named() {
         why.contains("a write to the target failed") && why.contains("abandoned"),
         "{why}"
     );
+    // The CLI's advice (abort it, rerun) contradicts what the runner did.
+    assert!(
+        !why.contains("migrate abort") && !why.contains("stays attached"),
+        "{why}"
+    );
     assert_eq!(
         *l.abandoned.lock().unwrap_or_else(|e| e.into_inner()),
         vec![l.src(1)],
