@@ -47,10 +47,11 @@ pub(crate) trait Filter: Sized + Send + Sync {
     }
 
     /// Whether the filter serves every bio of its device without the
-    /// device's own queue, and will until it is detached. Asked once, when
-    /// the device's disk goes away: if so, the device's users carry on and
-    /// the filter stays attached until the last of them closes it.
-    /// Called under a global mutex: must not sleep.
+    /// device's own queue (nor any other device of its disk), and will
+    /// until it is detached. Asked once, when the disk of the open device
+    /// goes away: if so, the device's users carry on and the filter stays
+    /// attached until the last of them closes it. Called under a global
+    /// mutex and RCU: must not sleep.
     fn serving(&self) -> bool {
         false
     }

@@ -264,6 +264,8 @@ pub(crate) struct Migration {
     fenced: AtomicBool,
     /// A bio crossed the source's edge in REDIRECT (said once).
     edge_warned: AtomicBool,
+    /// The target went away (its holder callback ran).
+    target_gone: AtomicBool,
     holding: AtomicBool,
     hold_owner: AtomicI32,
     #[pin]
@@ -1686,6 +1688,7 @@ impl Filter for Migration {
                 pending_errno: AtomicI32::new(0),
                 fenced: AtomicBool::new(false),
                 edge_warned: AtomicBool::new(false),
+                target_gone: AtomicBool::new(false),
                 holding: AtomicBool::new(false),
                 hold_owner: AtomicI32::new(0),
                 hold <- new_spinlock!(
@@ -1805,11 +1808,16 @@ impl Filter for Migration {
 
     fn serving(&self) -> bool {
         // REDIRECT is final: every bio goes to the target from now on, so
-        // the source's disk may go (the source was retired at the switch).
+        // the source's disk may go (the source was retired at the switch),
+        // unless the target went away, or lies on the same disk and goes
+        // with it.
         self.mode_raw() == Mode::Redirect as u32
+            && !self.target_gone.load(Ordering::SeqCst)
+            && self.target.bdev().disk_id() != self.source().disk_id()
     }
 
     fn holder_dead(&self) {
+        self.target_gone.store(true, Ordering::SeqCst);
         self.fail(Failure::TargetGone, bindings::ENODEV as i32);
     }
 }

@@ -413,11 +413,12 @@ _gone() {
 }
 
 # last_close_detaches MNT REFS: unmounting MNT (the last opener of the removed source) detaches
-# the filter: the module's references drop to REFS within 10 s
+# the filter before umount returns (the target is free to mount at once): the module's
+# references are REFS right after it
 last_close_detaches() {
-	step "umount $1: the last close detaches the filter"
+	step "umount $1: the last close detaches the filter before umount returns"
 	must umount "$1"
-	wait_until 10 "the filter to be detached after the last close (refcnt $(module_refs))" _refs_are "$2"
+	expect_eq "$(module_refs)" "$2" "blkmig references right after umount (the filter is detached)"
 	dmesg | grep -q 'blkmig: detached' || fail "the module did not say it detached"
 }
 _refs_are() {
