@@ -372,10 +372,17 @@ module_refs() {
 unplug_served() {
 	_pci=$(pci_of "$1")
 	_refs=$(module_refs)
-	step "remove $1's PCI device ($_pci) with the filesystem mounted and written"
 	dmesg -c >/dev/null
-	echo 1 >"$_pci/remove" || fail "PCI remove of $1 failed"
-	wait_until 10 "$1 to disappear" _gone "$1"
+	if [ "${UNPLUG:-sysfs}" = qmp ]; then
+		# The host's qmp-unplug.py sends QEMU `device_del` (ACPI PCI hotplug).
+		step "unplug $1 from the host (QMP device_del dev-$(basename "$1")) with the filesystem mounted and written"
+		echo "BLKMIG-QMP-DEVICE-DEL dev-$(basename "$1")"
+		wait_until 30 "$1 to be unplugged by the host" _gone "$1"
+	else
+		step "remove $1's PCI device ($_pci) with the filesystem mounted and written"
+		echo 1 >"$_pci/remove" || fail "PCI remove of $1 failed"
+		wait_until 10 "$1 to disappear" _gone "$1"
+	fi
 	dmesg | sed 's/^/  kernel: /' | tail -n 8
 	dmesg | grep -q "$(basename "$1"): removed; filter blkmig serves it until its last close" ||
 		fail "the kernel did not say the filter keeps $1"
@@ -423,4 +430,25 @@ last_close_detaches() {
 }
 _refs_are() {
 	[ "$(module_refs)" = "$1" ]
+}
+
+# unplug_flow: the retire-unplug scenarios: a busy ext4 on vda migrated to vdb and switched,
+# vda unplugged (UNPLUG=sysfs or qmp) under it, the writer stopped, umount (the last close
+# detaches), then the target checked: every stamp, and the buffered file written after the unplug
+unplug_flow() {
+	HOT=100
+	SW_ARGS="--hot $HOT --gap-us 500"
+	live_begin /dev/vda
+	_refs0=$(module_refs)
+	live_start /dev/vda /dev/vdb --max-pause 200ms
+	expect_mode /dev/vda redirect
+	unplug_served /dev/vda /dev/vdb /mnt/src
+	step "stop the writer: no write failed"
+	sw_stop
+	last_close_detaches /mnt/src "$_refs0"
+	live_check_target /dev/vdb
+	must mount -t ext4 /dev/vdb /mnt/tgt
+	expect_eq "$(md5sum /mnt/tgt/buffered.dat | cut -d' ' -f1)" "$UNPLUG_BUF_MD5" "md5 of the buffered file on the target"
+	must umount /mnt/tgt
+	unload_module
 }

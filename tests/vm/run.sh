@@ -163,7 +163,7 @@ for n in "${names[@]}"; do
 			rm -f "$img"
 			truncate -s "$size" "$img"
 			drives+=(-drive "file=$img,if=none,id=vd$letter,format=raw,cache=writeback,discard=unmap"
-				-device "virtio-blk-pci,drive=vd$letter$props")
+				-device "virtio-blk-pci,drive=vd$letter,id=dev-vd$letter$props")
 			letter=$(echo "$letter" | tr 'a-y' 'b-z')
 		done
 		append=$(header "$f" append)
@@ -192,11 +192,24 @@ for n in "${names[@]}"; do
 		boot=1
 		while :; do
 			[ "$boots" -gt 1 ] && echo "===== blkmig VM test: boot $boot of $boots =====" >>"$work/$n.log"
+			# "# hotplug: qmp": QEMU's monitor on a socket, and a host-side helper that
+			# unplugs the devices the guest asks for (BLKMIG-QMP-DEVICE-DEL lines).
+			qmp=()
+			: >"$work/$n.boot"
+			if [ "$(header "$f" hotplug)" = qmp ]; then
+				qmp=(-qmp "unix:$work/$n.qmp,server=on,wait=off")
+				python3 "$vm/qmp-unplug.py" "$work/$n.qmp" "$work/$n.boot" $((limit + 60)) 2>>"$work/$n.log" &
+				qmp_pid=$!
+			fi
 			timeout --foreground -k 5 $((limit + 60)) qemu-system-x86_64 -accel tcg -smp "$smp,sockets=$smp" -m "$mem" \
 				-nographic -no-reboot -kernel "$bzimage" -initrd "$initrd" \
 				-append "console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit blkmig.boot=$boot blkmig.boots=$boots${append:+ $append}" \
-				"${drives[@]}" </dev/null >"$work/$n.boot" 2>&1
+				"${qmp[@]}" "${drives[@]}" </dev/null >"$work/$n.boot" 2>&1
 			qrc=$?
+			if [ ${#qmp[@]} -gt 0 ]; then
+				kill "$qmp_pid" 2>/dev/null
+				wait "$qmp_pid" 2>/dev/null
+			fi
 			cat "$work/$n.boot" >>"$work/$n.log"
 			[ "$boot" -ge "$boots" ] && break
 			# An earlier boot that failed, or timed out, is the scenario's result.
