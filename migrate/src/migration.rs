@@ -29,6 +29,7 @@ use crate::buffer::AlignedBuf;
 use crate::device::Device;
 use crate::error::Error;
 use crate::filter::FilterError;
+use crate::fsmap::FreeSpace;
 use crate::progress::Progress;
 use crate::tracker::Tracker;
 use crate::units::Bytes;
@@ -67,6 +68,10 @@ pub struct MigrateOptions {
     /// what differs, and fail rather than switch over a region that differs
     /// twice.
     pub verify: bool,
+    /// The free space of the filesystem on the source: regions it does not
+    /// use are committed without a copy. `None` copies everything (a raw
+    /// volume, or `--full-copy`).
+    pub free_space: Option<Arc<dyn FreeSpace>>,
 }
 
 /// What a migration did.
@@ -78,6 +83,12 @@ pub struct Summary {
     pub bytes_compared: u64,
     /// Bytes of regions committed by such a comparison, without a write.
     pub bytes_matched: u64,
+    /// Bytes of regions committed without a copy because the filesystem on
+    /// the source did not use them (its free space).
+    pub bytes_skipped_free: u64,
+    /// Bytes of all-zero regions zeroed on the target (write-zeroes)
+    /// instead of written.
+    pub bytes_zeroed: u64,
     /// Regions in all.
     pub regions: u64,
     /// Copies thrown away because a write raced them.
@@ -328,6 +339,9 @@ pub struct Migration {
     verifier: Option<Verifier>,
     /// The attachment (written into the retire marker).
     migration_id: u64,
+    /// Whether the free-space query failed once (then the copier copies
+    /// everything).
+    free_failed: bool,
 }
 
 struct Batch {
@@ -390,6 +404,7 @@ impl Migration {
             verifier: opts.verify.then(|| Verifier::new(geo.regions())),
             opts,
             migration_id: status.migration_id,
+            free_failed: false,
         })
     }
 
@@ -475,6 +490,10 @@ impl Migration {
             })
             .collect();
         self.tracker.copy_begin(&mut ops)?;
+        // Strictly after COPY_BEGIN: a block the filesystem allocates after
+        // this query is written after it, which voids the region's commit
+        // (or, after the commit, is mirrored).
+        let free = self.free_regions(&ops).await;
         // Compare first where the target may already hold the data; never
         // in the switch window, whose copies must be quick.
         let compare = !self.in_window && self.policy.next_batch();
@@ -492,6 +511,10 @@ impl Migration {
             let Some((off, len)) = self.geo.region_span(r) else {
                 continue;
             };
+            if free.contains(&i) {
+                copied.push((i, Transfer::Free(len - self.geo.head_len(r).min(len))));
+                continue;
+            }
             if set.len() >= self.opts.queue_depth.max(1) {
                 if let Some(res) = set.join_next().await {
                     Self::collect(res, &mut bufs, &mut copied, &mut failed);
@@ -538,6 +561,9 @@ impl Migration {
                     (bytes, written, compared, differ) =
                         (bytes + c, written + w, compared + c, differ + 1)
                 }
+                // Read, and zeroed: as much copy work as a write.
+                Transfer::Zeroed(z) => bytes += z,
+                Transfer::Free(_) => {}
             }
         }
         if compare {
@@ -556,12 +582,19 @@ impl Migration {
             if e.result == abi::REGION_OK {
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
-                if let Transfer::Matched(c) = t {
-                    self.summary.bytes_matched += c;
+                match t {
+                    Transfer::Matched(c) => self.summary.bytes_matched += c,
+                    Transfer::Zeroed(z) => self.summary.bytes_zeroed += z,
+                    Transfer::Free(f) => {
+                        self.summary.bytes_skipped_free += f;
+                        self.progress.add_skipped(f);
+                    }
+                    Transfer::Written(_) | Transfer::Rewritten(..) => {}
                 }
                 if let Some(v) = &mut self.verifier {
                     match t {
                         Transfer::Matched(c) => v.matched(e.region, c),
+                        Transfer::Free(_) => v.skipped(e.region),
                         _ => v.copied(e.region),
                     }
                 }
@@ -584,6 +617,64 @@ impl Migration {
             out[i].result = ends[k].result;
         }
         Ok(Batch { ops: out })
+    }
+
+    /// The ops of `ops` (indices) that COPY_BEGIN let through and whose
+    /// region, the head excepted, the filesystem does not use at all, per a
+    /// query made now; empty without a free-space source, in the switch
+    /// window, or if the query fails (then everything is copied, and the
+    /// copier stops asking). When a region is free, the filesystem's
+    /// free-space changes are made durable before returning (see
+    /// [`FreeSpace::settle`]).
+    async fn free_regions(&mut self, ops: &[RegionOp]) -> Vec<usize> {
+        let Some(fs) = self.opts.free_space.clone() else {
+            return Vec::new();
+        };
+        if self.in_window || self.free_failed {
+            return Vec::new();
+        }
+        let spans: Vec<(usize, (u64, u64))> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.result == abi::REGION_OK)
+            .filter_map(|(i, o)| {
+                let (off, len) = self.geo.region_span(o.region)?;
+                let from = off + self.geo.head_len(o.region).min(len);
+                (from < off + len).then_some((i, (from, off + len)))
+            })
+            .collect();
+        let (Some(lo), Some(hi)) = (
+            spans.iter().map(|(_, s)| s.0).min(),
+            spans.iter().map(|(_, s)| s.1).max(),
+        ) else {
+            return Vec::new();
+        };
+        let res = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<usize>> {
+            let free = fs.free((lo, hi))?;
+            let hits: Vec<usize> = spans
+                .iter()
+                .filter(|(_, s)| crate::fsmap::covers(&free, *s))
+                .map(|&(i, _)| i)
+                .collect();
+            if !hits.is_empty() {
+                fs.settle()?;
+            }
+            Ok(hits)
+        })
+        .await;
+        match res {
+            Ok(Ok(hits)) => hits,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the filesystem's free space; copying every region");
+                self.free_failed = true;
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the free-space query failed; copying every region");
+                self.free_failed = true;
+                Vec::new()
+            }
+        }
     }
 
     fn collect(
@@ -852,6 +943,7 @@ impl Migration {
             depth: self.opts.queue_depth,
             limits: if self.in_window { &[] } else { &self.limits },
             cancel: &self.cancel,
+            free: self.opts.free_space.as_ref(),
         };
         let (t0, read) = (Instant::now(), v.counts.bytes_read);
         let res = v.pass(&cx).await;
