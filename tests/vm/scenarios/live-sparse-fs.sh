@@ -41,11 +41,16 @@ run_json() {
 live_begin "$SRC"
 # A used disk: its free space holds old data (not zeroes, which a fresh image reads as and
 # the copier would find already on the fresh targets).
-step "old data in the free space: a 800 MiB file, written and deleted"
-yes blkmig-old-data | dd of=/mnt/src/old bs=1M count=800 iflag=fullblock 2>/dev/null ||
-	fail "cannot write /mnt/src/old"
-must sync
-must rm /mnt/src/old
+# Written 50 MiB at a time, synced and dropped from the cache each time: the guest has 512 MiB.
+step "old data in the free space: 800 MiB of files, written and deleted"
+i=1
+while [ "$i" -le 16 ]; do
+	yes blkmig-old-data | dd of=/mnt/src/old$i bs=1M count=50 iflag=fullblock conv=fsync 2>/dev/null ||
+		fail "cannot write /mnt/src/old$i"
+	drop_caches
+	i=$((i + 1))
+done
+must rm /mnt/src/old*
 must sync
 step "90 MiB of files on the filesystem"
 i=1
