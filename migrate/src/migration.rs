@@ -619,6 +619,91 @@ impl Migration {
         Ok(Batch { ops: out })
     }
 
+    /// Commits without a copy the regions of `regions` that the
+    /// filesystem does not use: those a query made now says are free are
+    /// taken in batches of up to [`abi::REGION_OPS_MAX`], each under the
+    /// copy protocol (COPY_BEGIN, the query that counts, settle,
+    /// COPY_END). Returns how many committed.
+    async fn skip_free(&mut self, regions: &[u64]) -> Result<u64, MigrateError> {
+        let Some(fs) = self.opts.free_space.clone() else {
+            return Ok(0);
+        };
+        if self.in_window || self.free_failed {
+            return Ok(0);
+        }
+        let (geo, bytes) = (self.geo, self.geo.bytes());
+        let regions = regions.to_vec();
+        // Which regions to try: a guess, made before COPY_BEGIN, so it
+        // decides nothing.
+        let guess = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u64>> {
+            let free = fs.free((0, bytes))?;
+            Ok(regions
+                .into_iter()
+                .filter(|&r| {
+                    geo.region_span(r).is_some_and(|(off, len)| {
+                        let from = off + geo.head_len(r).min(len);
+                        from < off + len && crate::fsmap::covers(&free, (from, off + len))
+                    })
+                })
+                .collect())
+        })
+        .await;
+        let candidates = match guess {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the filesystem's free space; copying every region");
+                self.free_failed = true;
+                return Ok(0);
+            }
+            Err(e) => return Err(Error::joined(&e, "free space").into()),
+        };
+        let mut committed = 0;
+        for chunk in candidates.chunks(abi::REGION_OPS_MAX as usize) {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted.into());
+            }
+            let mut ops: Vec<RegionOp> = chunk
+                .iter()
+                .map(|&r| RegionOp {
+                    region: r,
+                    ..RegionOp::default()
+                })
+                .collect();
+            self.tracker.copy_begin(&mut ops)?;
+            let free = self.free_regions(&ops).await;
+            let mut ends: Vec<RegionOp> = free.iter().map(|&i| ops[i]).collect();
+            if !ends.is_empty() {
+                self.tracker.copy_end(&mut ends)?;
+            }
+            for e in &ends {
+                let Some((_, len)) = self.geo.region_span(e.region) else {
+                    continue;
+                };
+                if e.result == abi::REGION_OK {
+                    let f = len - self.geo.head_len(e.region).min(len);
+                    committed += 1;
+                    self.progress.region_committed(len);
+                    self.summary.bytes_skipped_free += f;
+                    self.progress.add_skipped(f);
+                    if let Some(v) = &mut self.verifier {
+                        v.skipped(e.region);
+                    }
+                } else if e.result == abi::REGION_CONFLICT {
+                    self.summary.recopies += 1;
+                    self.progress.add_recopy();
+                }
+            }
+            for o in &ops {
+                if o.result == abi::REGION_BUSY {
+                    self.summary.busy += 1;
+                } else if o.result == abi::REGION_NOT_CLONING {
+                    return Err(MigrateError::WrongMode("not clone"));
+                }
+            }
+        }
+        Ok(committed)
+    }
+
     /// The ops of `ops` (indices) that COPY_BEGIN let through and whose
     /// region, the head excepted, the filesystem does not use at all, per a
     /// query made now; empty without a free-space source, in the switch
@@ -892,7 +977,16 @@ impl Migration {
                 self.probe_rate(&left).await?;
                 continue;
             }
-            let committed = self.copy_all(&body).await?;
+            // The filesystem's free space first, in batches as large as the
+            // filter takes: one query and one settle for many regions.
+            let skipped = self.skip_free(&body).await?;
+            let body = if skipped > 0 {
+                let left = self.unsynced()?;
+                left.into_iter().filter(|&r| !self.boundary(r)).collect()
+            } else {
+                body
+            };
+            let committed = skipped + self.copy_all(&body).await?;
             if committed == 0 {
                 // Everything left is busy or raced: let the writes complete.
                 tokio::time::sleep(idle).await;

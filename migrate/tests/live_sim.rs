@@ -1057,10 +1057,16 @@ async fn a_write_after_the_query_voids_the_skip() {
     {
         let (sim, fs2, hit) = (rig.sim.clone(), Arc::downgrade(&fs), hit.clone());
         let shadow = rig.shadow.clone();
+        let seen = AtomicU64::new(0);
         *fs.after_query.lock().unwrap_or_else(|e| e.into_inner()) =
             Some(Box::new(move |(s, e)| {
                 let at = 50 * rb + 8192;
-                if (s..e).contains(&at) && !hit.swap(true, Ordering::SeqCst) {
+                // The first query over it is the copier's guess of what to
+                // try (before COPY_BEGIN); the second is the one after.
+                if (s..e).contains(&at)
+                    && seen.fetch_add(1, Ordering::SeqCst) == 1
+                    && !hit.swap(true, Ordering::SeqCst)
+                {
                     if let Some(fs) = fs2.upgrade() {
                         fs.allocate((at, at + 4096));
                     }
