@@ -363,9 +363,9 @@ fn free_space(a: &StartArgs) -> Option<Arc<dyn blkmig::fsmap::FreeSpace>> {
         return None;
     }
     let f = blkmig::fsmap::Fsmap::for_source(&a.attach.source)?;
-    tracing::info!(
-        mount = %f.mount().display(),
-        "skipping the free space of the filesystem mounted from the source"
+    say!(
+        "the free space of the filesystem on {} is not copied (--full-copy copies it)",
+        f.mount().display()
     );
     Some(Arc::new(f))
 }
