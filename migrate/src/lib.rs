@@ -6,6 +6,7 @@ pub mod copy;
 pub mod device;
 pub mod error;
 pub mod filter;
+pub mod fsmap;
 pub mod live;
 pub mod migration;
 pub mod progress;

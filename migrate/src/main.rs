@@ -165,6 +165,10 @@ struct StartArgs {
     /// what differs, and do not switch over a region that differs twice.
     #[arg(long, conflicts_with = "no_switch")]
     verify: bool,
+    /// Copy every region, even those the filesystem mounted from the
+    /// source does not use (by default they are committed without a copy).
+    #[arg(long)]
+    full_copy: bool,
     /// Where the source's first region is saved before it is retired.
     #[arg(long, default_value = "/var/lib/blkmig")]
     state_dir: PathBuf,
@@ -352,6 +356,20 @@ fn cmd_attach(a: AttachArgs) -> Result<()> {
     Ok(())
 }
 
+/// The free space of the filesystem mounted from the source, unless
+/// `--full-copy` (or nothing is mounted from it: a full copy).
+fn free_space(a: &StartArgs) -> Option<Arc<dyn blkmig::fsmap::FreeSpace>> {
+    if a.full_copy {
+        return None;
+    }
+    let f = blkmig::fsmap::Fsmap::for_source(&a.attach.source)?;
+    say!(
+        "the free space of the filesystem on {} is not copied (--full-copy copies it)",
+        f.mount().display()
+    );
+    Some(Arc::new(f))
+}
+
 async fn cmd_start(a: StartArgs) -> Result<()> {
     let src = a.attach.source.display();
     let ready = match live::start(&a.attach.request(), &a.state_dir)? {
@@ -384,6 +402,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
         state_dir: a.state_dir.clone(),
         compare: true,
         verify: a.verify,
+        free_space: free_space(&a),
     };
     let res = ready.run(opts, progress, cancel).await;
     let shown = rep.finish(res.is_ok()).await;
@@ -396,10 +415,12 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     }
     if style != Style::Quiet {
         say!(
-            "copied {} in {:.1}s ({} already on the target, {} re-copies, {} busy, {} rounds); {}",
+            "copied {} in {:.1}s ({} already on the target, {} free space skipped, {} zeroed, {} re-copies, {} busy, {} rounds); {}",
             Bytes(summary.bytes_copied),
             summary.seconds,
             Bytes(summary.bytes_matched),
+            Bytes(summary.bytes_skipped_free),
+            Bytes(summary.bytes_zeroed),
             summary.recopies,
             summary.busy,
             summary.rounds,

@@ -29,6 +29,7 @@ use crate::buffer::AlignedBuf;
 use crate::device::Device;
 use crate::error::Error;
 use crate::filter::FilterError;
+use crate::fsmap::FreeSpace;
 use crate::progress::Progress;
 use crate::tracker::Tracker;
 use crate::units::Bytes;
@@ -67,6 +68,10 @@ pub struct MigrateOptions {
     /// what differs, and fail rather than switch over a region that differs
     /// twice.
     pub verify: bool,
+    /// The free space of the filesystem on the source: regions it does not
+    /// use are committed without a copy. `None` copies everything (a raw
+    /// volume, or `--full-copy`).
+    pub free_space: Option<Arc<dyn FreeSpace>>,
 }
 
 /// What a migration did.
@@ -78,6 +83,12 @@ pub struct Summary {
     pub bytes_compared: u64,
     /// Bytes of regions committed by such a comparison, without a write.
     pub bytes_matched: u64,
+    /// Bytes of regions committed without a copy because the filesystem on
+    /// the source did not use them (its free space).
+    pub bytes_skipped_free: u64,
+    /// Bytes of all-zero regions zeroed on the target (write-zeroes)
+    /// instead of written.
+    pub bytes_zeroed: u64,
     /// Regions in all.
     pub regions: u64,
     /// Copies thrown away because a write raced them.
@@ -328,6 +339,9 @@ pub struct Migration {
     verifier: Option<Verifier>,
     /// The attachment (written into the retire marker).
     migration_id: u64,
+    /// Whether the free-space query failed once (then the copier copies
+    /// everything).
+    free_failed: bool,
 }
 
 struct Batch {
@@ -390,6 +404,7 @@ impl Migration {
             verifier: opts.verify.then(|| Verifier::new(geo.regions())),
             opts,
             migration_id: status.migration_id,
+            free_failed: false,
         })
     }
 
@@ -475,6 +490,10 @@ impl Migration {
             })
             .collect();
         self.tracker.copy_begin(&mut ops)?;
+        // Strictly after COPY_BEGIN: a block the filesystem allocates after
+        // this query is written after it, which voids the region's commit
+        // (or, after the commit, is mirrored).
+        let free = self.free_regions(&ops).await;
         // Compare first where the target may already hold the data; never
         // in the switch window, whose copies must be quick.
         let compare = !self.in_window && self.policy.next_batch();
@@ -492,6 +511,10 @@ impl Migration {
             let Some((off, len)) = self.geo.region_span(r) else {
                 continue;
             };
+            if free.contains(&i) {
+                copied.push((i, Transfer::Free(len - self.geo.head_len(r).min(len))));
+                continue;
+            }
             if set.len() >= self.opts.queue_depth.max(1) {
                 if let Some(res) = set.join_next().await {
                     Self::collect(res, &mut bufs, &mut copied, &mut failed);
@@ -538,6 +561,9 @@ impl Migration {
                     (bytes, written, compared, differ) =
                         (bytes + c, written + w, compared + c, differ + 1)
                 }
+                // Read, and zeroed: as much copy work as a write.
+                Transfer::Zeroed(z) => bytes += z,
+                Transfer::Free(_) => {}
             }
         }
         if compare {
@@ -556,12 +582,19 @@ impl Migration {
             if e.result == abi::REGION_OK {
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
-                if let Transfer::Matched(c) = t {
-                    self.summary.bytes_matched += c;
+                match t {
+                    Transfer::Matched(c) => self.summary.bytes_matched += c,
+                    Transfer::Zeroed(z) => self.summary.bytes_zeroed += z,
+                    Transfer::Free(f) => {
+                        self.summary.bytes_skipped_free += f;
+                        self.progress.add_skipped(f);
+                    }
+                    Transfer::Written(_) | Transfer::Rewritten(..) => {}
                 }
                 if let Some(v) = &mut self.verifier {
                     match t {
                         Transfer::Matched(c) => v.matched(e.region, c),
+                        Transfer::Free(_) => v.skipped(e.region),
                         _ => v.copied(e.region),
                     }
                 }
@@ -584,6 +617,149 @@ impl Migration {
             out[i].result = ends[k].result;
         }
         Ok(Batch { ops: out })
+    }
+
+    /// Commits without a copy the regions of `regions` that the
+    /// filesystem does not use: those a query made now says are free are
+    /// taken in batches of up to [`abi::REGION_OPS_MAX`], each under the
+    /// copy protocol (COPY_BEGIN, the query that counts, settle,
+    /// COPY_END). Returns how many committed.
+    async fn skip_free(&mut self, regions: &[u64]) -> Result<u64, MigrateError> {
+        let Some(fs) = self.opts.free_space.clone() else {
+            return Ok(0);
+        };
+        if self.in_window || self.free_failed {
+            return Ok(0);
+        }
+        let (geo, bytes) = (self.geo, self.geo.bytes());
+        let regions = regions.to_vec();
+        // Which regions to try: a guess, made before COPY_BEGIN, so it
+        // decides nothing.
+        let guess = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u64>> {
+            let free = fs.free((0, bytes))?;
+            Ok(regions
+                .into_iter()
+                .filter(|&r| {
+                    geo.region_span(r).is_some_and(|(off, len)| {
+                        let from = off + geo.head_len(r).min(len);
+                        from < off + len && crate::fsmap::covers(&free, (from, off + len))
+                    })
+                })
+                .collect())
+        })
+        .await;
+        let candidates = match guess {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the filesystem's free space; copying every region");
+                self.free_failed = true;
+                return Ok(0);
+            }
+            Err(e) => return Err(Error::joined(&e, "free space").into()),
+        };
+        let mut committed = 0;
+        for chunk in candidates.chunks(abi::REGION_OPS_MAX as usize) {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted.into());
+            }
+            let mut ops: Vec<RegionOp> = chunk
+                .iter()
+                .map(|&r| RegionOp {
+                    region: r,
+                    ..RegionOp::default()
+                })
+                .collect();
+            self.tracker.copy_begin(&mut ops)?;
+            let free = self.free_regions(&ops).await;
+            let mut ends: Vec<RegionOp> = free.iter().map(|&i| ops[i]).collect();
+            if !ends.is_empty() {
+                self.tracker.copy_end(&mut ends)?;
+            }
+            for e in &ends {
+                let Some((_, len)) = self.geo.region_span(e.region) else {
+                    continue;
+                };
+                if e.result == abi::REGION_OK {
+                    let f = len - self.geo.head_len(e.region).min(len);
+                    committed += 1;
+                    self.progress.region_committed(len);
+                    self.summary.bytes_skipped_free += f;
+                    self.progress.add_skipped(f);
+                    if let Some(v) = &mut self.verifier {
+                        v.skipped(e.region);
+                    }
+                } else if e.result == abi::REGION_CONFLICT {
+                    self.summary.recopies += 1;
+                    self.progress.add_recopy();
+                }
+            }
+            for o in &ops {
+                if o.result == abi::REGION_BUSY {
+                    self.summary.busy += 1;
+                } else if o.result == abi::REGION_NOT_CLONING {
+                    return Err(MigrateError::WrongMode("not clone"));
+                }
+            }
+        }
+        Ok(committed)
+    }
+
+    /// The ops of `ops` (indices) that COPY_BEGIN let through and whose
+    /// region, the head excepted, the filesystem does not use at all, per a
+    /// query made now; empty without a free-space source, in the switch
+    /// window, or if the query fails (then everything is copied, and the
+    /// copier stops asking). When a region is free, the filesystem's
+    /// free-space changes are made durable before returning (see
+    /// [`FreeSpace::settle`]).
+    async fn free_regions(&mut self, ops: &[RegionOp]) -> Vec<usize> {
+        let Some(fs) = self.opts.free_space.clone() else {
+            return Vec::new();
+        };
+        if self.in_window || self.free_failed {
+            return Vec::new();
+        }
+        let spans: Vec<(usize, (u64, u64))> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.result == abi::REGION_OK)
+            .filter_map(|(i, o)| {
+                let (off, len) = self.geo.region_span(o.region)?;
+                let from = off + self.geo.head_len(o.region).min(len);
+                (from < off + len).then_some((i, (from, off + len)))
+            })
+            .collect();
+        let (Some(lo), Some(hi)) = (
+            spans.iter().map(|(_, s)| s.0).min(),
+            spans.iter().map(|(_, s)| s.1).max(),
+        ) else {
+            return Vec::new();
+        };
+        let res = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<usize>> {
+            let free = fs.free((lo, hi))?;
+            let hits: Vec<usize> = spans
+                .iter()
+                .filter(|(_, s)| crate::fsmap::covers(&free, *s))
+                .map(|&(i, _)| i)
+                .collect();
+            if !hits.is_empty() {
+                fs.settle()?;
+            }
+            Ok(hits)
+        })
+        .await;
+        match res {
+            Ok(Ok(hits)) => hits,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the filesystem's free space; copying every region");
+                self.free_failed = true;
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the free-space query failed; copying every region");
+                self.free_failed = true;
+                Vec::new()
+            }
+        }
     }
 
     fn collect(
@@ -801,7 +977,16 @@ impl Migration {
                 self.probe_rate(&left).await?;
                 continue;
             }
-            let committed = self.copy_all(&body).await?;
+            // The filesystem's free space first, in batches as large as the
+            // filter takes: one query and one settle for many regions.
+            let skipped = self.skip_free(&body).await?;
+            let body = if skipped > 0 {
+                let left = self.unsynced()?;
+                left.into_iter().filter(|&r| !self.boundary(r)).collect()
+            } else {
+                body
+            };
+            let committed = skipped + self.copy_all(&body).await?;
             if committed == 0 {
                 // Everything left is busy or raced: let the writes complete.
                 tokio::time::sleep(idle).await;
@@ -852,6 +1037,7 @@ impl Migration {
             depth: self.opts.queue_depth,
             limits: if self.in_window { &[] } else { &self.limits },
             cancel: &self.cancel,
+            free: self.opts.free_space.as_ref(),
         };
         let (t0, read) = (Instant::now(), v.counts.bytes_read);
         let res = v.pass(&cx).await;

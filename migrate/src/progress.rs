@@ -39,6 +39,9 @@ pub struct Progress {
     work: AtomicU64,
     /// Live migration: regions not in sync, and copies redone.
     regions: Option<(AtomicU64, AtomicU64)>,
+    /// Live migration: bytes committed without a copy (the filesystem's
+    /// free space).
+    skipped: AtomicU64,
     started: Instant,
 }
 
@@ -65,6 +68,10 @@ pub struct Sample {
     /// Live migration only: region copies thrown away because a write raced them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recopies: Option<u64>,
+    /// Live migration only: bytes committed without a copy because the
+    /// filesystem on the source does not use them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_skipped_free: Option<u64>,
     /// Seconds since the start.
     pub elapsed_seconds: f64,
 }
@@ -78,6 +85,7 @@ impl Progress {
             done: AtomicU64::new(0),
             work: AtomicU64::new(0),
             regions: None,
+            skipped: AtomicU64::new(0),
             started: Instant::now(),
         })
     }
@@ -90,6 +98,7 @@ impl Progress {
             done: AtomicU64::new(0),
             work: AtomicU64::new(0),
             regions: Some((AtomicU64::new(regions), AtomicU64::new(0))),
+            skipped: AtomicU64::new(0),
             started: Instant::now(),
         })
     }
@@ -128,6 +137,11 @@ impl Progress {
         if let Some((u, _)) = &self.regions {
             let _ = u.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
         }
+    }
+
+    /// `n` bytes committed without a copy (free space of the filesystem).
+    pub fn add_skipped(&self, n: u64) {
+        self.skipped.fetch_add(n, Ordering::Relaxed);
     }
 
     /// One more copy redone.
@@ -170,6 +184,10 @@ impl Progress {
                 .regions
                 .as_ref()
                 .map(|(_, r)| r.load(Ordering::Relaxed)),
+            bytes_skipped_free: self
+                .regions
+                .as_ref()
+                .map(|_| self.skipped.load(Ordering::Relaxed)),
             elapsed_seconds: (secs * 1000.0).round() / 1000.0,
         }
     }
@@ -186,15 +204,20 @@ impl Sample {
             (Some(u), Some(r)) => format!(", {u} regions unsynced, {r} re-copies"),
             _ => String::new(),
         };
+        let skipped = match self.bytes_skipped_free {
+            Some(b) if b > 0 => format!(", {} free space skipped", Bytes(b)),
+            _ => String::new(),
+        };
         format!(
-            "{}: {} / {} ({:.1}%), {}/s, {}{}",
+            "{}: {} / {} ({:.1}%), {}/s, {}{}{}",
             self.phase,
             Bytes(self.bytes_done),
             Bytes(self.bytes_total),
             self.percent,
             Bytes(self.rate_bytes_per_sec),
             eta,
-            regions
+            regions,
+            skipped
         )
     }
 }

@@ -762,6 +762,9 @@ async fn one(
         state_dir: state_dir.clone(),
         compare: true,
         verify: o.verify,
+        // A plan copies everything (free-space skipping is `migrate
+        // start`'s).
+        free_space: None,
     };
     match ready.run(opts, progress, cancel).await {
         Ok(s) if s.switched => {

@@ -32,6 +32,7 @@ use governor::DefaultDirectRateLimiter;
 use crate::buffer::AlignedBuf;
 use crate::device::Device;
 use crate::error::Error;
+use crate::fsmap::FreeSpace;
 use crate::migration::MigrateError;
 use crate::tracker::Tracker;
 
@@ -70,6 +71,12 @@ pub(crate) enum Transfer {
     /// The region differed (this many compared), and the source's bytes were
     /// written to the target (this many).
     Rewritten(u64, u64),
+    /// The source's bytes were all zero: the target's were zeroed (this
+    /// many) by a write-zeroes, not written.
+    Zeroed(u64),
+    /// The filesystem on the source does not use the region (this many
+    /// bytes): nothing was read or written.
+    Free(u64),
 }
 
 /// Blocking: moves `len` bytes at `off` (region `r`) from `src` to `tgt`,
@@ -90,6 +97,12 @@ pub(crate) fn transfer(
         }
     } else if k < n {
         src.read_exact_at(&mut bufs.src[k..n], off + skip)?;
+    }
+    if k < n && bufs.src[k..n].iter().all(|&b| b == 0) {
+        // Zeroes: the target makes them itself (BLKZEROOUT, which unmaps
+        // only where the device guarantees zeroes after it).
+        tgt.zero_range(off + skip, bytes)?;
+        return Ok(Transfer::Zeroed(bytes));
     }
     if k < n {
         tgt.write_all_at(&bufs.src[k..n], off + skip)?;
@@ -183,6 +196,9 @@ pub(crate) struct Ctx<'a> {
     /// The copier's rate limits (none inside the switch window).
     pub(crate) limits: &'a [Arc<DefaultDirectRateLimiter>],
     pub(crate) cancel: &'a AtomicBool,
+    /// The free space of the source's filesystem: only what it uses is
+    /// compared.
+    pub(crate) free: Option<&'a Arc<dyn FreeSpace>>,
 }
 
 /// What verification found, for the summary.
@@ -239,6 +255,12 @@ impl Verifier {
         self.unverified.remove(&r);
         self.tries.remove(&r);
         self.pending.insert(r);
+    }
+
+    /// Region `r` was committed without a copy, the filesystem not using
+    /// it: it needs a comparison of what the filesystem uses of it.
+    pub(crate) fn skipped(&mut self, r: u64) {
+        self.copied(r);
     }
 
     /// Region `r` was committed by a comparison that held (compare before
@@ -304,8 +326,9 @@ impl Verifier {
                     .unwrap_or_else(|| Bufs::new(cx.align, cx.geo.region_bytes() as usize));
                 let (tracker, src, tgt, geo) =
                     (cx.tracker.clone(), cx.src.clone(), cx.tgt.clone(), cx.geo);
+                let free = cx.free.cloned();
                 set.spawn_blocking(move || {
-                    let res = compare(&*tracker, &src, &tgt, &mut bufs, &geo, r);
+                    let res = compare(&*tracker, &src, &tgt, &mut bufs, &geo, r, free.as_deref());
                     (r, bufs, res)
                 });
             }
@@ -427,7 +450,10 @@ enum Found {
 
 /// Blocking: one comparison of region `r` between VERIFY_BEGIN and
 /// VERIFY_END, so that it holds only if no write was submitted to the
-/// region while both devices were read.
+/// region while both devices were read. With `free` (the free space of the
+/// source's filesystem, which the copier skips), only the parts the
+/// filesystem uses, per a query made after VERIFY_BEGIN, are compared:
+/// the rest may never have been copied, and the filesystem never reads it.
 fn compare(
     tracker: &dyn Tracker,
     src: &Device,
@@ -435,6 +461,7 @@ fn compare(
     bufs: &mut Bufs,
     geo: &Geometry,
     r: u64,
+    free: Option<&dyn FreeSpace>,
 ) -> Result<Found, MigrateError> {
     let mut op = [RegionOp {
         region: r,
@@ -451,13 +478,32 @@ fn compare(
     let Some((off, len)) = geo.region_span(r) else {
         return Ok(Found::Range);
     };
-    let skip = geo.head_len(r);
-    let equal = same(src, tgt, bufs, (off, len, skip))?;
+    let skip = geo.head_len(r).min(len);
+    let (equal, compared) = match free.map(|f| f.free((off + skip, off + len))) {
+        Some(Ok(free)) => {
+            let mut equal = true;
+            let mut compared = 0;
+            for (s, e) in crate::fsmap::used(&free, (off + skip, off + len)) {
+                compared += e - s;
+                equal &= same(src, tgt, bufs, (off, e - off, s - off))?;
+                if !equal {
+                    break;
+                }
+            }
+            (equal, compared)
+        }
+        // No answer: compare it all (a difference is copied again).
+        Some(Err(e)) => {
+            tracing::warn!(region = r, error = %e, "verification: cannot read the filesystem's free space; comparing the whole region");
+            (same(src, tgt, bufs, (off, len, skip))?, len - skip)
+        }
+        None => (same(src, tgt, bufs, (off, len, skip))?, len - skip),
+    };
     tracker.verify_end(&mut op)?;
     Ok(if op[0].result != abi::REGION_OK {
         Found::Void
     } else if equal {
-        Found::Same(len - skip)
+        Found::Same(compared)
     } else {
         Found::Differ
     })

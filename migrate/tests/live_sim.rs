@@ -18,7 +18,7 @@ use blkmig::filter::{FilterError, Request};
 use blkmig::migration::{head_path, MigrateError, MigrateOptions, Migration};
 use blkmig::progress::Progress;
 use blkmig::tracker::Tracker;
-use common::{pattern, SimFilter};
+use common::{pattern, SimFilter, SimFreeSpace};
 
 const SIZE: u64 = 24 << 20;
 const SHIFT: u32 = 16; // 64 KiB regions: 384 of them
@@ -92,6 +92,7 @@ fn options(rig: &Rig) -> MigrateOptions {
         state_dir: rig.state.clone(),
         compare: true,
         verify: false,
+        free_space: None,
     }
 }
 
@@ -946,4 +947,207 @@ async fn a_stuck_region_is_waited_for_with_a_growing_interval() {
         rounds <= 30,
         "{rounds} rounds in 2 s while waiting for one busy region"
     );
+}
+
+/// The bytes of region `r` in `v`.
+fn region_of(v: &[u8], r: u64) -> &[u8] {
+    &v[(r << SHIFT) as usize..((r + 1) << SHIFT) as usize]
+}
+
+/// Regions the filesystem does not use are committed without a copy: the
+/// target keeps what it held there; a region only partly free is copied;
+/// an all-zero region is zeroed, not written; the summary counts each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_regions_are_committed_without_a_copy() {
+    let rig = rig(21);
+    let rb = 1u64 << SHIFT;
+    // Regions 40..100 free, and half of region 120.
+    let fs = SimFreeSpace::new(vec![(40 * rb, 100 * rb), (120 * rb, 120 * rb + rb / 2)]);
+    // Region 200 holds zeros on the source.
+    let zeros = vec![0u8; rb as usize];
+    rig.sim.write(200 * rb, &zeros);
+    rig.shadow.lock().unwrap_or_else(|e| e.into_inner())[(200 * rb) as usize..(201 * rb) as usize]
+        .copy_from_slice(&zeros);
+    let tgt_before = read_all(&rig.tgt_file);
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    opts.free_space = Some(fs.clone());
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let n = SIZE / rb;
+    assert_eq!(s.bytes_skipped_free, 60 * rb, "{s:?}");
+    assert_eq!(s.bytes_zeroed, rb, "{s:?}");
+    // Every body region but the skipped ones, and the head's regions
+    // (never written before the switch), was written.
+    let head_regions = rig.sim.geometry().head_bytes() / rb;
+    assert_eq!(
+        s.bytes_copied,
+        (n - 1 - head_regions - 60 - 1) * rb,
+        "{s:?}"
+    );
+    assert!(
+        fs.settles.load(Ordering::SeqCst) > 0,
+        "free space never settled"
+    );
+    let synced = rig.sim.synced(0, n).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        (1..n - 1).all(|r| synced[r as usize]),
+        "a body region is not in sync"
+    );
+    let (src, tgt) = (
+        rig.shadow.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        read_all(&rig.tgt_file),
+    );
+    for r in 40..100 {
+        assert!(
+            region_of(&tgt, r) == region_of(&tgt_before, r),
+            "free region {r} was written"
+        );
+    }
+    for r in [head_regions, 39, 100, 120, 200, n - 2] {
+        assert!(
+            region_of(&tgt, r) == region_of(&src, r),
+            "region {r} not copied"
+        );
+    }
+    // The head is the switch's: still blank.
+    let head = rig.sim.geometry().head_bytes() as usize;
+    assert!(
+        tgt[..head].iter().all(|&b| b == 0),
+        "the target's head was written"
+    );
+}
+
+/// Everything free: nothing is written, and the head (never the copier's
+/// to write) is not counted as skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_filesystem_copies_nothing_and_leaves_the_head() {
+    let rig = rig(23);
+    let fs = SimFreeSpace::new(vec![(0, SIZE)]);
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    opts.free_space = Some(fs);
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let rb = 1u64 << SHIFT;
+    let head = rig.sim.geometry().head_bytes();
+    assert_eq!(s.bytes_copied, 0, "{s:?}");
+    // Neither the head nor the last region (a boundary: the window's).
+    assert_eq!(s.bytes_skipped_free, SIZE - head - rb, "{s:?}");
+    let tgt = read_all(&rig.tgt_file);
+    assert!(
+        tgt[..head as usize].iter().all(|&b| b == 0),
+        "the target's head was written"
+    );
+}
+
+/// A block the filesystem allocates and writes right after the copier's
+/// query (between COPY_BEGIN and COPY_END) voids the skip: the region is
+/// copied, and the target holds what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_query_voids_the_skip() {
+    let rig = rig(25);
+    let rb = 1u64 << SHIFT;
+    let fs = SimFreeSpace::new(vec![(40 * rb, 100 * rb)]);
+    let hit = Arc::new(AtomicBool::new(false));
+    {
+        let (sim, fs2, hit) = (rig.sim.clone(), Arc::downgrade(&fs), hit.clone());
+        let shadow = rig.shadow.clone();
+        let seen = AtomicU64::new(0);
+        *fs.after_query.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Box::new(move |(s, e)| {
+                let at = 50 * rb + 8192;
+                // The first query over it is the copier's guess of what to
+                // try (before COPY_BEGIN); the second is the one after.
+                if (s..e).contains(&at)
+                    && seen.fetch_add(1, Ordering::SeqCst) == 1
+                    && !hit.swap(true, Ordering::SeqCst)
+                {
+                    if let Some(fs) = fs2.upgrade() {
+                        fs.allocate((at, at + 4096));
+                    }
+                    let data = pattern(4096, 77);
+                    sim.write(at, &data);
+                    shadow.lock().unwrap_or_else(|e| e.into_inner())
+                        [at as usize..at as usize + 4096]
+                        .copy_from_slice(&data);
+                }
+            }));
+    }
+    let mut opts = options(&rig);
+    opts.free_space = Some(fs.clone());
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(hit.load(Ordering::SeqCst), "the hook never ran");
+    assert!(s.switched);
+    assert!(s.recopies >= 1, "the voided skip was not counted: {s:?}");
+    // Region 50 was copied; the batch's other free regions were skipped
+    // later (or in the same batch, if it committed).
+    assert!(s.bytes_skipped_free <= 59 * rb, "{s:?}");
+    assert!(s.bytes_skipped_free > 0, "{s:?}");
+    let tgt = read_all(&rig.tgt_file);
+    let src = rig.shadow.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(
+        region_of(&tgt, 50) == region_of(&src, 50),
+        "region 50 was committed as free after a write to it"
+    );
+}
+
+/// --verify with free space skipped: only what the filesystem uses is
+/// compared, so a target that differs in free space is no mismatch, while
+/// a used part the target lacks is found and copied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_compares_only_what_the_filesystem_uses() {
+    let rig = rig(27);
+    let rb = 1u64 << SHIFT;
+    let fs = SimFreeSpace::new(vec![(40 * rb, 100 * rb)]);
+    // Once region 45 is committed as free, the filesystem takes its first
+    // block into use, but no write of it reaches the target: a target
+    // that lacks what the filesystem uses.
+    {
+        let fs2 = Arc::downgrade(&fs);
+        *rig.sim
+            .after_commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(move |_tgt: &File, r: u64| {
+            if r == 45 {
+                if let Some(fs) = fs2.upgrade() {
+                    fs.allocate((45 * rb, 45 * rb + 4096));
+                }
+            }
+        }));
+    }
+    let tgt_before = read_all(&rig.tgt_file);
+    let opts = MigrateOptions {
+        verify: true,
+        free_space: Some(fs.clone()),
+        ..options(&rig)
+    };
+    let s = migration(&rig, opts, Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    assert_eq!(s.verify_mismatches, 1, "{s:?}");
+    assert_eq!(s.mismatched_regions, vec![45], "{s:?}");
+    assert_eq!(s.regions_verified, s.regions, "{s:?}");
+    let tgt = read_all(&rig.tgt_file);
+    let src = rig.shadow.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(
+        region_of(&tgt, 45) == region_of(&src, 45),
+        "region 45 not copied again"
+    );
+    // The other free regions kept the target's old bytes.
+    for r in (40..100).filter(|&r| r != 45) {
+        assert!(
+            region_of(&tgt, r) == region_of(&tgt_before, r),
+            "region {r}"
+        );
+    }
 }

@@ -410,3 +410,70 @@ impl Tracker for SimFilter {
         Ok(())
     }
 }
+
+/// See [`SimFreeSpace::after_query`].
+pub type AfterQuery = Box<dyn Fn((u64, u64)) + Send + Sync>;
+
+/// A filesystem's free space, made up: byte ranges the "filesystem" does
+/// not use, and a hook run right after each query (a block allocated and
+/// written just after the copier asked).
+#[derive(Default)]
+pub struct SimFreeSpace {
+    /// Free byte ranges, sorted and disjoint.
+    pub free: Mutex<Vec<(u64, u64)>>,
+    /// Queries answered.
+    pub queries: AtomicU64,
+    /// Settles asked for.
+    pub settles: AtomicU64,
+    /// Run after each query, with the span asked about.
+    pub after_query: Mutex<Option<AfterQuery>>,
+}
+
+impl std::fmt::Debug for SimFreeSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimFreeSpace").finish_non_exhaustive()
+    }
+}
+
+impl SimFreeSpace {
+    /// A filesystem with `free` unused.
+    pub fn new(free: Vec<(u64, u64)>) -> Arc<Self> {
+        Arc::new(Self {
+            free: Mutex::new(free),
+            ..Self::default()
+        })
+    }
+
+    /// The filesystem takes `span` into use.
+    pub fn allocate(&self, (s, e): (u64, u64)) {
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        *f = f
+            .iter()
+            .flat_map(|&(a, b)| [(a, b.min(s)), (a.max(e), b)])
+            .filter(|&(a, b)| a < b)
+            .collect();
+    }
+}
+
+impl blkmig::fsmap::FreeSpace for SimFreeSpace {
+    fn free(&self, (s, e): (u64, u64)) -> std::io::Result<Vec<(u64, u64)>> {
+        let out = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|&(a, b)| (a.max(s), b.min(e)))
+            .filter(|&(a, b)| a < b)
+            .collect();
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        if let Some(h) = &*self.after_query.lock().unwrap_or_else(|e| e.into_inner()) {
+            h((s, e));
+        }
+        Ok(out)
+    }
+
+    fn settle(&self) -> std::io::Result<()> {
+        self.settles.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
