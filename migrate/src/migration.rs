@@ -479,9 +479,8 @@ impl Migration {
         Ok(())
     }
 
-    /// Copies `regions`: begin, read and write, end. Returns the ops with
-    /// their results.
-    async fn copy_batch(&mut self, regions: &[u64]) -> Result<Batch, MigrateError> {
+    /// COPY_BEGIN for `regions`: their ops, with the words to commit.
+    fn copy_begin(&self, regions: &[u64]) -> Result<Vec<RegionOp>, MigrateError> {
         let mut ops: Vec<RegionOp> = regions
             .iter()
             .map(|&r| RegionOp {
@@ -490,6 +489,13 @@ impl Migration {
             })
             .collect();
         self.tracker.copy_begin(&mut ops)?;
+        Ok(ops)
+    }
+
+    /// Copies `regions`: begin, read and write, end. Returns the ops with
+    /// their results.
+    async fn copy_batch(&mut self, regions: &[u64]) -> Result<Batch, MigrateError> {
+        let ops = self.copy_begin(regions)?;
         // Strictly after COPY_BEGIN: a block the filesystem allocates after
         // this query is written after it, which voids the region's commit
         // (or, after the commit, is mirrored).
@@ -662,14 +668,7 @@ impl Migration {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted.into());
             }
-            let mut ops: Vec<RegionOp> = chunk
-                .iter()
-                .map(|&r| RegionOp {
-                    region: r,
-                    ..RegionOp::default()
-                })
-                .collect();
-            self.tracker.copy_begin(&mut ops)?;
+            let ops = self.copy_begin(chunk)?;
             let free = self.free_regions(&ops).await;
             let mut ends: Vec<RegionOp> = free.iter().map(|&i| ops[i]).collect();
             if !ends.is_empty() {
