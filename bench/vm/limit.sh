@@ -1,0 +1,56 @@
+#!/bin/sh
+# In the guest: device-to-device copies of /dev/vda to /dev/vdb, both
+# throttled by QEMU (bench/limit-vm.sh), interleaved over ROUNDS rounds:
+#   dd      dd bs=4M iflag=direct oflag=direct conv=fsync
+#   copy    migrate copy (its defaults)
+#   live    migrate start (its defaults, no rate limit, no writer), switch
+#           included, then detach
+# The order rotates from round to round. Prints one BLKMIG-BENCH line per copy.
+. /tests/lib.sh
+ROUNDS=3
+BYTES=$(blockdev --getsize64 /dev/vda)
+# Milliseconds since boot, at /proc/uptime's 10 ms resolution (busybox date
+# has no %N); every copy here takes seconds.
+now_ms() { echo $(($(cut -d' ' -f1 /proc/uptime | tr -d .) * 10)); }
+
+run_dd() {
+	dd if=/dev/vda of=/dev/vdb bs=4M iflag=direct oflag=direct conv=fsync status=none ||
+		fail "dd failed"
+}
+run_copy() {
+	migrate copy /dev/vda /dev/vdb -q || fail "migrate copy failed"
+}
+run_live() {
+	migrate start /dev/vda /dev/vdb -q --max-pause 5s || fail "migrate start failed"
+	expect_mode /dev/vda redirect >/dev/null
+}
+# the detach after a live run is not timed
+after_live() {
+	migrate detach /dev/vda >/dev/null 2>&1 || fail "migrate detach failed"
+}
+
+timed() { # name
+	t0=$(now_ms)
+	"run_$1"
+	t1=$(now_ms)
+	echo "BLKMIG-BENCH $1 bytes=$BYTES ms=$((t1 - t0))"
+	[ "$1" = live ] && after_live
+	return 0
+}
+
+load_module
+echo "BLKMIG-BENCH-INFO $(cat /sys/block/vda/queue/max_sectors_kb) max_sectors_kb, $(cat /sys/block/vda/queue/max_segments) max_segments, nr_requests $(cat /sys/block/vda/queue/nr_requests)"
+# Warm up: one short copy with each tool (first-touch costs, guest caches).
+dd if=/dev/vda of=/dev/vdb bs=4M count=4 iflag=direct oflag=direct status=none || fail "dd warm-up failed"
+round=1
+while [ $round -le $ROUNDS ]; do
+	case $((round % 3)) in
+	1) order="dd copy live" ;;
+	2) order="copy live dd" ;;
+	0) order="live dd copy" ;;
+	esac
+	for tool in $order; do timed "$tool"; done
+	round=$((round + 1))
+done
+# The last copy must equal the source.
+cmp /dev/vda /dev/vdb || fail "target differs from source after the last copy"
