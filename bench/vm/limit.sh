@@ -3,9 +3,14 @@
 # throttled by QEMU (bench/limit-vm.sh), interleaved over ROUNDS rounds:
 #   dd      dd bs=4M iflag=direct oflag=direct conv=fsync
 #   copy    migrate copy (its defaults)
+#   copy1m  migrate copy --region-size 1M (the live copy's region size)
 #   live    migrate start (its defaults, no rate limit, no writer), switch
 #           included, then detach
-# The order rotates from round to round. Prints one BLKMIG-BENCH line per copy.
+# and each disk alone: read (dd of the source to /dev/null) and write (dd of
+# zeroes to the target, bs=4M, O_DIRECT). The write always runs just before
+# the live copy: `migrate start` compares before it copies, and the target
+# must not already hold the source's data from the previous copy.
+# The order rotates from round to round. Prints one BLKMIG-BENCH line per run.
 . /tests/lib.sh
 ROUNDS=3
 BYTES=$(blockdev --getsize64 /dev/vda)
@@ -20,12 +25,25 @@ run_dd() {
 run_copy() {
 	migrate copy /dev/vda /dev/vdb -q || fail "migrate copy failed"
 }
+run_read() {
+	dd if=/dev/vda of=/dev/null bs=4M iflag=direct status=none || fail "dd read failed"
+}
+run_write() {
+	dd if=/dev/zero of=/dev/vdb bs=4M count=$((BYTES / 4194304)) oflag=direct conv=fsync status=none ||
+		fail "dd write failed"
+}
+# the same copier with the live copy's region size
+run_copy1m() {
+	migrate copy /dev/vda /dev/vdb -q --region-size 1M || fail "migrate copy --region-size 1M failed"
+}
 run_live() {
-	migrate start /dev/vda /dev/vdb -q --max-pause 5s || fail "migrate start failed"
-	expect_mode /dev/vda redirect >/dev/null
+	migrate start /dev/vda /dev/vdb --json --max-pause 5s >/tmp/live.json || fail "migrate start failed"
 }
 # the detach after a live run is not timed
 after_live() {
+	# its summary: bytes copied, compared, matched
+	echo "BLKMIG-BENCH-LIVE $(tail -n 1 /tmp/live.json)"
+	expect_mode /dev/vda redirect >/dev/null
 	migrate detach /dev/vda >/dev/null 2>&1 || fail "migrate detach failed"
 }
 
@@ -45,9 +63,9 @@ dd if=/dev/vda of=/dev/vdb bs=4M count=4 iflag=direct oflag=direct status=none |
 round=1
 while [ $round -le $ROUNDS ]; do
 	case $((round % 3)) in
-	1) order="dd copy live" ;;
-	2) order="copy live dd" ;;
-	0) order="live dd copy" ;;
+	1) order="dd copy copy1m read write live" ;;
+	2) order="copy copy1m read write live dd" ;;
+	0) order="read write live dd copy copy1m" ;;
 	esac
 	for tool in $order; do timed "$tool"; done
 	round=$((round + 1))
