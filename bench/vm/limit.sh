@@ -1,6 +1,6 @@
 #!/bin/sh
-# In the guest: device-to-device copies of /dev/vda to /dev/vdb, both
-# throttled by QEMU (bench/limit-vm.sh), interleaved over ROUNDS rounds:
+# In the guest: device-to-device copies of /dev/vda to /dev/vdb, both disks
+# held to a known rate by bench/limit-vm.sh, interleaved over ROUNDS rounds:
 #   dd      dd bs=4M iflag=direct oflag=direct conv=fsync
 #   copy    migrate copy (its defaults)
 #   copy1m  migrate copy --region-size 1M (the live copy's region size)
