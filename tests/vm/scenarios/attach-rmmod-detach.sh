@@ -11,7 +11,7 @@
 
 live_begin /dev/vda
 step "migrate start (copy slowed to ~8 MiB/s); rmmod while attached"
-migrate start /dev/vda /dev/vdb --rate-limit 8M >/tmp/mig.log 2>&1 &
+migrate start /dev/vda /dev/vdb --rate-limit 8M --full-copy >/tmp/mig.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 8 120
 run_capture rmmod blkmig

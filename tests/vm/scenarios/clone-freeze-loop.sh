@@ -29,7 +29,8 @@ rm -f /tmp/freeze.stop
 ) &
 freezer=$!
 
-live_start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms --rate-limit 40M
+# --full-copy: the whole device is copied (free space too), so the loop has a copy to freeze under.
+live_start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms --rate-limit 40M --full-copy
 touch /tmp/freeze.stop
 wait $freezer
 echo "  $(cat /tmp/freeze.n) freeze rounds during the migration"

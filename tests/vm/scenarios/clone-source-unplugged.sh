@@ -15,7 +15,7 @@ live_begin /dev/vda
 refs0=$(module_refs)
 pci=$(pci_of /dev/vda)
 step "migrate start --rate-limit 8M, removed halfway"
-migrate start /dev/vda /dev/vdb --rate-limit 8M --max-pause 200ms >/tmp/mig1.log 2>&1 &
+migrate start /dev/vda /dev/vdb --rate-limit 8M --full-copy --max-pause 200ms >/tmp/mig1.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 60
 echo 1 >"$pci/remove" || fail "PCI remove of the source failed"

@@ -17,7 +17,7 @@ must dmsetup create tgt --table "0 $tsz linear /dev/vdb 0"
 live_begin /dev/vda
 
 step "migrate start /dev/vda /dev/mapper/tgt (copy slowed to ~8 MiB/s)"
-migrate start /dev/vda /dev/mapper/tgt --rate-limit 8M --max-pause 200ms >/tmp/mig.log 2>&1 &
+migrate start /dev/vda /dev/mapper/tgt --rate-limit 8M --full-copy --max-pause 200ms >/tmp/mig.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 16 120
 

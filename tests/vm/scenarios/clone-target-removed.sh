@@ -14,7 +14,7 @@ pci=$(readlink -f /sys/block/vdb/device/..)
 live_begin /dev/vda
 
 step "migrate start /dev/vda /dev/vdb (copy slowed to ~8 MiB/s)"
-migrate start /dev/vda /dev/vdb --rate-limit 8M --max-pause 200ms >/tmp/mig.log 2>&1 &
+migrate start /dev/vda /dev/vdb --rate-limit 8M --full-copy --max-pause 200ms >/tmp/mig.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 16 120
 

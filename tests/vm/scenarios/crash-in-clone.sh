@@ -14,7 +14,7 @@
 if [ "$BLKMIG_BOOT" = 1 ]; then
 	crash_writer_begin /dev/vda
 	step "migrate start --rate-limit 8M in the background; reset in the middle of the copy"
-	migrate start /dev/vda /dev/vdb --rate-limit 8M --state-dir "$CRASH_STATE" >/tmp/mig1.log 2>&1 &
+	migrate start /dev/vda /dev/vdb --rate-limit 8M --full-copy --state-dir "$CRASH_STATE" >/tmp/mig1.log 2>&1 &
 	wait_synced /dev/vda 40
 	expect_mode /dev/vda clone
 	echo "  $(status_field /dev/vda regions_synced) of $(status_field /dev/vda regions_total) regions in sync"

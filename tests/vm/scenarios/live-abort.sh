@@ -16,7 +16,7 @@
 live_begin /dev/vda
 
 step "1. migrate start --rate-limit 4M, then SIGINT"
-migrate start /dev/vda /dev/vdb --rate-limit 4M >/tmp/mig1.log 2>&1 &
+migrate start /dev/vda /dev/vdb --rate-limit 4M --full-copy >/tmp/mig1.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 4
 expect_mode /dev/vda clone
@@ -30,7 +30,7 @@ expect_no_filter /dev/vda
 sw_alive
 
 step "2. migrate start --rate-limit 4M, then migrate abort from another shell"
-migrate start /dev/vda /dev/vdb --rate-limit 4M >/tmp/mig2.log 2>&1 &
+migrate start /dev/vda /dev/vdb --rate-limit 4M --full-copy >/tmp/mig2.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 4
 run_capture migrate abort /dev/vda

@@ -15,7 +15,7 @@ SW_ARGS="--hot $HOT --gap-us 500"
 live_begin /dev/vda
 
 step "migrate start --rate-limit 8M in the background"
-migrate start /dev/vda /dev/vdb --rate-limit 8M >/tmp/mig1.log 2>&1 &
+migrate start /dev/vda /dev/vdb --rate-limit 8M --full-copy >/tmp/mig1.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 8
 expect_mode /dev/vda clone

@@ -24,7 +24,7 @@ nbd_connect
 live_begin /dev/vda
 
 step "migrate start /dev/vda /dev/nbd0 (copy slowed to ~8 MiB/s)"
-migrate start /dev/vda /dev/nbd0 --rate-limit 8M --max-pause 200ms >/tmp/mig.log 2>&1 &
+migrate start /dev/vda /dev/nbd0 --rate-limit 8M --full-copy --max-pause 200ms >/tmp/mig.log 2>&1 &
 mig=$!
 wait_synced /dev/vda 16 120
 synced=$(status_field /dev/vda regions_synced)
