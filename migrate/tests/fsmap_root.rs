@@ -14,32 +14,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use blkmig::fsmap::{covers, FreeSpace, Fsmap};
-use common::pattern;
-
-fn enabled() -> bool {
-    if std::env::var("BLKMIG_ROOT_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: root tier (set BLKMIG_ROOT_TESTS=1, as root)");
-        return false;
-    }
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "BLKMIG_ROOT_TESTS=1 needs root"
-    );
-    true
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
+use common::{enabled, pattern, run};
 
 /// An ext4 on a loop device, mounted; unmounted and detached on drop.
 struct Ext4 {

@@ -6,37 +6,12 @@
 
 mod common;
 
-use common::pattern;
+use common::{enabled, pattern, run};
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn enabled() -> bool {
-    if std::env::var("BLKMIG_ROOT_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipped: root tier (set BLKMIG_ROOT_TESTS=1, as root)");
-        return false;
-    }
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "BLKMIG_ROOT_TESTS=1 needs root"
-    );
-    true
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
 
 fn migrate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_migrate"))

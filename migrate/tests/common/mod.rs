@@ -477,3 +477,31 @@ impl blkmig::fsmap::FreeSpace for SimFreeSpace {
         Ok(())
     }
 }
+
+/// Whether the root tier runs: only with `BLKMIG_ROOT_TESTS=1`, and then as
+/// root (it fails rather than skips when it cannot do its work).
+pub fn enabled() -> bool {
+    if std::env::var("BLKMIG_ROOT_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: root tier (set BLKMIG_ROOT_TESTS=1, as root)");
+        return false;
+    }
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "BLKMIG_ROOT_TESTS=1 needs root"
+    );
+    true
+}
+
+/// Runs `cmd args`; it must succeed. Its standard output, trimmed.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
