@@ -479,6 +479,19 @@ impl Migration {
         Ok(())
     }
 
+    /// Counts the ops COPY_BEGIN found busy; an op refused because the
+    /// filter is not cloning any more ends the copy.
+    fn count_refused(&mut self, ops: &[RegionOp]) -> Result<(), MigrateError> {
+        for o in ops {
+            if o.result == abi::REGION_BUSY {
+                self.summary.busy += 1;
+            } else if o.result == abi::REGION_NOT_CLONING {
+                return Err(MigrateError::WrongMode("not clone"));
+            }
+        }
+        Ok(())
+    }
+
     /// COPY_BEGIN for `regions`: their ops, with the words to commit.
     fn copy_begin(&self, regions: &[u64]) -> Result<Vec<RegionOp>, MigrateError> {
         let mut ops: Vec<RegionOp> = regions
@@ -518,7 +531,8 @@ impl Migration {
                 continue;
             };
             if free.contains(&i) {
-                copied.push((i, Transfer::Free(len - self.geo.head_len(r).min(len))));
+                let past_head = self.geo.copy_range(r).map_or(0, |(from, to)| to - from);
+                copied.push((i, Transfer::Free(past_head)));
                 continue;
             }
             if set.len() >= self.opts.queue_depth.max(1) {
@@ -610,13 +624,7 @@ impl Migration {
                 self.progress.add_recopy();
             }
         }
-        for o in &ops {
-            if o.result == abi::REGION_BUSY {
-                self.summary.busy += 1;
-            } else if o.result == abi::REGION_NOT_CLONING {
-                return Err(MigrateError::WrongMode("not clone"));
-            }
-        }
+        self.count_refused(&ops)?;
         // Report each op with its final result.
         let mut out = ops;
         for (k, &(i, _)) in copied.iter().enumerate() {
@@ -646,10 +654,8 @@ impl Migration {
             Ok(regions
                 .into_iter()
                 .filter(|&r| {
-                    geo.region_span(r).is_some_and(|(off, len)| {
-                        let from = off + geo.head_len(r).min(len);
-                        from < off + len && crate::fsmap::covers(&free, (from, off + len))
-                    })
+                    geo.copy_range(r)
+                        .is_some_and(|range| crate::fsmap::covers(&free, range))
                 })
                 .collect())
         })
@@ -679,7 +685,10 @@ impl Migration {
                     continue;
                 };
                 if e.result == abi::REGION_OK {
-                    let f = len - self.geo.head_len(e.region).min(len);
+                    let f = self
+                        .geo
+                        .copy_range(e.region)
+                        .map_or(0, |(from, to)| to - from);
                     committed += 1;
                     self.progress.region_committed(len);
                     self.summary.bytes_skipped_free += f;
@@ -692,13 +701,7 @@ impl Migration {
                     self.progress.add_recopy();
                 }
             }
-            for o in &ops {
-                if o.result == abi::REGION_BUSY {
-                    self.summary.busy += 1;
-                } else if o.result == abi::REGION_NOT_CLONING {
-                    return Err(MigrateError::WrongMode("not clone"));
-                }
-            }
+            self.count_refused(&ops)?;
         }
         Ok(committed)
     }
@@ -721,11 +724,7 @@ impl Migration {
             .iter()
             .enumerate()
             .filter(|(_, o)| o.result == abi::REGION_OK)
-            .filter_map(|(i, o)| {
-                let (off, len) = self.geo.region_span(o.region)?;
-                let from = off + self.geo.head_len(o.region).min(len);
-                (from < off + len).then_some((i, (from, off + len)))
-            })
+            .filter_map(|(i, o)| Some((i, self.geo.copy_range(o.region)?)))
             .collect();
         let (Some(lo), Some(hi)) = (
             spans.iter().map(|(_, s)| s.0).min(),

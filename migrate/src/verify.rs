@@ -394,8 +394,7 @@ impl Verifier {
                 if !self.counts.mismatched.contains(&r) {
                     self.counts.mismatched.push(r);
                 }
-                let (off, len) = cx.geo.region_span(r).unwrap_or((0, 0));
-                let (from, to) = (off + cx.geo.head_len(r), off + len);
+                let (from, to) = cx.geo.copy_range(r).unwrap_or((0, 0));
                 // Copied again by the rounds; never in sync again in this
                 // attachment if it differs a second time, so that no switch
                 // can take it for a copy.

@@ -167,6 +167,21 @@ impl Geometry {
         end - start
     }
 
+    /// The bytes of region `r` that a copy writes, as `(start, end)`: from
+    /// past the head to the region's end. `None` if the head covers the
+    /// whole region, or `r` is past the last region.
+    pub const fn copy_range(&self, r: u64) -> Option<(u64, u64)> {
+        let (off, len) = match self.region_span(r) {
+            Some(span) => span,
+            None => return None,
+        };
+        let skip = self.head_len(r);
+        if skip >= len {
+            return None;
+        }
+        Some((off + skip, off + len))
+    }
+
     /// Whether `nr_sectors` sectors at `sector` touch the head.
     pub const fn touches_head(&self, sector: u64, nr_sectors: u64) -> bool {
         nr_sectors != 0 && sector < (self.head_bytes() >> SECTOR_SHIFT)
@@ -410,6 +425,13 @@ mod tests {
     fn the_head_is_one_mib_whatever_the_region_size() {
         let g = |sectors, shift| Geometry::new(sectors, shift).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(g(1 << 21, 22).head_bytes(), crate::abi::RETIRE_BYTES);
+        // A copy writes what lies past the head.
+        assert_eq!(g(1 << 21, 22).copy_range(0), Some((1 << 20, 1 << 22)));
+        assert_eq!(g(1 << 21, 22).copy_range(1), Some((1 << 22, 2 << 22)));
+        assert_eq!(g(1 << 21, 16).copy_range(15), None);
+        assert_eq!(g(1 << 21, 16).copy_range(16), Some((16 << 16, 17 << 16)));
+        assert_eq!(g(16, 20).copy_range(0), None);
+        assert_eq!(g(1 << 21, 22).copy_range(256), None);
         assert_eq!(g(1 << 21, 22).head_len(0), 1 << 20);
         assert_eq!(g(1 << 21, 22).head_len(1), 0);
         // 64 KiB regions: the head is regions 0..16.
