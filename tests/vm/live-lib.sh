@@ -432,6 +432,25 @@ _refs_are() {
 	[ "$(module_refs)" = "$1" ]
 }
 
+# expect_exit_within PID SECS WHAT: process PID ends within SECS seconds
+expect_exit_within() {
+	wait_until "$2" "$3 to end" _pid_gone "$1"
+}
+_pid_gone() {
+	! kill -0 "$1" 2>/dev/null
+}
+
+# expect_migrate_failed PID LOG SRC WHEN: the background `migrate start` PID (output in LOG)
+# ends within 30 s, fails, and its error names SRC (WHEN says what happened, for the messages)
+expect_migrate_failed() {
+	expect_exit_within "$1" 30 "migrate start ($4)"
+	wait "$1"
+	_rc=$?
+	sed 's/^/  migrate: /' "$2" | tail -n 4
+	[ "$_rc" -ne 0 ] || fail "migrate start exited 0 although $4"
+	grep -q "$(basename "$3")" "$2" || fail "migrate's error does not name $3: $(errtail "$2")"
+}
+
 # unplug_flow: the retire-unplug scenarios: a busy ext4 on vda migrated to vdb and switched,
 # vda unplugged (UNPLUG=sysfs or qmp) under it, the writer stopped, umount (the last close
 # detaches), then the target checked: every stamp, and the buffered file written after the unplug

@@ -19,21 +19,12 @@ migrate start /dev/vda /dev/vdb --rate-limit 8M --full-copy --max-pause 200ms >/
 mig=$!
 wait_synced /dev/vda 60
 echo 1 >"$pci/remove" || fail "PCI remove of the source failed"
-t0=$(cs_now)
-while kill -0 $mig 2>/dev/null && [ $(($(cs_now) - t0)) -lt 3000 ]; do sleep 0.2; done
-kill -0 $mig 2>/dev/null && fail "migrate start still runs 30 s after its source was removed"
-wait $mig
-rc=$?
-sed 's/^/  migrate: /' /tmp/mig1.log | tail -n 4
-[ $rc -ne 0 ] || fail "migrate start exited 0 although its source was removed in CLONE"
-grep -q 'vda' /tmp/mig1.log || fail "migrate's error does not name the source: $(errtail /tmp/mig1.log)"
+expect_migrate_failed $mig /tmp/mig1.log /dev/vda "its source was removed in CLONE"
 dmesg | grep -q 'serves it until its last close' && fail "the filter kept a source removed in CLONE"
 wait_until 10 "the filter to be detached (refcnt $(module_refs))" _refs_are "$refs0"
 
 step "the writer fails (the filesystem is shut down), the target is not recognisable"
-t0=$(cs_now)
-while kill -0 "$SW_PID" 2>/dev/null && [ $(($(cs_now) - t0)) -lt 3000 ]; do sleep 0.2; done
-kill -0 "$SW_PID" 2>/dev/null && fail "the writer still writes 30 s after its disk was removed"
+expect_exit_within "$SW_PID" 30 "the writer, whose disk was removed,"
 if blkid -p /dev/vdb 2>/dev/null | grep -q TYPE=; then
 	fail "the target is recognisable after a failed migration: $(blkid -p /dev/vdb)"
 fi
