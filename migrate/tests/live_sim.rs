@@ -867,7 +867,10 @@ async fn the_reported_pause_includes_a_failed_attempts_hold() {
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers(&rig, stop.clone(), false);
     let obs = Observed::new(rig.sim.clone(), 1, Duration::from_millis(400));
-    let s = migration_with(&rig, obs, options(&rig), Arc::new(AtomicBool::new(false)))
+    // A budget the slow attempt fits in: the hold ends at the budget.
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_secs(1);
+    let s = migration_with(&rig, obs, opts, Arc::new(AtomicBool::new(false)))
         .run()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1150,4 +1153,91 @@ async fn verify_compares_only_what_the_filesystem_uses() {
             "region {r}"
         );
     }
+}
+
+/// A switch whose own work (flushes, marker, the target's head) takes
+/// longer than `--max-pause`: no hold may last longer than the budget (the
+/// hold's timer is set within it), and after a few attempts that ran out
+/// of it the migration says so, still cloning, instead of switching over
+/// budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_slower_than_the_budget_never_holds_writes_past_it() {
+    let rig = rig(41);
+    *rig.sim.switch_cost.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(300);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(100);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let res = tokio::time::timeout(Duration::from_secs(30), tokio::spawn(m.run())).await;
+    cancel.store(true, Ordering::Relaxed);
+    let res = res
+        .unwrap_or_else(|_| panic!("the migration still tries after 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let longest = rig.sim.longest_hold();
+    assert!(
+        longest <= Duration::from_millis(100),
+        "writes were held {longest:?}, over --max-pause 100 ms"
+    );
+    match res {
+        Err(e @ MigrateError::SwitchOverBudget { .. }) => {
+            let t = e.to_string();
+            assert!(t.contains("--max-pause 100 ms") && t.contains("rerun"), "{t}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.sim.mode(), Mode::Clone, "still cloning, to resume");
+}
+
+/// A switch that costs part of the budget still switches, within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_that_fits_the_budget_switches_within_it() {
+    let rig = rig(42);
+    *rig.sim.switch_cost.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(30);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(200);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let s = tokio::time::timeout(Duration::from_secs(30), m.run())
+        .await
+        .unwrap_or_else(|_| panic!("no switch in 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    let longest = rig.sim.longest_hold();
+    assert!(longest <= Duration::from_millis(200), "held {longest:?}");
+    assert!(longest >= Duration::from_millis(30), "held {longest:?}");
+}
+
+/// The source's head is read and saved before writes are held, so that the
+/// window does not spend the budget on it (nor on syncing the state
+/// directory, which may live on the source itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_is_saved_before_writes_are_held() {
+    let rig = rig(43);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, options(&rig), cancel);
+    let s = tokio::time::timeout(Duration::from_secs(30), m.run())
+        .await
+        .unwrap_or_else(|_| panic!("no switch in 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    let path = s.saved_head.clone().unwrap_or_else(|| panic!("{s:?}"));
+    let saved = fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let held = rig
+        .sim
+        .first_hold_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(|| panic!("no hold"));
+    assert!(saved <= held, "the head was saved {:?} after the hold", saved.duration_since(held));
+    let at_switch = rig
+        .sim
+        .head_at_switch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(|| panic!("no switch"));
+    let file = fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(file == at_switch, "the saved head is not the head at the switch");
 }

@@ -9,7 +9,7 @@
 . /tests/lib.sh
 . /tests/live-lib.sh
 
-live_migrate_flow /dev/vda /dev/vdb --region-size 64K --max-pause 200ms --rate-limit 32M
+live_migrate_flow /dev/vda /dev/vdb --region-size 64K --rate-limit 32M
 expect_eq "$LIVE_REGION_BYTES" 65536 "region size of the 64K migration"
 t64=$MIG_SECS p64=$MIG_PAUSE_MS w64=$SW_MAX_MS
 # 4 MiB regions: the writer's 16 MiB file and the ext4 metadata it dirties keep ~8 regions
