@@ -9,12 +9,14 @@
 //! pool), COPY_END for the batch. Regions that were busy or raced a write
 //! stay unsynced and come back in the next round.
 //!
-//! The first and last regions (superblocks, partition tables, labels) are
-//! wiped on the target at the start and copied only inside the switch
-//! window, so a half-copied target is never recognisable as the filesystem.
-//! The target's head (its first `Geometry::head_bytes`, 1 MiB) is never
-//! written here: the module writes it in the switch, after the retire
-//! marker is on the source.
+//! The target's head (its first `Geometry::head_bytes`, 128 KiB: the
+//! superblocks, partition tables and labels found at a device's start) is
+//! wiped at the start and never written here: the module writes it in the
+//! switch, after the retire marker is on the source, so a half-copied
+//! target is never recognisable as the filesystem. The rest of the first
+//! region is copied ahead like any region. The last region (a GPT's backup,
+//! an md 1.0 superblock) is wiped too and copied only inside the switch
+//! window.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -233,8 +235,8 @@ pub enum MigrateError {
         cause: Error,
     },
     /// The switch window can never fit the pause budget: it copies the
-    /// first and last regions with writes held.
-    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the first and last regions ({window}) with writes held and spends about {fixed_ms:.0} ms on its own work, in all about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
+    /// last region with writes held, and has work of its own.
+    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the last region ({window}) with writes held and spends about {fixed_ms:.0} ms on its own work, in all about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
         window = Bytes(*.window_bytes), rate = Bytes(*.rate_bytes_per_sec as u64))]
     PauseUnreachable {
         /// The operator's budget, ms.
@@ -440,8 +442,9 @@ impl Migration {
         })
     }
 
+    /// The last region, which only the switch window copies.
     fn boundary(&self, r: u64) -> bool {
-        r == 0 || r + 1 == self.geo.regions()
+        r + 1 == self.geo.regions()
     }
 
     fn check_mode(&self) -> Result<Status, MigrateError> {
@@ -483,10 +486,9 @@ impl Migration {
 
     /// Zeroes the target's head (only the switch writes it, after the
     /// retire marker, so that both devices are never recognisable at once)
-    /// and the rest of its first and last regions unless they are in sync:
-    /// a copier that died inside the switch window after committing them
-    /// left them SYNCED, every write to them has been mirrored since, and
-    /// nothing would copy them again.
+    /// and its last region unless it is in sync: a copier that died inside
+    /// the switch window after committing it left it SYNCED, every write to
+    /// it has been mirrored since, and nothing would copy it again.
     pub async fn wipe_boundaries(&self) -> Result<(), MigrateError> {
         let mut rs = self.boundaries();
         let unsynced = self.unsynced()?;
@@ -1036,9 +1038,10 @@ impl Migration {
                     "the switch window ran out of the pause budget; writes released"
                 );
                 if self.over_budget >= OVER_BUDGET_ATTEMPTS {
-                    let need = fixed * 1e3 + 2.0 * self.bytes_of(&self.boundaries()) as f64
-                        / self.rate().unwrap_or(f64::INFINITY)
-                        * 1e3;
+                    let need = fixed * 1e3
+                        + 2.0 * self.bytes_of(&self.boundaries()) as f64
+                            / self.rate().unwrap_or(f64::INFINITY)
+                            * 1e3;
                     return Err(MigrateError::SwitchOverBudget {
                         budget_ms: self.opts.max_pause.as_millis(),
                         attempts: self.over_budget,
@@ -1181,8 +1184,9 @@ impl Migration {
     }
 
     /// Refuses a budget the switch can never meet: its window copies at
-    /// least the first and last regions, so a budget below that time at the
-    /// measured rate would wait forever. Judged once the rate rests on
+    /// least the last region and does its own work (measured by an attempt,
+    /// or estimated from the head's read), so a budget below that time at
+    /// the measured rate would wait forever. Judged once the rate rests on
     /// enough copying (or nothing else is left to copy).
     fn check_reachable(&self, rate: f64, nothing_else: bool) -> Result<(), MigrateError> {
         let window = self.bytes_of(&self.boundaries());
@@ -1205,13 +1209,9 @@ impl Migration {
         })
     }
 
-    /// The first and last regions: the switch window copies them.
+    /// The regions only the switch window copies: the last one.
     fn boundaries(&self) -> Vec<u64> {
-        let mut rs = vec![0];
-        if self.geo.regions() > 1 {
-            rs.push(self.geo.regions() - 1);
-        }
-        rs
+        vec![self.geo.regions() - 1]
     }
 
     /// Tells the operator, once, when the unsynced set has stopped shrinking

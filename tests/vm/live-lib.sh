@@ -143,8 +143,11 @@ live_start() {
 	[ -n "$MIG_PAUSE_MS" ] || fail "migrate's summary names no pause: $(errtail "$MIG_LOG")"
 	_budget=$(max_pause_ms "$@")
 	echo "  migrate start took ${MIG_SECS}s, pause ${MIG_PAUSE_MS} ms (--max-pause ${_budget} ms)"
-	# The module's own figure: the longest any write waited in a hold, failed attempts included.
-	awk -v p="$MIG_PAUSE_MS" -v b="$_budget" 'BEGIN { exit !(p <= b) }' ||
+	# The module's own figure: the longest any write waited in a hold, failed attempts included
+	# (LIVE_PAUSE_UNBOUNDED=1: a scenario that killed a copier in its window, whose hold only the
+	# module's timer ended).
+	[ "${LIVE_PAUSE_UNBOUNDED:-0}" = 1 ] ||
+		awk -v p="$MIG_PAUSE_MS" -v b="$_budget" 'BEGIN { exit !(p <= b) }' ||
 		fail "writes were held ${MIG_PAUSE_MS} ms, over --max-pause ${_budget} ms: $(errtail "$MIG_LOG")"
 	sw_alive
 }
@@ -194,7 +197,7 @@ live_check_target() {
 }
 
 # live_check_retired SRC TGT: SRC starts with the retire marker, is no longer an ext4
-# filesystem, and its head (its first MiB, whatever the region size) is saved in
+# filesystem, and its head (its first 128 KiB, whatever the region size) is saved in
 # /var/lib/blkmig/MAJ-MIN/source-head.bin, with the ext4 superblock of the filesystem now on TGT
 live_check_retired() {
 	step "the source $1: retire marker, saved head"
@@ -208,7 +211,7 @@ live_check_retired() {
 	_size=$(stat -c %s "$_head")
 	echo "  $_head: $_size bytes (region: ${LIVE_REGION_BYTES:-?} bytes)"
 	[ -n "${LIVE_REGION_BYTES:-}" ] || fail "the region size is unknown (status had no region_bytes)"
-	expect_eq "$_size" 1048576 "size of $_head (the head: its first MiB)"
+	expect_eq "$_size" 131072 "size of $_head (the head: its first 128 KiB)"
 	_magic=$(dd if="$_head" bs=1 skip=1080 count=2 2>/dev/null | od -An -tx1 | tr -d ' \n')
 	expect_eq "$_magic" 53ef "ext4 magic at offset 1080 of $_head"
 	_huuid=$(dd if="$_head" bs=1 skip=1128 count=16 2>/dev/null | od -An -tx1 | tr -d ' \n')

@@ -24,17 +24,24 @@ struct State {
     hold_gen: u64,
     inflight: u64,
     writes_held: u64,
-    /// When the current hold began.
+    /// When the current hold began, and its timeout.
     hold_since: Option<Instant>,
+    hold_timeout: Duration,
     longest_hold: Duration,
 }
 
 impl State {
     /// Ends the hold (release, timer, switch, failure).
     fn end_hold(&mut self) {
+        self.end_hold_within(Duration::MAX);
+    }
+
+    /// Ends the hold, which lasted at most `limit` (the timer's: a busy
+    /// test machine may run this thread late, the kernel's timer is not).
+    fn end_hold_within(&mut self, limit: Duration) {
         self.holding = false;
         if let Some(t) = self.hold_since.take() {
-            self.longest_hold = self.longest_hold.max(t.elapsed());
+            self.longest_hold = self.longest_hold.max(t.elapsed().min(limit));
         }
     }
 }
@@ -113,6 +120,7 @@ impl SimFilter {
                     inflight: 0,
                     writes_held: 0,
                     hold_since: None,
+                    hold_timeout: Duration::ZERO,
                     longest_hold: Duration::ZERO,
                 }),
                 Condvar::new(),
@@ -368,6 +376,7 @@ impl Tracker for SimFilter {
         }
         st.holding = true;
         st.hold_since = Some(Instant::now());
+        st.hold_timeout = timeout;
         st.hold_gen += 1;
         self.holds.fetch_add(1, Ordering::Relaxed);
         self.first_hold_at
@@ -381,7 +390,7 @@ impl Tracker for SimFilter {
             std::thread::sleep(timeout);
             let mut st = shared.0.lock().unwrap_or_else(|e| e.into_inner());
             if st.holding && st.hold_gen == gen {
-                st.end_hold();
+                st.end_hold_within(timeout);
                 shared.1.notify_all();
             }
         });
@@ -419,6 +428,14 @@ impl Tracker for SimFilter {
             std::thread::sleep(cost);
             st = self.lock();
             if !st.holding || st.hold_gen != gen {
+                return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
+            }
+            // Past the deadline the kernel cancels the switch, whether or
+            // not its timer has run yet.
+            if st.hold_since.is_some_and(|t| t.elapsed() > st.hold_timeout) {
+                let limit = st.hold_timeout;
+                st.end_hold_within(limit);
+                self.notify();
                 return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
             }
         }

@@ -2,7 +2,7 @@
 # live-region-sizes: the live ext4 migration works at the region-size extremes the copier is
 # likely to meet: 64 KiB (vda -> vdb, 2048+ regions: many ioctls, many conflicts) and 4 MiB
 # (vdc -> vdd: the writer's file spans few, always-busy regions). Same checks as
-# live-migrate-ext4 for each, including the size of the saved head (its first MiB, over 16 regions of 64K).
+# live-migrate-ext4 for each, including the size of the saved head (its first 128 KiB, over 2 regions of 64K).
 # disks: 128M 128M 128M 128M
 # needs: module migrate
 # timeout: 600
