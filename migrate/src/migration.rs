@@ -9,12 +9,14 @@
 //! pool), COPY_END for the batch. Regions that were busy or raced a write
 //! stay unsynced and come back in the next round.
 //!
-//! The first and last regions (superblocks, partition tables, labels) are
-//! wiped on the target at the start and copied only inside the switch
-//! window, so a half-copied target is never recognisable as the filesystem.
-//! The target's head (its first `Geometry::head_bytes`, 1 MiB) is never
-//! written here: the module writes it in the switch, after the retire
-//! marker is on the source.
+//! The target's head (its first `Geometry::head_bytes`, 128 KiB: the
+//! superblocks, partition tables and labels found at a device's start) is
+//! wiped at the start and never written here: the module writes it in the
+//! switch, after the retire marker is on the source, so a half-copied
+//! target is never recognisable as the filesystem. The rest of the first
+//! region is copied ahead like any region. The last region (a GPT's backup,
+//! an md 1.0 superblock) is wiped too and copied only inside the switch
+//! window.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +44,9 @@ const IDLE_MAX: Duration = Duration::from_millis(250);
 /// Regions copied before the measured rate is trusted to refuse a pause
 /// budget.
 const RATE_SAMPLE_REGIONS: u64 = 16;
+/// Switch attempts in a row that may run out of the pause budget before
+/// the migration says that the budget cannot be met.
+const OVER_BUDGET_ATTEMPTS: u32 = 5;
 
 /// How to run a migration.
 #[derive(Clone, Debug)]
@@ -230,8 +235,8 @@ pub enum MigrateError {
         cause: Error,
     },
     /// The switch window can never fit the pause budget: it copies the
-    /// first and last regions with writes held.
-    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the first and last regions ({window}) with writes held, which takes about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
+    /// last region with writes held, and has work of its own.
+    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the last region ({window}) with writes held and spends about {fixed_ms:.0} ms on its own work, in all about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
         window = Bytes(*.window_bytes), rate = Bytes(*.rate_bytes_per_sec as u64))]
     PauseUnreachable {
         /// The operator's budget, ms.
@@ -240,8 +245,23 @@ pub enum MigrateError {
         window_bytes: u64,
         /// The measured copy rate.
         rate_bytes_per_sec: f64,
+        /// The window's own work besides copying, ms.
+        fixed_ms: f64,
         /// The estimated window, ms.
         need_ms: f64,
+        /// A budget that would do, ms.
+        suggest_ms: u64,
+    },
+    /// Switch attempts in a row ran out of the pause budget: the hold's
+    /// timer released the writes each time before the switch was done.
+    #[error("--max-pause {budget_ms} ms cannot be met here: {attempts} switch attempts in a row ran out of it (the writes were released each time and nothing changed); the window took about {fixed_ms:.0} ms besides copying (saving the head, flushing both devices, the retire marker, the target's head). blkmig stays attached and mirroring: rerun `migrate start` with --max-pause {suggest_ms}ms or more to resume, or `migrate abort` the source")]
+    SwitchOverBudget {
+        /// The operator's budget, ms.
+        budget_ms: u128,
+        /// Attempts that ran out of it.
+        attempts: u32,
+        /// What the window took besides copying, at the last attempt, ms.
+        fixed_ms: f64,
         /// A budget that would do, ms.
         suggest_ms: u64,
     },
@@ -342,6 +362,16 @@ pub struct Migration {
     /// Whether the free-space query failed once (then the copier copies
     /// everything).
     free_failed: bool,
+    /// The source's head, read and saved ahead of a hold: the count of
+    /// writes to the head the module had seen when that read began.
+    staged_head: Option<u64>,
+    /// What a switch window takes besides copying (s): measured by the
+    /// last attempt, else estimated from the head's staging.
+    window_fixed: Option<f64>,
+    /// Time spent copying and comparing in the current window (s).
+    window_copy: f64,
+    /// Switch attempts in a row that ran out of the budget.
+    over_budget: u32,
 }
 
 struct Batch {
@@ -405,11 +435,16 @@ impl Migration {
             opts,
             migration_id: status.migration_id,
             free_failed: false,
+            staged_head: None,
+            window_fixed: None,
+            window_copy: 0.0,
+            over_budget: 0,
         })
     }
 
+    /// The last region, which only the switch window copies.
     fn boundary(&self, r: u64) -> bool {
-        r == 0 || r + 1 == self.geo.regions()
+        r + 1 == self.geo.regions()
     }
 
     fn check_mode(&self) -> Result<Status, MigrateError> {
@@ -451,15 +486,11 @@ impl Migration {
 
     /// Zeroes the target's head (only the switch writes it, after the
     /// retire marker, so that both devices are never recognisable at once)
-    /// and the rest of its first and last regions unless they are in sync:
-    /// a copier that died inside the switch window after committing them
-    /// left them SYNCED, every write to them has been mirrored since, and
-    /// nothing would copy them again.
+    /// and its last region unless it is in sync: a copier that died inside
+    /// the switch window after committing it left it SYNCED, every write to
+    /// it has been mirrored since, and nothing would copy it again.
     pub async fn wipe_boundaries(&self) -> Result<(), MigrateError> {
-        let mut rs = vec![0];
-        if self.geo.regions() > 1 {
-            rs.push(self.geo.regions() - 1);
-        }
+        let mut rs = self.boundaries();
         let unsynced = self.unsynced()?;
         rs.retain(|r| unsynced.contains(r));
         // The head first, whatever is in sync: nothing else ever blanks it
@@ -856,6 +887,7 @@ impl Migration {
     async fn switch_in_window(&mut self) -> Result<bool, MigrateError> {
         let mut saved: Option<Vec<u8>> = None;
         for _ in 0..6 {
+            let copying = Instant::now();
             let mut left = self.unsynced()?;
             for _ in 0..4 {
                 if left.is_empty() {
@@ -872,14 +904,21 @@ impl Migration {
                 tracing::warn!("regions not verified with writes held");
                 return Ok(false);
             }
+            self.window_copy += copying.elapsed().as_secs_f64();
             let before = self.tracker.status()?.head_writes;
-            let head = self.read_head().await?;
-            if self.tracker.status()?.head_writes != before || !self.unsynced()?.is_empty() {
-                continue;
-            }
-            if saved.as_deref() != Some(&head[..]) {
-                self.summary.saved_head = Some(self.save_head(&head).await?);
-                saved = Some(head);
+            // The head saved before the hold is still the source's if no
+            // write reached it since that read began (the module checks the
+            // same count again when it switches).
+            if self.staged_head != Some(before) {
+                let head = self.read_head().await?;
+                if self.tracker.status()?.head_writes != before || !self.unsynced()?.is_empty() {
+                    continue;
+                }
+                if saved.as_deref() != Some(&head[..]) {
+                    self.summary.saved_head = Some(self.save_head(&head).await?);
+                    saved = Some(head);
+                }
+                self.staged_head = Some(before);
             }
             match self.tracker.switch(before) {
                 Ok(()) => return Ok(true),
@@ -901,31 +940,116 @@ impl Migration {
         Ok(false)
     }
 
-    /// One switch attempt: hold, copy the rest, save the head, switch.
-    /// Returns whether it switched.
-    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
+    /// Reads and saves the source's head ahead of a hold, unless what was
+    /// saved is still current; the window then only checks that no write
+    /// reached the head since. Outside the hold, the read's writeback and
+    /// the state directory's syncs (which may be on the source) cost no
+    /// pause. The first time, it also gives the window's fixed cost a
+    /// first estimate: the head is read, then written twice (the marker,
+    /// the target's head), each about as long as the read.
+    async fn stage_head(&mut self) -> Result<(), MigrateError> {
+        let before = self.tracker.status()?.head_writes;
+        if self.staged_head == Some(before) {
+            return Ok(());
+        }
         let t0 = Instant::now();
-        if let Err(e) = self.tracker.hold_writes(self.opts.hold_timeout_ms) {
+        let head = self.read_head().await?;
+        let read = t0.elapsed().as_secs_f64();
+        if self.tracker.status()?.head_writes != before {
+            // Written while it was read: the window reads it.
+            return Ok(());
+        }
+        self.summary.saved_head = Some(self.save_head(&head).await?);
+        self.staged_head = Some(before);
+        self.window_fixed.get_or_insert(3.0 * read);
+        Ok(())
+    }
+
+    /// The hold's timeout for one attempt (ms): the kernel releases the
+    /// writes at the budget, whatever the copier does, less a margin for
+    /// the timer's granularity and the retire marker's writes, which the
+    /// switch finishes once it has begun them.
+    fn hold_ms(&self) -> u32 {
+        let budget = self.opts.max_pause.as_millis();
+        let margin = (budget / 10).max(10);
+        let hold = if budget > 2 * margin {
+            budget - margin
+        } else {
+            (budget / 2).max(1)
+        };
+        u32::try_from(hold)
+            .unwrap_or(u32::MAX)
+            .min(self.opts.hold_timeout_ms)
+    }
+
+    /// One switch attempt: hold, copy the rest, save the head, switch.
+    /// Returns whether it switched. The hold ends at the budget (its
+    /// timer), so an attempt that would take longer fails instead of
+    /// holding writes past it; what the window took besides copying is
+    /// kept for the next estimate, and attempts that keep running out of
+    /// the budget end the migration with the reason.
+    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
+        let hold_ms = self.hold_ms();
+        let t0 = Instant::now();
+        if let Err(e) = self.tracker.hold_writes(hold_ms) {
             tracing::warn!(error = %e, "could not hold writes for the switch");
             self.summary.failed_switches += 1;
             return Ok(false);
         }
         self.in_window = true;
+        self.window_copy = 0.0;
         let res = self.switch_in_window().await;
         self.in_window = false;
+        let took = t0.elapsed().as_secs_f64();
+        let fixed = (took - self.window_copy).max(0.0);
         match res {
             Ok(true) => {
-                self.summary.switch_window_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                self.window_fixed = Some(fixed);
+                self.summary.switch_window_ms = Some(took * 1e3);
                 self.summary.switched = true;
                 self.progress.set(self.geo.bytes());
                 self.progress.set_unsynced(0);
+                tracing::info!(
+                    window_ms = took * 1e3,
+                    estimated_ms = self.summary.estimated_pause_ms.unwrap_or(0.0),
+                    fixed_ms = fixed * 1e3,
+                    "switched"
+                );
                 Ok(true)
             }
             other => {
                 // Let the writes go; the filter would after its timeout.
                 let _ = self.tracker.release();
                 self.summary.failed_switches += 1;
-                other.map(|_| false)
+                other?;
+                if took * 1e3 + 1.0 < f64::from(hold_ms) {
+                    return Ok(false);
+                }
+                // The budget ran out: the next estimate counts what the
+                // window took besides copying.
+                // (At most the hold: the module released the writes then.)
+                self.over_budget += 1;
+                let fixed = fixed.min(f64::from(hold_ms) / 1e3);
+                self.window_fixed = Some(self.window_fixed.unwrap_or(0.0).max(fixed));
+                tracing::warn!(
+                    window_ms = took * 1e3,
+                    fixed_ms = fixed * 1e3,
+                    budget_ms = self.opts.max_pause.as_millis() as u64,
+                    "the switch window ran out of the pause budget; writes released"
+                );
+                if self.over_budget >= OVER_BUDGET_ATTEMPTS {
+                    let need = fixed * 1e3
+                        + 2.0 * self.bytes_of(&self.boundaries()) as f64
+                            / self.rate().unwrap_or(f64::INFINITY)
+                            * 1e3;
+                    return Err(MigrateError::SwitchOverBudget {
+                        budget_ms: self.opts.max_pause.as_millis(),
+                        attempts: self.over_budget,
+                        fixed_ms: fixed * 1e3,
+                        suggest_ms: ((need.max(took * 1e3) * 2.0 / 10.0).ceil() as u64).max(1) * 10,
+                    });
+                }
+                Ok(false)
             }
         }
     }
@@ -957,8 +1081,17 @@ impl Migration {
                 }
             } else if let Some(rate) = self.rate() {
                 let est = self.estimate(&left, rate).await?;
+                let budget = self.opts.max_pause.as_secs_f64();
+                // The head is saved ahead of the hold once the copy is
+                // close enough; the window's fixed cost then counts.
+                let est = if est <= budget {
+                    self.stage_head().await?;
+                    est + self.window_fixed.unwrap_or(0.0)
+                } else {
+                    est
+                };
                 self.watch_convergence(left.len() as u64, est);
-                if est <= self.opts.max_pause.as_secs_f64() {
+                if est <= budget {
                     self.summary.estimated_pause_ms = Some(est * 1e3);
                     tracing::info!(unsynced = left.len(), est_ms = est * 1e3, "switching");
                     if self.try_switch().await? {
@@ -1051,16 +1184,14 @@ impl Migration {
     }
 
     /// Refuses a budget the switch can never meet: its window copies at
-    /// least the first and last regions, so a budget below that time at the
-    /// measured rate would wait forever. Judged once the rate rests on
+    /// least the last region and does its own work (measured by an attempt,
+    /// or estimated from the head's read), so a budget below that time at
+    /// the measured rate would wait forever. Judged once the rate rests on
     /// enough copying (or nothing else is left to copy).
     fn check_reachable(&self, rate: f64, nothing_else: bool) -> Result<(), MigrateError> {
-        let mut boundaries = vec![0];
-        if self.geo.regions() > 1 {
-            boundaries.push(self.geo.regions() - 1);
-        }
-        let window = self.bytes_of(&boundaries);
-        let need = window as f64 / rate;
+        let window = self.bytes_of(&self.boundaries());
+        let fixed = self.window_fixed.unwrap_or(0.0);
+        let need = window as f64 / rate + fixed;
         let budget = self.opts.max_pause.as_secs_f64();
         let measured = self.copy_bytes >= RATE_SAMPLE_REGIONS * self.geo.region_bytes();
         if need <= budget || !(nothing_else || measured) {
@@ -1072,9 +1203,15 @@ impl Migration {
             budget_ms: self.opts.max_pause.as_millis(),
             window_bytes: window,
             rate_bytes_per_sec: rate,
+            fixed_ms: fixed * 1e3,
             need_ms: need * 1e3,
             suggest_ms,
         })
+    }
+
+    /// The regions only the switch window copies: the last one.
+    fn boundaries(&self) -> Vec<u64> {
+        vec![self.geo.regions() - 1]
     }
 
     /// Tells the operator, once, when the unsynced set has stopped shrinking

@@ -454,18 +454,19 @@ async fn no_switch_keeps_mirroring_and_a_rerun_switches() {
     let synced = rig.sim.synced(0, 1 << 20).unwrap_or_default();
     let n = synced.len();
     assert!(
-        !synced[0] && !synced[n - 1],
-        "boundary regions synced before the switch window"
+        !synced[n - 1],
+        "the last region synced before the switch window"
     );
-    // The target's first region is wiped, not a copy of the source.
-    let mut head = vec![0u8; 1 << SHIFT];
+    assert!(
+        synced[..n - 1].iter().all(|&s| s),
+        "regions other than the last left for the window"
+    );
+    // The target's head is wiped, not a copy of the source.
+    let mut head = vec![0u8; rig.sim.geometry().head_bytes() as usize];
     rig.tgt_file
         .read_exact_at(&mut head, 0)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        head.iter().all(|&b| b == 0),
-        "target's first region not wiped"
-    );
+    assert!(head.iter().all(|&b| b == 0), "target's head not wiped");
     // Resume: a new run finishes the migration.
     complete(&rig, options(&rig), stop, threads).await;
 }
@@ -542,18 +543,18 @@ async fn a_rate_limited_migration_with_a_hot_region_converges() {
 }
 
 /// A copier that dies inside the switch window after it committed the
-/// boundary regions (the first and the last, which are copied only in the
-/// window): they stay SYNCED, every later write to them is mirrored, and the
-/// resumed migration must not wipe them on the target, since nothing would
-/// copy them again. (It did: the target's first and last regions were zeros
-/// after the switch.)
+/// boundary region (the last, which is copied only in the window): it stays
+/// SYNCED, every later write to it is mirrored, and the resumed migration
+/// must not wipe it on the target, since nothing would copy it again. (It
+/// did: the target's first and last regions were zeros after the switch,
+/// when the first was a boundary region too.)
 /// What a copier does in a switch window before SWITCH: holds writes
-/// (300 ms), copies the first and last regions as it does (each region's
-/// head part left out) and commits them. A test then lets it "die".
+/// (300 ms), copies the last region as it does and commits it. A test then
+/// lets it "die".
 fn commit_boundaries_in_a_window(rig: &Rig) {
     let geo = rig.sim.geometry();
     rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
-    let mut ops: Vec<RegionOp> = [0, geo.regions() - 1]
+    let mut ops: Vec<RegionOp> = [geo.regions() - 1]
         .iter()
         .map(|&region| RegionOp {
             region,
@@ -580,7 +581,7 @@ fn commit_boundaries_in_a_window(rig: &Rig) {
     rig.sim.copy_end(&mut ops).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         ops.iter().all(|op| op.result == abi::REGION_OK),
-        "boundary regions did not commit: {ops:?}"
+        "the boundary region did not commit: {ops:?}"
     );
 }
 
@@ -867,7 +868,10 @@ async fn the_reported_pause_includes_a_failed_attempts_hold() {
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers(&rig, stop.clone(), false);
     let obs = Observed::new(rig.sim.clone(), 1, Duration::from_millis(400));
-    let s = migration_with(&rig, obs, options(&rig), Arc::new(AtomicBool::new(false)))
+    // A budget the slow attempt fits in: the hold ends at the budget.
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_secs(1);
+    let s = migration_with(&rig, obs, opts, Arc::new(AtomicBool::new(false)))
         .run()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1150,4 +1154,107 @@ async fn verify_compares_only_what_the_filesystem_uses() {
             "region {r}"
         );
     }
+}
+
+/// A switch whose own work (flushes, marker, the target's head) takes
+/// longer than `--max-pause`: no hold may last longer than the budget (the
+/// hold's timer is set within it), and after a few attempts that ran out
+/// of it the migration says so, still cloning, instead of switching over
+/// budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_slower_than_the_budget_never_holds_writes_past_it() {
+    let rig = rig(41);
+    *rig.sim
+        .switch_cost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(300);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(100);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let res = tokio::time::timeout(Duration::from_secs(30), tokio::spawn(m.run())).await;
+    cancel.store(true, Ordering::Relaxed);
+    let res = res
+        .unwrap_or_else(|_| panic!("the migration still tries after 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let longest = rig.sim.longest_hold();
+    assert!(
+        longest <= Duration::from_millis(100),
+        "writes were held {longest:?}, over --max-pause 100 ms"
+    );
+    match res {
+        Err(e @ MigrateError::SwitchOverBudget { .. }) => {
+            let t = e.to_string();
+            assert!(
+                t.contains("--max-pause 100 ms") && t.contains("rerun"),
+                "{t}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.sim.mode(), Mode::Clone, "still cloning, to resume");
+}
+
+/// A switch that costs part of the budget still switches, within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_that_fits_the_budget_switches_within_it() {
+    let rig = rig(42);
+    *rig.sim
+        .switch_cost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(30);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(200);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let s = tokio::time::timeout(Duration::from_secs(30), m.run())
+        .await
+        .unwrap_or_else(|_| panic!("no switch in 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    let longest = rig.sim.longest_hold();
+    assert!(longest <= Duration::from_millis(200), "held {longest:?}");
+    assert!(longest >= Duration::from_millis(30), "held {longest:?}");
+}
+
+/// The source's head is read and saved before writes are held, so that the
+/// window does not spend the budget on it (nor on syncing the state
+/// directory, which may live on the source itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_is_saved_before_writes_are_held() {
+    let rig = rig(43);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, options(&rig), cancel);
+    let s = tokio::time::timeout(Duration::from_secs(30), m.run())
+        .await
+        .unwrap_or_else(|_| panic!("no switch in 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    let path = s.saved_head.clone().unwrap_or_else(|| panic!("{s:?}"));
+    let saved = fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let held = rig
+        .sim
+        .first_hold_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(|| panic!("no hold"));
+    assert!(
+        saved <= held,
+        "the head was saved {:?} after the hold",
+        saved.duration_since(held)
+    );
+    let at_switch = rig
+        .sim
+        .head_at_switch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(|| panic!("no switch"));
+    let file = fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        file == at_switch,
+        "the saved head is not the head at the switch"
+    );
 }

@@ -103,6 +103,15 @@ for tool in nbd-server nbd-client; do
 	}
 	copy_with_libs "$p" "/usr/sbin/$tool"
 done
+# The retire-signatures scenario makes each kind of signature the retire marker must cover.
+# Optional like the NBD tools: without them only that scenario fails, naming the missing tool.
+for tool in mkfs.xfs mkfs.btrfs lvm mdadm; do
+	p=$(command -v "$tool" 2>/dev/null) || {
+		log "warning: $tool not found (scripts/setup-toolchain.sh installs it); retire-signatures will fail"
+		continue
+	}
+	copy_with_libs "$p" "/usr/sbin/$tool"
+done
 
 cat >"$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
