@@ -579,7 +579,7 @@ impl Migration {
                 }
                 Transfer::Rewritten(c, w) => {
                     (bytes, written, compared, differ) =
-                        (bytes + c, written + w, compared + c, differ + 1)
+                        (bytes + w, written + w, compared + c, differ + 1)
                 }
                 // Read, and zeroed: as much copy work as a write.
                 Transfer::Zeroed(z) => bytes += z,

@@ -653,6 +653,64 @@ async fn a_resume_writes_only_what_the_target_lacks() {
     assert!(s.bytes_compared >= s.bytes_matched);
 }
 
+/// Bytes of the target a comparison before copy reads first
+/// (`verify::PROBE_BYTES`; the rig's devices have small blocks).
+const PROBE: u64 = 4096;
+
+/// On a fresh target a comparison before copy reads only the first
+/// [`PROBE`] bytes of a region: they differ already, and the region is
+/// written without the rest of it being read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_target_costs_one_probe_per_compared_region() {
+    let rig = rig(31);
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    check_switched(&rig);
+    let regions = SIZE >> SHIFT;
+    assert!(s.bytes_compared > 0, "nothing compared: {s:?}");
+    // A whole region read would be 16 probes: the first batch alone
+    // (16 regions) would cost a MiB.
+    assert!(
+        s.bytes_compared <= regions * PROBE,
+        "compared {} bytes, more than one probe per region: {s:?}",
+        s.bytes_compared
+    );
+    assert_eq!(s.bytes_matched, 0, "{s:?}");
+}
+
+/// A target that holds the source's bytes at the start of every region and
+/// something else further on: the probe matches, so the rest is compared,
+/// and every region is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_differs_past_the_probe_is_rewritten() {
+    let rig = rig(33);
+    let geo = rig.sim.geometry();
+    let head = geo.head_bytes();
+    for r in 0..geo.regions() {
+        let (off, _) = geo.region_span(r).unwrap_or_else(|| panic!("region {r}"));
+        let shadow = rig.shadow.lock().unwrap_or_else(|e| e.into_inner());
+        let n = 2 * PROBE as usize;
+        rig.tgt_file
+            .write_all_at(&shadow[off as usize..off as usize + n], off)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    check_switched(&rig);
+    assert_eq!(s.bytes_matched, 0, "{s:?}");
+    // Every region past the head written, the last one in the window.
+    assert_eq!(s.bytes_copied, SIZE - head, "{s:?}");
+    // The regions compared were read whole (each found the same first
+    // bytes).
+    assert!(s.bytes_compared >= 1 << SHIFT, "{s:?}");
+}
+
 /// With a region of `SHIFT` bytes at `r`, 16 bytes of garbage in the target
 /// at its offset 1000.
 fn scribble(tgt: &File, r: u64) {
