@@ -5,9 +5,11 @@
 //! Rounds: each round asks the filter which regions are not yet synced,
 //! decides whether to switch, and otherwise copies them in batches:
 //! COPY_BEGIN for a batch, read the source and write the target for every
-//! region the filter let us copy (`queue_depth` at a time, on the blocking
-//! pool), COPY_END for the batch. Regions that were busy or raced a write
-//! stay unsynced and come back in the next round.
+//! region the filter let us copy, COPY_END for the batch once all its
+//! writes have completed. `queue_depth` copies run at all times on the
+//! blocking pool: the next batch is begun while the last copies of the
+//! current one complete. Regions that were busy or raced a write stay
+//! unsynced and come back in the next round.
 //!
 //! The target's head (its first `Geometry::head_bytes`, 128 KiB: the
 //! superblocks, partition tables and labels found at a device's start) is
@@ -374,9 +376,39 @@ pub struct Migration {
     over_budget: u32,
 }
 
+/// A batch of regions under way in [`Migration::copy_all`]: begun by one
+/// COPY_BEGIN, ended by one COPY_END once every copy in it has completed.
 struct Batch {
+    /// The ops as COPY_BEGIN returned them.
     ops: Vec<RegionOp>,
+    /// Whether its regions are compared before they are written.
+    compare: bool,
+    /// The ops to copy (indices into `ops`), in order; those before `next`
+    /// are started.
+    todo: Vec<usize>,
+    next: usize,
+    /// Copies started and not completed.
+    running: usize,
+    /// What was done to each op done so far (index into `ops`).
+    done: Vec<(usize, Transfer)>,
+    /// Whether its COPY_END was sent.
+    ended: bool,
 }
+
+impl Batch {
+    /// Whether a copy of it is still to start.
+    fn has_todo(&self) -> bool {
+        self.next < self.todo.len()
+    }
+
+    /// Whether it can be ended: every copy started and completed.
+    fn complete(&self) -> bool {
+        !self.ended && !self.has_todo() && self.running == 0
+    }
+}
+
+/// What a copy task hands back: its batch and op, its buffers, what it did.
+type CopyDone = (usize, usize, Bufs, Result<Transfer, Error>);
 
 impl Migration {
     /// A migration over an attached filter; `status` is its current status.
@@ -536,9 +568,10 @@ impl Migration {
         Ok(ops)
     }
 
-    /// Copies `regions`: begin, read and write, end. Returns the ops with
-    /// their results.
-    async fn copy_batch(&mut self, regions: &[u64]) -> Result<Batch, MigrateError> {
+    /// Begins a batch of `regions`: COPY_BEGIN, then the free-space query
+    /// that counts for it; the regions it lets through and the filesystem
+    /// uses are to copy, the free ones are done.
+    async fn begin_batch(&mut self, regions: &[u64]) -> Result<Batch, MigrateError> {
         let ops = self.copy_begin(regions)?;
         // Strictly after COPY_BEGIN: a block the filesystem allocates after
         // this query is written after it, which voids the region's commit
@@ -547,58 +580,38 @@ impl Migration {
         // Compare first where the target may already hold the data; never
         // in the switch window, whose copies must be quick.
         let compare = !self.in_window && self.policy.next_batch();
-        let started = Instant::now();
-        let mut paced = 0.0;
-        let mut set = tokio::task::JoinSet::new();
-        let mut bufs: Vec<Bufs> = Vec::new();
-        let mut copied: Vec<(usize, Transfer)> = Vec::new();
-        let mut failed: Option<MigrateError> = None;
-        let todo: Vec<usize> = (0..ops.len())
-            .filter(|&i| ops[i].result == abi::REGION_OK)
-            .collect();
-        for &i in &todo {
-            let r = ops[i].region;
-            let Some((off, len)) = self.geo.region_span(r) else {
+        let mut todo = Vec::new();
+        let mut done = Vec::new();
+        for (i, o) in ops.iter().enumerate() {
+            if o.result != abi::REGION_OK {
                 continue;
-            };
+            }
             if free.contains(&i) {
-                let past_head = self.geo.copy_range(r).map_or(0, |(from, to)| to - from);
-                copied.push((i, Transfer::Free(past_head)));
-                continue;
+                let past_head = self
+                    .geo
+                    .copy_range(o.region)
+                    .map_or(0, |(from, to)| to - from);
+                done.push((i, Transfer::Free(past_head)));
+            } else if self.geo.region_span(o.region).is_some() {
+                todo.push(i);
             }
-            if set.len() >= self.opts.queue_depth.max(1) {
-                if let Some(res) = set.join_next().await {
-                    Self::collect(res, &mut bufs, &mut copied, &mut failed);
-                }
-            }
-            if !self.limits.is_empty() && !self.in_window {
-                // Interrupted: nothing of this batch is committed, so every
-                // region in it stays unsynced; that is safe. The time spent
-                // waiting here is not copy time: the pause estimate needs
-                // the unthrottled rate, as the window is not rate-limited.
-                let w0 = Instant::now();
-                crate::copy::pace_all(&self.limits, len, &self.cancel).await?;
-                paced += w0.elapsed().as_secs_f64();
-            }
-            let mut buf = bufs
-                .pop()
-                .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
-            let (src, tgt) = (self.src.clone(), self.tgt.clone());
-            // The target's head is the switch's to write (after the retire
-            // marker): a region in it is copied from the end of the head on.
-            let span = (off, len, self.geo.head_len(r));
-            set.spawn_blocking(move || {
-                let res = crate::verify::transfer(&src, &tgt, &mut buf, span, compare);
-                (i, buf, res)
-            });
         }
-        while let Some(res) = set.join_next().await {
-            Self::collect(res, &mut bufs, &mut copied, &mut failed);
-        }
-        if let Some(e) = failed {
-            // Nothing is committed: the regions stay unsynced.
-            return Err(e);
-        }
+        Ok(Batch {
+            ops,
+            compare,
+            todo,
+            next: 0,
+            running: 0,
+            done,
+            ended: false,
+        })
+    }
+
+    /// Ends `batch`, every copy of which has completed: COPY_END for what
+    /// it did, and the counts. Returns how many regions committed.
+    fn end_batch(&mut self, batch: &mut Batch) -> Result<u64, MigrateError> {
+        batch.ended = true;
+        let copied = std::mem::take(&mut batch.done);
         // Work for the rate: the bytes of each region done, copied or
         // compared (a comparison reads as much as a copy moves).
         let (mut bytes, mut written, mut compared, mut same, mut differ) = (0, 0, 0, 0, 0);
@@ -610,27 +623,28 @@ impl Migration {
                 }
                 Transfer::Rewritten(c, w) => {
                     (bytes, written, compared, differ) =
-                        (bytes + c, written + w, compared + c, differ + 1)
+                        (bytes + w, written + w, compared + c, differ + 1)
                 }
                 // Read, and zeroed: as much copy work as a write.
                 Transfer::Zeroed(z) => bytes += z,
                 Transfer::Free(_) => {}
             }
         }
-        if compare {
+        if batch.compare {
             self.policy.record(same, differ);
         }
         self.copy_bytes += bytes;
-        self.copy_secs += (started.elapsed().as_secs_f64() - paced).max(1e-6);
         self.summary.bytes_copied += written;
         self.summary.bytes_compared += compared;
         self.progress.add_work(bytes);
-        let mut ends: Vec<RegionOp> = copied.iter().map(|&(i, _)| ops[i]).collect();
+        let mut ends: Vec<RegionOp> = copied.iter().map(|&(i, _)| batch.ops[i]).collect();
         if !ends.is_empty() {
             self.tracker.copy_end(&mut ends)?;
         }
+        let mut committed = 0;
         for (e, &(_, t)) in ends.iter().zip(&copied) {
             if e.result == abi::REGION_OK {
+                committed += 1;
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
                 match t {
@@ -655,13 +669,8 @@ impl Migration {
                 self.progress.add_recopy();
             }
         }
-        self.count_refused(&ops)?;
-        // Report each op with its final result.
-        let mut out = ops;
-        for (k, &(i, _)) in copied.iter().enumerate() {
-            out[i].result = ends[k].result;
-        }
-        Ok(Batch { ops: out })
+        self.count_refused(&batch.ops)?;
+        Ok(committed)
     }
 
     /// Commits without a copy the regions of `regions` that the
@@ -791,39 +800,128 @@ impl Migration {
         }
     }
 
-    fn collect(
-        res: Result<(usize, Bufs, Result<Transfer, Error>), tokio::task::JoinError>,
-        bufs: &mut Vec<Bufs>,
-        copied: &mut Vec<(usize, Transfer)>,
-        failed: &mut Option<MigrateError>,
-    ) {
-        match res {
-            Ok((i, buf, Ok(t))) => {
-                bufs.push(buf);
-                copied.push((i, t));
-            }
-            Ok((_, buf, Err(e))) => {
-                bufs.push(buf);
-                failed.get_or_insert(e.into());
-            }
-            Err(e) => {
-                failed.get_or_insert(Error::joined(&e, "copy").into());
-            }
-        }
-    }
-
-    /// Copies every region in `regions` in batches; returns how many committed.
+    /// Copies every region in `regions`; returns how many committed.
+    ///
+    /// In batches of `queue_depth * 4` regions, each begun by one
+    /// COPY_BEGIN and ended by one COPY_END, and `queue_depth` copies
+    /// running at all times: the next batch is begun as soon as the last
+    /// copy of the current one has started, so both devices stay busy
+    /// while a batch finishes, and a batch is ended as soon as its last
+    /// copy has completed (its writes complete before its COPY_END). On an
+    /// error nothing more is begun or ended, and every copy still running
+    /// is waited for before returning: a copier write still in flight when
+    /// a later attempt commits its region could land over a mirrored write.
     async fn copy_all(&mut self, regions: &[u64]) -> Result<u64, MigrateError> {
-        let batch = (self.opts.queue_depth.max(1) * 4).min(abi::REGION_OPS_MAX as usize);
+        let depth = self.opts.queue_depth.max(1);
+        let per_batch = (depth * 4).min(abi::REGION_OPS_MAX as usize);
+        let mut chunks = regions.chunks(per_batch);
+        let mut batches: Vec<Batch> = Vec::new();
+        let mut set: tokio::task::JoinSet<CopyDone> = tokio::task::JoinSet::new();
+        let mut bufs: Vec<Bufs> = Vec::new();
+        let mut failed: Option<MigrateError> = None;
         let mut committed = 0;
-        for chunk in regions.chunks(batch) {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Interrupted.into());
+        let started = Instant::now();
+        // Not copy time, for the rate: waits for the rate limit (the pause
+        // estimate needs the unthrottled rate, as the window is not
+        // rate-limited), and beginning a batch while no copy runs.
+        let mut idle = 0.0;
+        loop {
+            while failed.is_none() && set.len() < depth {
+                let b = match batches.len().checked_sub(1) {
+                    Some(b) if batches[b].has_todo() => b,
+                    _ => {
+                        let Some(chunk) = chunks.next() else {
+                            break;
+                        };
+                        if self.cancel.load(Ordering::Relaxed) {
+                            failed = Some(Error::Interrupted.into());
+                            break;
+                        }
+                        let t0 = Instant::now();
+                        let mut batch = match self.begin_batch(chunk).await {
+                            Ok(batch) => batch,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        };
+                        if set.is_empty() {
+                            idle += t0.elapsed().as_secs_f64();
+                        }
+                        // Nothing to copy (busy, synced or free): end it now.
+                        if batch.complete() {
+                            match self.end_batch(&mut batch) {
+                                Ok(n) => committed += n,
+                                Err(e) => failed = Some(e),
+                            }
+                        }
+                        batches.push(batch);
+                        continue;
+                    }
+                };
+                let batch = &mut batches[b];
+                let i = batch.todo[batch.next];
+                batch.next += 1;
+                let r = batch.ops[i].region;
+                let Some((off, len)) = self.geo.region_span(r) else {
+                    continue;
+                };
+                if !self.limits.is_empty() && !self.in_window {
+                    // Interrupted: the copies running are waited for below,
+                    // and nothing more is committed, so every region not
+                    // committed yet stays unsynced; that is safe.
+                    let w0 = Instant::now();
+                    if let Err(e) = crate::copy::pace_all(&self.limits, len, &self.cancel).await {
+                        failed = Some(e.into());
+                        break;
+                    }
+                    idle += w0.elapsed().as_secs_f64();
+                }
+                let mut buf = bufs
+                    .pop()
+                    .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
+                let (src, tgt, compare) = (self.src.clone(), self.tgt.clone(), batches[b].compare);
+                // The target's head is the switch's to write (after the
+                // retire marker): a region in it is copied from the end of
+                // the head on.
+                let span = (off, len, self.geo.head_len(r));
+                set.spawn_blocking(move || {
+                    let res = crate::verify::transfer(&src, &tgt, &mut buf, span, compare);
+                    (b, i, buf, res)
+                });
+                batches[b].running += 1;
             }
-            let b = self.copy_batch(chunk).await?;
-            committed += b.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
+            let Some(res) = set.join_next().await else {
+                break;
+            };
+            let (b, i, buf, res) = match res {
+                Ok(done) => done,
+                Err(e) => {
+                    failed.get_or_insert(Error::joined(&e, "copy").into());
+                    continue;
+                }
+            };
+            bufs.push(buf);
+            let batch = &mut batches[b];
+            batch.running -= 1;
+            match res {
+                Ok(t) => batch.done.push((i, t)),
+                Err(e) => {
+                    failed.get_or_insert(e.into());
+                }
+            }
+            if failed.is_none() && batch.complete() {
+                match self.end_batch(batch) {
+                    Ok(n) => committed += n,
+                    Err(e) => failed = Some(e),
+                }
+            }
         }
-        Ok(committed)
+        self.copy_secs += (started.elapsed().as_secs_f64() - idle).max(1e-6);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(committed),
+        }
     }
 
     /// Reads the source's head (writes are held). The read forces the
