@@ -34,7 +34,7 @@ busy_jiffies() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 make_fs() {
 	must mkfs.ext4 -q -F "$1"
 	must mount -t ext4 "$1" "$MNT"
-	fill_mb=$(($(df -k "$MNT" | awk 'NR == 2 {print $2}') / 1024 * FILL_PCT / 100))
+	fill_mb=$(($(df -k "$MNT" | awk 'NR == 2 {print $2}') * FILL_PCT / 102400))
 	i=0
 	while [ $((i * 16)) -lt "$fill_mb" ]; do
 		dd if=/tmp/rand of="$MNT/fill$i" bs=1M conv=fsync status=none || fail "fill $1"
@@ -145,7 +145,7 @@ run_clone() {
 	must dmsetup suspend src
 	must dmsetup load src --table "0 $SECTORS clone /dev/vdc /dev/vdb /dev/vda 8 0 4 hydration_batch_size 256 hydration_threshold 2048"
 	must dmsetup resume src
-	while ! clone_done; do sleep 0.2; done
+	wait_until 900 "dm-clone's hydration" clone_done
 	must dmsetup suspend src
 	must dmsetup load src --table "0 $SECTORS linear /dev/vdb 0"
 	must dmsetup resume src
@@ -154,11 +154,11 @@ run_clone() {
 	must dmsetup remove src
 }
 
-# md_done: vdb replaced vda (vda is faulty) and no recovery runs.
+# md_done: vdb replaced vda (vdb in sync, vda marked faulty or gone) and no recovery runs.
 md_done() {
 	[ "$(cat /sys/block/md0/md/sync_action)" = idle ] &&
-		grep -q faulty /sys/block/md0/md/dev-vda/state 2>/dev/null &&
-		grep -q in_sync /sys/block/md0/md/dev-vdb/state
+		grep -q in_sync /sys/block/md0/md/dev-vdb/state &&
+		! grep -q in_sync /sys/block/md0/md/dev-vda/state 2>/dev/null
 }
 
 run_md() {
@@ -175,7 +175,7 @@ run_md() {
 	cat /proc/sys/dev/raid/speed_limit_max >/proc/sys/dev/raid/speed_limit_min
 	workload_start
 	must mdadm /dev/md0 --replace /dev/vda --with /dev/vdb
-	while ! md_done; do sleep 0.2; done
+	wait_until 900 "md's replacement of vda by vdb" md_done
 	workload_stop md
 	done_check /dev/md0
 	must mdadm --stop /dev/md0
