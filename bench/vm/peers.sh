@@ -2,7 +2,9 @@
 # In the guest: blkmig and its peers move the same mounted ext4 from /dev/vda to /dev/vdb (both
 # held to a known rate by bench/peers-vm.sh) under the same live workload, one after the other:
 #   base     the workload alone, no migration, for BASE_SECS: the reference
-#   blkmig   ext4 on vda; `migrate start /dev/vda /dev/vdb` (its defaults) to the switch
+#   blkmig   ext4 on vda; `migrate start /dev/vda /dev/vdb --max-pause 1s` to the switch (the
+#            default budget, 100 ms, is less than the switch's two 1 MiB regions take at the
+#            rate these disks give the copy under the workload: it refuses to switch)
 #   pvmove   ext4 on an LV of a VG on vda, vdb in the VG from the start; `pvmove -i 1 vda vdb`
 #   clone    ext4 on a dm-linear device over vda; its table swapped to dm-clone (metadata on
 #            vdc, 4 KiB regions, hydration in 1 MiB batches, 8 MiB in flight: blkmig's defaults),
@@ -104,7 +106,7 @@ run_base() {
 run_blkmig() {
 	make_fs /dev/vda
 	workload_start
-	migrate start /dev/vda /dev/vdb --json >/tmp/blkmig.json || fail "migrate start failed"
+	migrate start /dev/vda /dev/vdb --json --max-pause 1s >/tmp/blkmig.json || fail "migrate start failed"
 	workload_stop blkmig
 	echo "blkmig: $(tail -n 1 /tmp/blkmig.json)"
 	expect_mode /dev/vda redirect >/dev/null
