@@ -58,7 +58,8 @@ reader() {
 }
 
 workload_start() {
-	rm -f /tmp/stop /tmp/reads /tmp/reader.err
+	# the previous run's output must not pass for this writer's
+	rm -f /tmp/stop /tmp/reads /tmp/reader.err /tmp/writer.out
 	stampwriter write "$MNT/stamps" /tmp/stamps.log --blocks 4096 --stop /tmp/stop \
 		--rate "$WRITE_RATE" --slow-ms 100 >/tmp/writer.out 2>&1 &
 	WPID=$!
