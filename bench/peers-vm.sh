@@ -12,7 +12,7 @@
 # Disks as in bench/limit-vm.sh: QEMU's throttle, or with --paced bench/paced-nbd.py serving each
 # disk one request at a time. A third disk, 64 MiB and not limited, holds dm-clone's metadata.
 # As root; needs lvm2 and mdadm on the host (scripts/setup-toolchain.sh), which go into the
-# guest's initramfs. Environment: BLKMIG_BENCH_KO (bench/lib.sh).
+# guest's initramfs. Environment: BLKMIG_BENCH_KO (bench/lib.sh), BLKMIG_PEERS (below).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -32,6 +32,8 @@ bench_build
 bench_workdir
 mkdir -p "$work/extra/etc/lvm" "$work/extra/run/lock/lvm"
 cp bench/vm/lvm.conf "$work/extra/etc/lvm/lvm.conf"
+# BLKMIG_PEERS: some of the runs only, e.g. "base md" (default: every one, bench/vm/peers.sh)
+[ -z "${BLKMIG_PEERS:-}" ] || echo "METHODS=\"$BLKMIG_PEERS\"" >"$work/extra/etc/bench-peers"
 bench_initramfs bench-peers bench/vm/peers.sh --tool lvm --tool mdadm
 for d in vda vdb; do dd if=/dev/zero of="$work/$d.img" bs=1M count="$mb" status=none; done
 truncate -s 64M "$work/vdc.img"
@@ -42,14 +44,18 @@ bench_boot bench-peers 1500
 python3 - "$work/console.log" "$rate" "$mb" "$paced" <<'PY'
 import re, sys
 log, rate, mb, paced = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-runs = {}
+runs, failed = {}, {}
 for line in open(log, errors="replace"):
+    m = re.search(r"BLKMIG-PEER-FAILED name=(\S+) (.*)", line)
+    if m:
+        failed[m.group(1)] = "failed: " + m.group(2).strip()
+        continue
     m = re.search(r"BLKMIG-PEER name=(\S+) (.*)", line)
     if m:
         runs[m.group(1)] = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", m.group(2))}
 how = "bench/paced-nbd.py serving both disks" if paced else "QEMU throttling.bps-read/bps-write on both disks"
 print("disks: %s MiB each at %s MiB/s (%s)\n" % (mb, rate, how))
-base, ref = runs["base"], runs["blkmig"]
+base, ref = runs["base"], runs.get("blkmig", runs["base"])
 HZ = 100  # USER_HZ: /proc/stat counts in 1/100 s
 base_busy = base["busy"] / (base["ms"] / 1000)  # the workload's own CPU, jiffies per second
 def extra_cpu(r):
@@ -62,9 +68,10 @@ print("workload alone: %.0f writes/s, p99 write %.1f ms, longest write %.1f ms, 
 print()
 print("| method | migration s | time vs blkmig | writes/s vs alone | p99 write ms | p99 vs alone | longest write ms | longest vs blkmig | reads/s vs alone | CPU s over the workload's | CPU vs blkmig |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
-for k in ["blkmig", "pvmove", "clone", "md", "dd"]:
+for k in ["blkmig", "blkmig-qd2", "pvmove", "clone", "md", "dd"]:
     if k not in runs:
-        print("| %s | did not run | | | | | | | | | |" % k)
+        why = failed.get(k, "did not run")
+        print("| %s | %s | | | | | | | | | |" % (k, why))
         continue
     r = runs[k]
     live = r["writes"] > 0

@@ -75,7 +75,11 @@ workload_stop() {
 	t1=$(now_ms)
 	b1=$(busy_jiffies)
 	touch /tmp/stop
-	wait "$WPID" || fail "$1: the writer failed: $(tail -n 3 /tmp/writer.out)"
+	if ! wait "$WPID"; then
+		cat /tmp/writer.out
+		dmesg | tail -n 30
+		fail "$1: the writer failed: $(grep -m1 '^Error' /tmp/writer.out) $(tail -n 1 /tmp/writer.out)"
+	fi
 	wait "$RPID"
 	[ -e /tmp/reader.err ] && fail "$1: $(cat /tmp/reader.err)"
 	sed "s/^/$1: /" /tmp/writer.out | grep -v "slow write"
@@ -104,12 +108,15 @@ run_base() {
 	done_check /dev/vda
 }
 
+# run_blkmig [NAME OPTION...]: blkmig, with more options for `migrate start` under another name
 run_blkmig() {
+	name=${1:-blkmig}
+	[ $# -eq 0 ] || shift
 	make_fs /dev/vda
 	workload_start
-	migrate start /dev/vda /dev/vdb --json --max-pause 1s >/tmp/blkmig.json || fail "migrate start failed"
-	workload_stop blkmig
-	echo "blkmig: $(tail -n 1 /tmp/blkmig.json)"
+	migrate start /dev/vda /dev/vdb --json --max-pause 1s "$@" >/tmp/blkmig.json || fail "migrate start failed"
+	workload_stop "$name"
+	echo "$name: $(tail -n 1 /tmp/blkmig.json)"
 	expect_mode /dev/vda redirect >/dev/null
 	must umount "$MNT"
 	must migrate detach /dev/vda
@@ -199,8 +206,32 @@ run_dd() {
 mkdir -p /run/lvm /run/lock/lvm /run/mdadm
 load_module
 dd if=/dev/urandom of=/tmp/rand bs=1M count=16 status=none || fail "random data"
-for m in base blkmig pvmove clone md dd; do
+# blkmig with two copies in flight instead of 8: a shorter queue at the disks for the workload
+run_blkmig_qd2() { run_blkmig blkmig-qd2 --queue-depth 2; }
+
+# /etc/bench-peers: METHODS, the runs to make (bench/peers-vm.sh writes it)
+METHODS="base blkmig blkmig_qd2 pvmove clone md dd"
+[ -f /etc/bench-peers ] && . /etc/bench-peers
+# after a run that failed: stop the workload, take down what the run set up
+clean_up() {
+	touch /tmp/stop
+	sleep 1
+	umount "$MNT" 2>/dev/null
+	migrate detach /dev/vda >/dev/null 2>&1
+	lvm vgremove -q -ff -y vg >/dev/null 2>&1
+	lvm pvremove -q -ff -y /dev/vda /dev/vdb >/dev/null 2>&1
+	dmsetup remove src 2>/dev/null
+	mdadm --stop /dev/md0 >/dev/null 2>&1
+	wipe /dev/vda /dev/vdb
+}
+
+# A run that fails is reported (BLKMIG-PEER-FAILED) and the others still run.
+for m in $METHODS; do
 	step "$m"
-	"run_$m"
+	if ! ("run_$m"); then
+		echo "BLKMIG-PEER-FAILED name=$m $(cat "$BLKMIG_FAIL_FILE" 2>/dev/null)"
+		rm -f "$BLKMIG_FAIL_FILE"
+		clean_up
+	fi
 	wipe /dev/vdb
 done
