@@ -32,8 +32,10 @@ now_ms() { echo $(($(cut -d' ' -f1 /proc/uptime | tr -d .) * 10)); }
 busy_jiffies() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 
 # make_fs DEV: ext4 on DEV, mounted on $MNT, FILL_PCT percent full of random data, with the
-# reader's file.
+# reader's file. The data are new for every run: a target that still holds an earlier run's copy
+# must not match (blkmig compares before it copies).
 make_fs() {
+	dd if=/dev/urandom of=/tmp/rand bs=1M count=16 status=none || fail "random data"
 	must mkfs.ext4 -q -F "$1"
 	must mount -t ext4 "$1" "$MNT"
 	fill_mb=$(($(df -k "$MNT" | awk 'NR == 2 {print $2}') * FILL_PCT / 102400))
@@ -205,7 +207,6 @@ run_dd() {
 
 mkdir -p /run/lvm /run/lock/lvm /run/mdadm
 load_module
-dd if=/dev/urandom of=/tmp/rand bs=1M count=16 status=none || fail "random data"
 # blkmig with two copies in flight instead of 8: a shorter queue at the disks for the workload
 run_blkmig_qd2() { run_blkmig blkmig-qd2 --queue-depth 2; }
 
