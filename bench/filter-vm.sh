@@ -41,11 +41,12 @@ for d in vda vdb; do
 done
 # Two 1 TiB null_blk devices without memory behind them, for the kernel
 # memory of an attachment.
-bench_guest filter target/bench-filter-console.log "null_blk.nr_devices=2 null_blk.gb=1024" 1G
-python3 - target/bench-filter-console.log "$mb" "$how" "$rate" <<'PY'
+log=target/bench-filter-$how-console.log
+bench_guest filter "$log" "null_blk.nr_devices=2 null_blk.gb=1024" 1G
+python3 - "$log" "$mb" "$how" "$rate" <<'PY'
 import re, statistics, sys
 log, mb, how, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-runs, mem, vmalloc, rss, info = {}, {}, [], [], []
+runs, mem, vmalloc, rss, rss_1tib, info = {}, {}, [], [], [], []
 for line in open(log, errors="replace"):
     line = line.strip()
     if m := re.search(r"BLKMIG-BENCH (\S+) us=(\d+)", line):
@@ -59,6 +60,8 @@ for line in open(log, errors="replace"):
         vmalloc.append(m.group(1))
     elif m := re.search(r"BLKMIG-RSS (\S+) kb=(\d+) (.*)", line):
         rss.append((m.group(1), int(m.group(2)), m.group(3)))
+    elif m := re.search(r"BLKMIG-RSS-(AT|END) (.*)", line):
+        rss_1tib.append(m.group(2))
 print("disks: %s" % ("bench/paced-nbd.py at %s MiB/s each" % rate if how == "paced" else "plain image files"))
 for i in info:
     print("guest: %s" % i)
@@ -105,4 +108,8 @@ if mem:
         print("    vmalloc: %s" % v)
 for tool, kb, rest in rss:
     print("\npeak RSS of migrate %s: %.1f MiB (%s)" % (tool, kb / 1024, rest))
+if rss_1tib:
+    print("\nOn the 1 TiB null_blk source, each second:\n")
+    for r in rss_1tib:
+        print("    %s" % r)
 PY

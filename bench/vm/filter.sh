@@ -15,7 +15,7 @@
 #    rewriting a file on it, both at their defaults but for -q and a pause
 #    budget of 5 s (which the emulated disks need, and which does not change
 #    what the copier allocates); and both on the 1 TiB null_blk source,
-#    their VmHWM after 20 s of copying.
+#    their RSS each second for 20 s (BLKMIG-RSS-AT).
 . /tests/lib.sh
 . /tests/live-lib.sh
 . /tests/bench-lib.sh
@@ -123,29 +123,44 @@ copier_rss() {
 	must migrate detach /dev/vda
 }
 
-# hwm_running SECONDS CMD...: CMD's peak RSS (VmHWM, KiB) after it ran for
-# SECONDS, then CMD is stopped with SIGTERM.
-hwm_running() {
-	_secs=$1
-	shift
+# rss_running NAME SECONDS CMD...: runs CMD for up to SECONDS and prints,
+# every second, its resident set and peak (VmRSS, VmHWM, KiB) with the
+# source's regions in sync; then stops it with SIGTERM. Says so if CMD ended
+# by itself (its last lines, and the kernel's OOM report if there is one).
+rss_running() {
+	_name=$1
+	_secs=$2
+	shift 2
+	dmesg -c >/dev/null
 	"$@" >/tmp/run.out 2>&1 &
 	_pid=$!
-	sleep "$_secs"
-	kill -0 $_pid 2>/dev/null || fail "$* ended within $_secs s: $(tail -n 3 /tmp/run.out)"
-	sed -n 's/^VmHWM: *\([0-9]*\) kB/\1/p' /proc/$_pid/status
-	kill -TERM $_pid
-	wait $_pid
+	_t=1
+	while [ $_t -le "$_secs" ]; do
+		sleep 1
+		_st=$(cat /proc/$_pid/status 2>/dev/null) || break
+		echo "BLKMIG-RSS-AT $_name t=$_t $(echo "$_st" | grep -E '^Vm(RSS|HWM)' | tr -s ' \t\n' ' ') synced=$(status_field /dev/nullb0 regions_synced)"
+		_t=$((_t + 1))
+	done
+	if kill -TERM $_pid 2>/dev/null; then
+		wait $_pid
+	else
+		wait $_pid
+		echo "BLKMIG-RSS-END $_name ended by itself after ${_t} s (exit $?): $(tail -n 2 /tmp/run.out | tr '\n' ' ') $(dmesg | grep -i 'out of memory' | head -n 1)"
+	fi
 	return 0
 }
-# The copier on a 1 TiB source (null_blk): its peak RSS after 20 s of copying.
+# The copier on a 1 TiB source (null_blk, reads of zeros without I/O).
 copier_rss_1tib() {
-	_kb=$(hwm_running 20 migrate start /dev/nullb0 /dev/nullb1 -q)
-	[ -n "$_kb" ] || fail "no VmHWM of migrate start"
-	echo "BLKMIG-RSS start kb=$_kb bytes=$(blockdev --getsize64 /dev/nullb0) (null_blk, after 20 s of copying, regions_synced=$(status_field /dev/nullb0 regions_synced))"
-	must migrate detach /dev/nullb0
-	_kb=$(hwm_running 20 migrate copy /dev/nullb0 /dev/nullb1 -q)
-	[ -n "$_kb" ] || fail "no VmHWM of migrate copy"
-	echo "BLKMIG-RSS copy kb=$_kb bytes=$(blockdev --getsize64 /dev/nullb0) (null_blk, after 20 s of copying)"
+	rss_running start-1TiB 20 migrate start /dev/nullb0 /dev/nullb1 -q
+	[ "$(status_mode /dev/nullb0)" = clone ] && must migrate detach /dev/nullb0
+	# The same with glibc's malloc held to one arena, and with its mmap
+	# threshold fixed (so that a freed region buffer goes back to the kernel):
+	# whether the growth is the allocator keeping freed buffers.
+	rss_running start-1TiB-one-arena 10 env MALLOC_ARENA_MAX=1 migrate start /dev/nullb0 /dev/nullb1 -q
+	[ "$(status_mode /dev/nullb0)" = clone ] && must migrate detach /dev/nullb0
+	rss_running start-1TiB-mmap-threshold 10 env MALLOC_MMAP_THRESHOLD_=131072 migrate start /dev/nullb0 /dev/nullb1 -q
+	[ "$(status_mode /dev/nullb0)" = clone ] && must migrate detach /dev/nullb0
+	rss_running copy-1TiB 20 migrate copy /dev/nullb0 /dev/nullb1 -q
 }
 
 load_module
