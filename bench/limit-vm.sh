@@ -16,32 +16,35 @@
 # The third argument is appended to both -drive options as it stands, e.g.
 # "throttling.bps-read-max=67108864" to look at the throttle's burst
 # behaviour. As root; builds what it needs like tests/vm/run.sh (kernel cached),
-# and takes /tmp/blkmig-vm.lock around the guest, like run.sh (bench/lib.sh).
-# Environment: BLKMIG_BENCH_KO (bench/lib.sh).
+# and takes /tmp/blkmig-vm.lock around the guest, like run.sh.
+# Environment: BLKMIG_BENCH_KO (see bench/lib.sh).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 . bench/lib.sh
-paced=0
+how=throttle
 if [ "${1:-}" = --paced ]; then
-	paced=1
+	how=paced
 	shift
 fi
 rate=${1:-64}
 mb=${2:-256}
 extra=${3:-}
 bps=$((rate * 1024 * 1024))
+paced=0
+[ $how = paced ] && paced=1
 bench_build
 bench_workdir
-bench_initramfs bench-limit bench/vm/limit.sh
+bench_initramfs limit bench/vm/limit.sh
 # Fully allocated images; the source holds random data, so nothing is
 # all-zero and every tool moves every byte.
 head -c $((mb * 1024 * 1024)) /dev/urandom >"$work/vda.img"
 dd if=/dev/zero of="$work/vdb.img" bs=1M count="$mb" status=none
 drives=()
-for d in vda vdb; do bench_disk "$work/$d.img" "$bps" "$paced" "$extra"; done
-bench_boot bench-limit 840
-python3 - "$work/console.log" "$bps" "$rate" "$extra" "$paced" <<'PY'
+for d in vda vdb; do bench_disk "$d" "$how" "$bps" "$extra"; done
+log=target/bench-limit-console.log
+bench_guest limit "$log"
+python3 - "$log" "$bps" "$rate" "$extra" "$paced" <<'PY'
 import re, statistics, sys
 log, bps, rate, extra, paced = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
 ratios = {}

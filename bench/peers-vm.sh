@@ -34,13 +34,15 @@ mkdir -p "$work/extra/etc/lvm" "$work/extra/run/lock/lvm"
 cp bench/vm/lvm.conf "$work/extra/etc/lvm/lvm.conf"
 # BLKMIG_PEERS: some of the runs only, e.g. "base md" (default: every one, bench/vm/peers.sh)
 [ -z "${BLKMIG_PEERS:-}" ] || echo "METHODS=\"$BLKMIG_PEERS\"" >"$work/extra/etc/bench-peers"
-bench_initramfs bench-peers bench/vm/peers.sh --tool lvm --tool mdadm
+bench_initramfs peers bench/vm/peers.sh "" --tool lvm --tool mdadm
 for d in vda vdb; do dd if=/dev/zero of="$work/$d.img" bs=1M count="$mb" status=none; done
 truncate -s 64M "$work/vdc.img"
 drives=()
-for d in vda vdb; do bench_disk "$work/$d.img" "$bps" "$paced"; done
-bench_disk "$work/vdc.img" 0 0
-bench_boot bench-peers 1500
+how=throttle
+[ $paced = 0 ] || how=paced
+for d in vda vdb; do bench_disk $d $how "$bps"; done
+bench_disk vdc plain
+bench_guest peers target/bench-peers-console.log "" 512M 1500
 python3 - "$work/console.log" "$rate" "$mb" "$paced" <<'PY'
 import re, sys
 log, rate, mb, paced = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
