@@ -3,7 +3,8 @@
 # held to a known rate by bench/peers-vm.sh) under the same live workload, one after the other:
 #   base     the workload alone, no migration, for BASE_SECS: the reference
 #   blkmig   ext4 on vda; `migrate start /dev/vda /dev/vdb --max-pause 1s` to the switch
-#            (blkmig-100ms: the same at the default budget, 100 ms)
+#            (blkmig-100ms: the same at the default budget, 100 ms; blkmig-noyield: with
+#            --busy-queue-depth 8, all 8 copies running under the workload too)
 #   pvmove   ext4 on an LV of a VG on vda, vdb in the VG from the start; `pvmove -i 1 vda vdb`
 #   clone    ext4 on a dm-linear device over vda; its table swapped to dm-clone (metadata on
 #            vdc, 4 KiB regions, hydration in 1 MiB batches, 8 MiB in flight: blkmig's defaults),
@@ -211,9 +212,11 @@ load_module
 run_blkmig_qd2() { run_blkmig blkmig-qd2 --queue-depth 2; }
 # blkmig at the default budget, 100 ms
 run_blkmig_100ms() { PAUSE=100ms run_blkmig blkmig-100ms; }
+# blkmig keeping all 8 copies running under the workload too (it yields to none)
+run_blkmig_noyield() { run_blkmig blkmig-noyield --busy-queue-depth 8; }
 
 # /etc/bench-peers: METHODS, the runs to make (bench/peers-vm.sh writes it)
-METHODS="base blkmig blkmig_100ms blkmig_qd2 pvmove clone md dd"
+METHODS="base blkmig blkmig_100ms blkmig_noyield blkmig_qd2 pvmove clone md dd"
 [ -f /etc/bench-peers ] && . /etc/bench-peers
 # after a run that failed: stop the workload, take down what the run set up
 clean_up() {

@@ -56,6 +56,8 @@ pub struct SimFilter {
     conflicts: AtomicU64,
     busy: AtomicU64,
     mirrored: AtomicU64,
+    /// Writes to the source, as the module counts them.
+    seen: AtomicU64,
     /// The source's first region as it was when the switch overwrote it.
     pub head_at_switch: Mutex<Option<Vec<u8>>>,
     /// Longest time a write waited on the hold.
@@ -128,6 +130,7 @@ impl SimFilter {
             conflicts: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             mirrored: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
             head_at_switch: Mutex::new(None),
             longest_hold_wait: Mutex::new(Duration::ZERO),
             holds: AtomicU64::new(0),
@@ -184,6 +187,7 @@ impl SimFilter {
 
     fn write_as(&self, off: u64, data: &[u8], copier: bool) {
         let t0 = Instant::now();
+        self.seen.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         if st.holding && !copier {
             st.writes_held += 1;
@@ -272,6 +276,7 @@ impl Tracker for SimFilter {
             copy_conflicts: self.conflicts.load(Ordering::Relaxed),
             copy_busy: self.busy.load(Ordering::Relaxed),
             writes_mirrored: self.mirrored.load(Ordering::Relaxed),
+            writes_seen: self.seen.load(Ordering::Relaxed),
             writes_held: st.writes_held,
             migration_id: SIM_MIGRATION_ID,
             head_writes: self.head_writes.load(Ordering::SeqCst),
