@@ -9,6 +9,14 @@
 //! pool), COPY_END for the batch. Regions that were busy or raced a write
 //! stay unsynced and come back in the next round.
 //!
+//! A region whose copy was raced or found busy [`HOT_RACES`] times is hot:
+//! it is written faster than a copy takes. From then on it is copied on its
+//! own, with the module's region hold (`REGION_OP_HOLD`): writes to that
+//! region wait from its COPY_BEGIN to its COPY_END, so the copy commits and
+//! every later write is mirrored; writes elsewhere go on. The rate limit is
+//! paced before the hold, so a write waits for one region's read and write
+//! at most.
+//!
 //! The first and last regions (superblocks, partition tables, labels) are
 //! wiped on the target at the start and copied only inside the switch
 //! window, so a half-copied target is never recognisable as the filesystem.
@@ -42,6 +50,9 @@ const IDLE_MAX: Duration = Duration::from_millis(250);
 /// Regions copied before the measured rate is trusted to refuse a pause
 /// budget.
 const RATE_SAMPLE_REGIONS: u64 = 16;
+/// Races (conflicts at COPY_END, busy at COPY_BEGIN) after which a region
+/// is copied with the module's region hold.
+const HOT_RACES: u32 = 3;
 
 /// How to run a migration.
 #[derive(Clone, Debug)]
@@ -102,6 +113,12 @@ pub struct Summary {
     /// Write holds the kernel made for this migration (switch attempts
     /// that held writes, failed ones and earlier runs' included).
     pub holds: u64,
+    /// Region holds the kernel made for this migration (hot regions copied
+    /// with the writes to them held, earlier runs' included).
+    pub region_holds: u64,
+    /// The longest time one write waited in a region hold (ms), as the
+    /// kernel measured it; `None` if none did.
+    pub region_hold_ms: Option<f64>,
     /// The longest time one write waited in a hold (ms), failed attempts
     /// included, as the kernel measured it; `None` if no write was held.
     pub pause_ms: Option<f64>,
@@ -147,6 +164,12 @@ impl Summary {
         };
         if let Some(w) = self.switch_window_ms {
             t += &format!("; the switch window lasted {w:.1} ms");
+        }
+        if self.region_holds > 0 {
+            t += &format!("; {} region holds", self.region_holds);
+            if let Some(r) = self.region_hold_ms {
+                t += &format!(", a write waited {r:.1} ms in one at the longest");
+            }
         }
         t
     }
@@ -342,6 +365,10 @@ pub struct Migration {
     /// Whether the free-space query failed once (then the copier copies
     /// everything).
     free_failed: bool,
+    /// Races per region (see [`HOT_RACES`]).
+    raced: std::collections::HashMap<u64, u32>,
+    /// The batch being copied is one hot region, with the region hold.
+    region_hold: bool,
 }
 
 struct Batch {
@@ -405,6 +432,8 @@ impl Migration {
             opts,
             migration_id: status.migration_id,
             free_failed: false,
+            raced: std::collections::HashMap::new(),
+            region_hold: false,
         })
     }
 
@@ -485,6 +514,7 @@ impl Migration {
         for o in ops {
             if o.result == abi::REGION_BUSY {
                 self.summary.busy += 1;
+                *self.raced.entry(o.region).or_default() += 1;
             } else if o.result == abi::REGION_NOT_CLONING {
                 return Err(MigrateError::WrongMode("not clone"));
             }
@@ -498,6 +528,11 @@ impl Migration {
             .iter()
             .map(|&r| RegionOp {
                 region: r,
+                flags: if self.region_hold {
+                    abi::REGION_OP_HOLD
+                } else {
+                    0
+                },
                 ..RegionOp::default()
             })
             .collect();
@@ -540,7 +575,7 @@ impl Migration {
                     Self::collect(res, &mut bufs, &mut copied, &mut failed);
                 }
             }
-            if !self.limits.is_empty() && !self.in_window {
+            if !self.limits.is_empty() && !self.in_window && !self.region_hold {
                 // Interrupted: nothing of this batch is committed, so every
                 // region in it stays unsynced; that is safe. The time spent
                 // waiting here is not copy time: the pause estimate needs
@@ -622,6 +657,7 @@ impl Migration {
             if e.result == abi::REGION_CONFLICT {
                 self.summary.recopies += 1;
                 self.progress.add_recopy();
+                *self.raced.entry(e.region).or_default() += 1;
             }
         }
         self.count_refused(&ops)?;
@@ -717,7 +753,9 @@ impl Migration {
         let Some(fs) = self.opts.free_space.clone() else {
             return Vec::new();
         };
-        if self.in_window || self.free_failed {
+        // Not under a region hold either: settling the free space may
+        // write to the held region.
+        if self.in_window || self.free_failed || self.region_hold {
             return Vec::new();
         }
         let spans: Vec<(usize, (u64, u64))> = ops
@@ -791,6 +829,33 @@ impl Migration {
             }
             let b = self.copy_batch(chunk).await?;
             committed += b.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
+        }
+        Ok(committed)
+    }
+
+    /// Whether region `r` is hot (see [`HOT_RACES`]).
+    fn hot(&self, r: u64) -> bool {
+        self.raced.get(&r).is_some_and(|&n| n >= HOT_RACES)
+    }
+
+    /// Copies the hot regions `hot` one at a time, each with the module's
+    /// region hold; the rate limit is paced before each hold. Returns how
+    /// many committed.
+    async fn copy_held(&mut self, hot: &[u64]) -> Result<u64, MigrateError> {
+        let mut committed = 0;
+        for &r in hot {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted.into());
+            }
+            if !self.limits.is_empty() {
+                let len = self.geo.region_span(r).map_or(0, |(_, n)| n);
+                crate::copy::pace_all(&self.limits, len, &self.cancel).await?;
+            }
+            // A copy that fails leaves the hold to the module's timer.
+            self.region_hold = true;
+            let b = self.copy_batch(&[r]).await;
+            self.region_hold = false;
+            committed += b?.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
         }
         Ok(committed)
     }
@@ -984,7 +1049,8 @@ impl Migration {
             } else {
                 body
             };
-            let committed = skipped + self.copy_all(&body).await?;
+            let (hot, body): (Vec<u64>, Vec<u64>) = body.into_iter().partition(|&r| self.hot(r));
+            let committed = skipped + self.copy_all(&body).await? + self.copy_held(&hot).await?;
             if committed == 0 {
                 // Everything left is busy or raced: let the writes complete.
                 tokio::time::sleep(idle).await;
@@ -997,6 +1063,9 @@ impl Migration {
         // a hold, failed attempts included, whatever the copier's clock saw.
         let st = self.tracker.status()?;
         self.summary.holds = st.holds;
+        self.summary.region_holds = st.region_holds;
+        self.summary.region_hold_ms =
+            (st.region_writes_held > 0).then_some(st.region_hold_longest_ns as f64 / 1e6);
         self.summary.pause_ms = (st.holds > 0).then_some(st.hold_longest_ns as f64 / 1e6);
         self.summary.seconds = started.elapsed().as_secs_f64();
         if let Some(v) = &self.verifier {

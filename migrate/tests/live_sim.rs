@@ -145,6 +145,42 @@ fn writers_in(
         .collect()
 }
 
+/// Writers that rewrite the regions `hot` without a pause, 4 KiB at a
+/// time, each writer every other region in turn: each region is written
+/// every fraction of a millisecond, faster than a rate-limited batch copies
+/// it. Each write is mirrored into the shadow.
+fn hot_writers(
+    rig: &Rig,
+    stop: Arc<AtomicBool>,
+    hot: std::ops::Range<u64>,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..2u64)
+        .map(|w| {
+            let (sim, shadow, stop) = (rig.sim.clone(), rig.shadow.clone(), stop.clone());
+            let hot = hot.clone();
+            std::thread::spawn(move || {
+                let mut x = 0x2545_f491_4f6c_dd1du64 ^ (w + 1);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for r in hot.clone().skip(w as usize).step_by(2) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let off = (r << SHIFT) + ((x % (1 << SHIFT)) & !4095);
+                        let data = pattern(4096, x);
+                        sim.write(off, &data);
+                        shadow.lock().unwrap_or_else(|e| e.into_inner())
+                            [off as usize..off as usize + 4096]
+                            .copy_from_slice(&data);
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect()
+}
+
 fn read_all(f: &File) -> Vec<u8> {
     let mut v = vec![0u8; SIZE as usize];
     f.read_exact_at(&mut v, 0).unwrap_or_else(|e| panic!("{e}"));
@@ -539,6 +575,49 @@ async fn a_rate_limited_migration_with_a_hot_region_converges() {
     opts.rate_limit = Some(blkmig::units::Bytes(16 << 20));
     opts.max_pause = Duration::from_millis(50);
     complete(&rig, opts, stop, threads).await;
+}
+
+/// Regions rewritten faster than a rate-limited copy of them takes: every
+/// batch copy of them is raced, and the pause they would take stays over
+/// the budget, so without more the migration never converges (it did not:
+/// the copier went round until the timeout). Once raced three times, each is
+/// copied on its own with the module's region hold, commits, and is
+/// mirrored from then on: the migration converges and switches, and writes
+/// did wait in region holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_rewritten_faster_than_they_copy_converge_with_region_holds() {
+    let rig = rig(14);
+    let stop = Arc::new(AtomicBool::new(false));
+    // 64 hot regions (4 MiB), each written every few milliseconds; a
+    // batch of them takes a quarter of a second to copy at 4 MiB/s. Their
+    // pause would be some 30 times the boundary regions', over the budget.
+    let threads = hot_writers(&rig, stop.clone(), 64..128);
+    let mut opts = options(&rig);
+    opts.rate_limit = Some(blkmig::units::Bytes(4 << 20));
+    opts.max_pause = Duration::from_millis(10);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let run = migration(&rig, opts, cancel.clone()).run();
+    let res = tokio::time::timeout(Duration::from_secs(60), run).await;
+    cancel.store(true, Ordering::Relaxed);
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    let summary = res
+        .unwrap_or_else(|_| {
+            panic!(
+                "did not converge in 60 s: {} of {} regions synced, {} conflicts, {} region holds",
+                st.regions_synced, st.regions_total, st.copy_conflicts, st.region_holds
+            )
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(summary.switched, "the migration did not switch");
+    assert!(summary.region_holds > 0, "no region was copied with a hold");
+    assert_eq!(summary.region_holds, st.region_holds);
+    assert!(
+        st.region_writes_held > 0,
+        "no write waited in a region hold: the regions were not hot"
+    );
+    let writes = finish(stop, threads);
+    assert!(writes > 1000, "writers made only {writes} writes");
+    check_switched(&rig);
 }
 
 /// A copier that dies inside the switch window after it committed the

@@ -24,7 +24,14 @@ struct State {
     hold_gen: u64,
     inflight: u64,
     writes_held: u64,
+    /// The region hold (COPY_BEGIN with `REGION_OP_HOLD`) and its deadline:
+    /// the first to see it passed ends it, as the module's timer does.
+    held_region: Option<(u64, Instant)>,
 }
+
+/// How long a region hold lasts at most (the module's is the attach-time
+/// hold timeout).
+pub const SIM_REGION_HOLD: Duration = Duration::from_secs(5);
 
 /// The simulated filter.
 pub struct SimFilter {
@@ -42,6 +49,10 @@ pub struct SimFilter {
     pub longest_hold_wait: Mutex<Duration>,
     /// Holds so far.
     holds: AtomicU64,
+    /// Region holds so far.
+    pub region_holds: AtomicU64,
+    /// Writes that waited in a region hold.
+    pub region_writes_held: AtomicU64,
     /// Writes that touched the head and were not mirrored.
     pub head_writes: AtomicU64,
     /// Called with the target file and the region after every committed
@@ -93,6 +104,7 @@ impl SimFilter {
                     hold_gen: 0,
                     inflight: 0,
                     writes_held: 0,
+                    held_region: None,
                 }),
                 Condvar::new(),
             )),
@@ -102,6 +114,8 @@ impl SimFilter {
             head_at_switch: Mutex::new(None),
             longest_hold_wait: Mutex::new(Duration::ZERO),
             holds: AtomicU64::new(0),
+            region_holds: AtomicU64::new(0),
+            region_writes_held: AtomicU64::new(0),
             head_writes: AtomicU64::new(0),
             after_commit: Mutex::new(None),
         })
@@ -147,12 +161,45 @@ impl SimFilter {
 
     fn write_as(&self, off: u64, data: &[u8], copier: bool) {
         let t0 = Instant::now();
+        let regions = self
+            .geo
+            .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
         let mut st = self.lock();
-        if st.holding && !copier {
-            st.writes_held += 1;
-            while st.holding {
+        let (mut in_hold, mut in_region) = (false, false);
+        loop {
+            if st.holding && !copier {
+                if !in_hold {
+                    in_hold = true;
+                    st.writes_held += 1;
+                }
                 st = self.wait(st);
+                continue;
             }
+            // The region hold: writes to the held region wait for its
+            // COPY_END (or its deadline); others pass.
+            match st.held_region {
+                Some((r, deadline)) if !copier && (regions.start..regions.end).contains(&r) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        st.held_region = None;
+                        self.notify();
+                        continue;
+                    }
+                    if !in_region {
+                        in_region = true;
+                        self.region_writes_held.fetch_add(1, Ordering::Relaxed);
+                    }
+                    st = self
+                        .shared
+                        .1
+                        .wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                _ => break,
+            }
+        }
+        if in_hold {
             st.writes_held -= 1;
             let waited = t0.elapsed();
             let mut l = self
@@ -168,9 +215,6 @@ impl SimFilter {
                 .unwrap_or_else(|e| panic!("target write: {e}"));
             return;
         }
-        let regions = self
-            .geo
-            .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
         let mut mirror = self.map().write_submit(regions) && st.mode == Mode::Clone;
         let (sector, sectors) = (off >> 9, (data.len() as u64).div_ceil(512));
         if self.geo.touches_head(sector, sectors) {
@@ -220,6 +264,49 @@ impl SimFilter {
     }
 }
 
+impl SimFilter {
+    /// Starts the region hold on `r`, as COPY_BEGIN with `REGION_OP_HOLD`
+    /// does, and waits for the writes in flight to it. Returns whether it
+    /// holds `r` (not inside a switch's hold, nor while another is held).
+    fn hold_region(&self, r: u64) -> bool {
+        let mut st = self.lock();
+        if st.mode != Mode::Clone
+            || st.holding
+            || st.held_region.is_some()
+            || r >= self.geo.regions()
+        {
+            return false;
+        }
+        let deadline = Instant::now() + SIM_REGION_HOLD;
+        st.held_region = Some((r, deadline));
+        self.region_holds.fetch_add(1, Ordering::Relaxed);
+        while blkmig::core::region::inflight(self.map().load(r)) > 0
+            && st.held_region.is_some_and(|(h, _)| h == r)
+        {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .shared
+                .1
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Ends the region hold if it holds `r`.
+    fn release_region(&self, r: u64) {
+        let mut st = self.lock();
+        if st.held_region.is_some_and(|(h, _)| h == r) {
+            st.held_region = None;
+            self.notify();
+        }
+    }
+}
+
 impl Tracker for SimFilter {
     fn status(&self) -> Result<Status, FilterError> {
         let st = self.lock();
@@ -239,6 +326,8 @@ impl Tracker for SimFilter {
             migration_id: SIM_MIGRATION_ID,
             head_writes: self.head_writes.load(Ordering::SeqCst),
             holds: self.holds.load(Ordering::Relaxed),
+            region_holds: self.region_holds.load(Ordering::Relaxed),
+            region_writes_held: self.region_writes_held.load(Ordering::Relaxed),
             hold_longest_ns: self
                 .longest_hold_wait
                 .lock()
@@ -255,6 +344,7 @@ impl Tracker for SimFilter {
             return Ok(());
         }
         for o in ops {
+            let held = o.flags & abi::REGION_OP_HOLD != 0 && self.hold_region(o.region);
             (o.word, o.result) = match self.map().copy_begin(o.region) {
                 Some(Begin::Copy(w)) => (w, abi::REGION_OK),
                 Some(Begin::Busy) => {
@@ -264,6 +354,9 @@ impl Tracker for SimFilter {
                 Some(Begin::Synced) => (0, abi::REGION_SYNCED),
                 None => (0, abi::REGION_RANGE),
             };
+            if held && o.result != abi::REGION_OK {
+                self.release_region(o.region);
+            }
         }
         Ok(())
     }
@@ -283,6 +376,8 @@ impl Tracker for SimFilter {
                 }
                 None => abi::REGION_RANGE,
             };
+            // After the commit, as the module: the held writes are mirrored.
+            self.release_region(o.region);
         }
         Ok(())
     }
@@ -338,6 +433,9 @@ impl Tracker for SimFilter {
             return Err(err(Request::Ctl(CtlCmd::HoldWrites), libc::EINVAL));
         }
         st.holding = true;
+        // The switch's hold takes the region hold's writes over.
+        st.held_region = None;
+        self.notify();
         st.hold_gen += 1;
         self.holds.fetch_add(1, Ordering::Relaxed);
         let gen = st.hold_gen;
