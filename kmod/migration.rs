@@ -1709,6 +1709,10 @@ impl Migration {
     /// Ends the region hold (only if it holds `only`, when given) and
     /// resubmits its writes. Process context.
     fn region_release(&self, only: Option<u64>) {
+        if only.is_some_and(|o| self.held_region.load(Ordering::SeqCst) != o) {
+            // Not the held region (every COPY_END asks): no lock taken.
+            return;
+        }
         let held = {
             let mut h = self.hold.lock();
             let r = h.region.region;

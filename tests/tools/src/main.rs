@@ -166,7 +166,7 @@ enum AbiReq {
     StatusReadOnly { dev: PathBuf },
     /// HOLD_WRITES with a nonzero reserved field: prints the errno.
     HoldReserved { dev: PathBuf },
-    /// COPY_BEGIN with a nonzero reserved field: prints the errno.
+    /// COPY_BEGIN with a flag bit no version defines: prints the errno.
     CopyReserved { dev: PathBuf },
     /// COPY_BEGIN of REGION: prints the result and the word.
     CopyBegin { dev: PathBuf, region: u64 },
@@ -189,7 +189,7 @@ fn region_op(dev: &Path, cmd: abi::CtlCmd, op: abi::RegionOp) -> Result<abi::Reg
         &op.region.to_ne_bytes(),
         &op.word.to_ne_bytes(),
         &op.result.to_ne_bytes(),
-        &op.reserved.to_ne_bytes(),
+        &op.flags.to_ne_bytes(),
     ];
     let mut at = 0;
     for b in fields {
@@ -203,7 +203,7 @@ fn region_op(dev: &Path, cmd: abi::CtlCmd, op: abi::RegionOp) -> Result<abi::Reg
         region: u64_at(0),
         word: u64_at(8),
         result: u32_at(16),
-        reserved: u32_at(20),
+        flags: u32_at(20),
     })
 }
 
@@ -254,7 +254,8 @@ fn abi_probe(req: AbiReq) -> Result<()> {
         AbiReq::CopyReserved { dev } => {
             let op = abi::RegionOp {
                 region: 1,
-                reserved: 1,
+                // A flag bit no version defines.
+                flags: 1 << 31,
                 ..Default::default()
             };
             match region_op(&dev, abi::CtlCmd::CopyBegin, op) {
