@@ -1525,10 +1525,12 @@ impl Migration {
         let cloning = self.mode_raw() == Mode::Clone as u32;
         for _ in 0..n {
             let mut op: RegionOp = r.read()?;
-            let hold = op.flags == abi::REGION_OP_HOLD && cmd == CtlCmd::CopyBegin;
-            if op.flags != 0 && !hold {
+            // COPY_END takes back the array COPY_BEGIN took, flag and all.
+            let copy = cmd == CtlCmd::CopyBegin || cmd == CtlCmd::CopyEnd;
+            if op.flags != 0 && !(op.flags == abi::REGION_OP_HOLD && copy) {
                 return Err(EINVAL);
             }
+            let hold = op.flags != 0 && cmd == CtlCmd::CopyBegin;
             op.result = if !cloning {
                 abi::REGION_NOT_CLONING
             } else if hold {

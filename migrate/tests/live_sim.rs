@@ -588,13 +588,14 @@ async fn a_rate_limited_migration_with_a_hot_region_converges() {
 async fn regions_rewritten_faster_than_they_copy_converge_with_region_holds() {
     let rig = rig(14);
     let stop = Arc::new(AtomicBool::new(false));
-    // 64 hot regions (4 MiB), each written every few milliseconds; a
-    // batch of them takes a quarter of a second to copy at 4 MiB/s. Their
-    // pause would be some 30 times the boundary regions', over the budget.
-    let threads = hot_writers(&rig, stop.clone(), 64..128);
+    // 320 hot regions (20 MiB), each written every few milliseconds; a
+    // batch of them takes over 100 ms to copy at 8 MiB/s. Their pause would
+    // be 160 times the boundary regions': over the budget at any copy rate
+    // below 4 GB/s, while the boundary regions fit it above 25 MB/s.
+    let threads = hot_writers(&rig, stop.clone(), 32..352);
     let mut opts = options(&rig);
-    opts.rate_limit = Some(blkmig::units::Bytes(4 << 20));
-    opts.max_pause = Duration::from_millis(10);
+    opts.rate_limit = Some(blkmig::units::Bytes(8 << 20));
+    opts.max_pause = Duration::from_millis(5);
     let cancel = Arc::new(AtomicBool::new(false));
     let run = migration(&rig, opts, cancel.clone()).run();
     let res = tokio::time::timeout(Duration::from_secs(60), run).await;

@@ -365,8 +365,9 @@ pub struct RegionOp {
     pub word: u64,
     /// Out: a `REGION_*` result.
     pub result: u32,
-    /// In: `REGION_OP_*` bits ([`REGION_OP_HOLD`] with
-    /// [`CtlCmd::CopyBegin`] only); zero otherwise.
+    /// In: `REGION_OP_*` bits: [`REGION_OP_HOLD`] with
+    /// [`CtlCmd::CopyBegin`] (and, ignored, with [`CtlCmd::CopyEnd`], which
+    /// takes the same array back); zero otherwise.
     pub flags: u32,
 }
 

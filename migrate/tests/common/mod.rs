@@ -307,6 +307,20 @@ impl SimFilter {
     }
 }
 
+/// The module's check of `RegionOp::flags`: `REGION_OP_HOLD` in COPY_BEGIN
+/// and in COPY_END (which takes the same array back), nothing elsewhere;
+/// anything else makes the whole call `EINVAL`.
+fn check_flags(cmd: CtlCmd, ops: &[RegionOp]) -> Result<(), FilterError> {
+    let copy = matches!(cmd, CtlCmd::CopyBegin | CtlCmd::CopyEnd);
+    if ops
+        .iter()
+        .any(|o| o.flags != 0 && !(o.flags == abi::REGION_OP_HOLD && copy))
+    {
+        return Err(err(Request::Ctl(cmd), libc::EINVAL));
+    }
+    Ok(())
+}
+
 impl Tracker for SimFilter {
     fn status(&self) -> Result<Status, FilterError> {
         let st = self.lock();
@@ -338,6 +352,7 @@ impl Tracker for SimFilter {
     }
 
     fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(CtlCmd::CopyBegin, ops)?;
         if self.lock().mode != Mode::Clone {
             ops.iter_mut()
                 .for_each(|o| o.result = abi::REGION_NOT_CLONING);
@@ -362,6 +377,7 @@ impl Tracker for SimFilter {
     }
 
     fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(CtlCmd::CopyEnd, ops)?;
         for o in ops {
             o.result = match self.map().copy_end(o.region, o.word) {
                 Some(End::Committed) => {
@@ -383,6 +399,7 @@ impl Tracker for SimFilter {
     }
 
     fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(CtlCmd::VerifyBegin, ops)?;
         let cloning = self.lock().mode == Mode::Clone;
         for o in ops {
             (o.word, o.result) = match self.map().verify_begin(o.region) {
@@ -397,6 +414,7 @@ impl Tracker for SimFilter {
     }
 
     fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(CtlCmd::VerifyEnd, ops)?;
         for o in ops {
             o.result = match self.map().verify_end(o.region, o.word) {
                 Some(true) => abi::REGION_OK,
@@ -408,6 +426,7 @@ impl Tracker for SimFilter {
     }
 
     fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(CtlCmd::Unsync, ops)?;
         for o in ops {
             o.result = if o.region < self.geo.regions() {
                 self.map().unsync(o.region);

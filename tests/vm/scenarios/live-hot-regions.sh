@@ -1,21 +1,22 @@
 #!/bin/sh
-# live-hot-regions: the writer rewrites random blocks of a 64 MiB file (64 regions) with no gap,
-# each region every few tens of ms, while `--rate-limit 16M` takes 1 s to copy a batch of them:
-# every batch copy is raced, and the 64 regions would take over 100 ms to copy in a switch
-# window. `migrate start` with the default --max-pause (100 ms) must still converge and switch
-# within 300 s: a region raced three times is copied on its own with the module's region hold
-# (the writes to it wait for that one copy), commits, and is mirrored from then on. Checks that
-# region holds were used (STATUS region_holds, and the summary's), that the module's measured
-# pause (`pause_ms`, from hold_longest_ns) is within the 100 ms budget, and the usual end: the
-# writer lost nothing, the target holds every stamp, the source is retired.
+# live-hot-regions: the writer rewrites random blocks of a 256 MiB file (256 regions of the default
+# 1 MiB) with no gap, each region every few tens of ms, while `--rate-limit 16M` takes seconds
+# to copy a batch of them: every batch copy is raced, and at the copy rate the module sees
+# (about 1 GB/s here) the 256 regions would take over 200 ms to copy in a switch window. With
+# the default --max-pause (100 ms) `migrate start` must still converge and switch within 300 s:
+# a region raced three times is copied on its own with the module's region hold (the writes to
+# it wait for that one copy), commits, and is mirrored from then on. Checks that region holds
+# were used (STATUS region_holds, and the summary's), that the module's measured pause
+# (`pause_ms`, from hold_longest_ns) is within the 100 ms budget, and the usual end: the writer
+# lost nothing, the target holds every stamp, the source is retired.
 # Without the region hold the copier goes round until the 300 s bound ends it.
-# disks: 160M 160M
+# disks: 512M 512M
 # needs: module migrate
-# timeout: 600
+# timeout: 700
 . /tests/lib.sh
 . /tests/live-lib.sh
 
-SW_BLOCKS=16384
+SW_BLOCKS=65536
 SW_ARGS="--gap-us 0"
 BOUND=300
 live_begin /dev/vda
