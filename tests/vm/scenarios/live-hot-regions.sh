@@ -1,6 +1,6 @@
 #!/bin/sh
 # live-hot-regions: the writer rewrites random blocks of a 256 MiB file (256 regions of the default
-# 1 MiB) with no gap, each region every few tens of ms, while `--rate-limit 16M` takes seconds
+# 1 MiB) with no gap, each region about ten times a second, while `--rate-limit 16M` takes seconds
 # to copy a batch of them: every batch copy is raced, and at the copy rate the module sees
 # (about 1 GB/s here) the 256 regions would take over 200 ms to copy in a switch window. With
 # the default --max-pause (100 ms) `migrate start` must still converge and switch within 300 s:
@@ -9,7 +9,9 @@
 # were used (STATUS region_holds, and the summary's), that the module's measured pause
 # (`pause_ms`, from hold_longest_ns) is within the 100 ms budget, and the usual end: the writer
 # lost nothing, the target holds every stamp, the source is retired.
-# Without the region hold the copier goes round until the 300 s bound ends it.
+# Without the region hold (2026-11-24) the copier went round 8 times in 119 s, until one high
+# sample of the copy rate made the estimate fit (97 ms), and the switch then held writes for
+# 409 ms: four times the budget.
 # disks: 512M 512M
 # needs: module migrate
 # timeout: 700
@@ -50,11 +52,13 @@ echo "$_done" | grep -q '"switched":true' || fail "migrate start exited 0 but di
 _holds=$(echo "$_done" | sed -n 's/.*"region_holds":\([0-9]*\).*/\1/p')
 MIG_PAUSE_MS=$(echo "$_done" | sed -n 's/.*"pause_ms":\([0-9.]*\).*/\1/p')
 [ -n "$MIG_PAUSE_MS" ] || fail "the summary names no pause: $_done"
-[ "${_holds:-0}" -gt 0 ] || fail "no region hold was used (region_holds ${_holds:-?})"
+_bad=
+[ "${_holds:-0}" -gt 0 ] || _bad="no region hold was used (region_holds ${_holds:-?}); "
+ok=$(echo "$MIG_PAUSE_MS" | awk '{ print ($1 <= 100) ? "yes" : "no" }')
+[ "$ok" = yes ] || _bad="${_bad}the module measured a pause of $MIG_PAUSE_MS ms, over the 100 ms budget"
+[ -z "$_bad" ] || fail "$_bad"
 _st_holds=$(status_field /dev/vda region_holds)
 expect_eq "$_st_holds" "$_holds" "region_holds of STATUS vs. the summary"
-ok=$(echo "$MIG_PAUSE_MS" | awk '{ print ($1 <= 100) ? "yes" : "no" }')
-[ "$ok" = yes ] || fail "the module measured a pause of $MIG_PAUSE_MS ms, over the 100 ms budget"
 echo "BLKMIG-HOT-REGIONS secs=$MIG_SECS region_holds=$_holds writes_held=$(status_field /dev/vda region_writes_held) region_hold_longest_ns=$(status_field /dev/vda region_hold_longest_ns) pause_ms=$MIG_PAUSE_MS"
 
 live_finish /dev/vda /dev/vdb
