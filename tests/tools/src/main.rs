@@ -170,6 +170,9 @@ enum AbiReq {
     CopyReserved { dev: PathBuf },
     /// COPY_BEGIN of REGION: prints the result and the word.
     CopyBegin { dev: PathBuf, region: u64 },
+    /// COPY_BEGIN of REGION with REGION_OP_HOLD, and no COPY_END (a copier
+    /// that dies in a held copy): prints the result and the word.
+    CopyBeginHeld { dev: PathBuf, region: u64 },
     /// COPY_END of REGION with WORD: prints the result.
     CopyEnd {
         dev: PathBuf,
@@ -265,6 +268,15 @@ fn abi_probe(req: AbiReq) -> Result<()> {
                     None => return Err(e),
                 },
             }
+        }
+        AbiReq::CopyBeginHeld { dev, region } => {
+            let op = abi::RegionOp {
+                region,
+                flags: abi::REGION_OP_HOLD,
+                ..Default::default()
+            };
+            let op = region_op(&dev, abi::CtlCmd::CopyBegin, op)?;
+            println!("{} {}", op.result, op.word);
         }
         AbiReq::CopyBegin { dev, region } => {
             let op = abi::RegionOp {
