@@ -37,6 +37,8 @@ if [ $need_kernel = 1 ]; then
 		flex bison bc libelf-dev libssl-dev cpio kmod make gcc xz-utils zstd
 		qemu-system-x86 busybox-static dmsetup util-linux python3-ply python3-git
 		nbd-server nbd-client # the remote-nbd* VM scenarios: server and client in the guest
+		lvm2 mdadm # bench/peers-vm.sh: pvmove and mdadm --replace in the guest
+		xfsprogs btrfs-progs # retire-signatures (with lvm2 and mdadm): each signature the marker covers
 	)
 fi
 

@@ -12,11 +12,10 @@
 # must not already hold the source's data from the previous copy.
 # The order rotates from round to round. Prints one BLKMIG-BENCH line per run.
 . /tests/lib.sh
+# now_ms: the guest's clock in milliseconds
+. /tests/bench-lib.sh
 ROUNDS=3
 BYTES=$(blockdev --getsize64 /dev/vda)
-# Milliseconds since boot, at /proc/uptime's 10 ms resolution (busybox date
-# has no %N); every copy here takes seconds.
-now_ms() { echo $(($(cut -d' ' -f1 /proc/uptime | tr -d .) * 10)); }
 
 run_dd() {
 	dd if=/dev/vda of=/dev/vdb bs=4M iflag=direct oflag=direct conv=fsync status=none ||

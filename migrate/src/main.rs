@@ -153,9 +153,11 @@ struct StartArgs {
     /// at least 1K).
     #[arg(long, value_parser = blkmig::units::parse_rate)]
     rate_limit: Option<Bytes>,
-    /// Switch only when the estimated pause of writes fits this budget.
-    /// It must exceed the time the switch takes to copy the first and last
-    /// regions (2 x region size / copy rate).
+    /// Switch only when the estimated pause of writes fits this budget, and
+    /// never hold writes longer: each switch attempt's hold ends within it.
+    /// It must exceed the time the switch takes to copy the last region
+    /// (region size / copy rate) and do its own work (flushes, the retire
+    /// marker, the target's head).
     #[arg(long, default_value = "100ms", value_parser = blkmig::units::parse_positive_duration)]
     max_pause: Duration,
     /// Copy and keep mirroring, but do not switch (rerun without it to switch).
@@ -708,7 +710,7 @@ fn status_text(source: &Path, st: &Status) -> String {
         t += "warning: the retire marker could not be confirmed: the source may still look like the filesystem; do not mount it\n";
     }
     if st.flags & abi::STATUS_TARGET_HEAD_DIRTY != 0 {
-        t += "warning: the target's head may hold part of the filesystem's: wipe its first MiB before reusing it\n";
+        t += "warning: the target's head may hold part of the filesystem's: wipe its first 128 KiB before reusing it\n";
     }
     t
 }

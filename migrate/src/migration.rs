@@ -5,9 +5,11 @@
 //! Rounds: each round asks the filter which regions are not yet synced,
 //! decides whether to switch, and otherwise copies them in batches:
 //! COPY_BEGIN for a batch, read the source and write the target for every
-//! region the filter let us copy (`queue_depth` at a time, on the blocking
-//! pool), COPY_END for the batch. Regions that were busy or raced a write
-//! stay unsynced and come back in the next round.
+//! region the filter let us copy, COPY_END for the batch once all its
+//! writes have completed. `queue_depth` copies run at all times on the
+//! blocking pool: the next batch is begun while the last copies of the
+//! current one complete. Regions that were busy or raced a write stay
+//! unsynced and come back in the next round.
 //!
 //! A region whose copy was raced or found busy [`HOT_RACES`] times is hot:
 //! it is written faster than a copy takes. From then on it is copied on its
@@ -17,12 +19,14 @@
 //! paced before the hold, so a write waits for one region's read and write
 //! at most.
 //!
-//! The first and last regions (superblocks, partition tables, labels) are
-//! wiped on the target at the start and copied only inside the switch
-//! window, so a half-copied target is never recognisable as the filesystem.
-//! The target's head (its first `Geometry::head_bytes`, 1 MiB) is never
-//! written here: the module writes it in the switch, after the retire
-//! marker is on the source.
+//! The target's head (its first `Geometry::head_bytes`, 128 KiB: the
+//! superblocks, partition tables and labels found at a device's start) is
+//! wiped at the start and never written here: the module writes it in the
+//! switch, after the retire marker is on the source, so a half-copied
+//! target is never recognisable as the filesystem. The rest of the first
+//! region is copied ahead like any region. The last region (a GPT's backup,
+//! an md 1.0 superblock) is wiped too and copied only inside the switch
+//! window.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +57,9 @@ const RATE_SAMPLE_REGIONS: u64 = 16;
 /// Races (conflicts at COPY_END, busy at COPY_BEGIN) after which a region
 /// is copied with the module's region hold.
 const HOT_RACES: u32 = 3;
+/// Switch attempts in a row that may run out of the pause budget before
+/// the migration says that the budget cannot be met.
+const OVER_BUDGET_ATTEMPTS: u32 = 5;
 
 /// How to run a migration.
 #[derive(Clone, Debug)]
@@ -253,8 +260,8 @@ pub enum MigrateError {
         cause: Error,
     },
     /// The switch window can never fit the pause budget: it copies the
-    /// first and last regions with writes held.
-    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the first and last regions ({window}) with writes held, which takes about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
+    /// last region with writes held, and has work of its own.
+    #[error("--max-pause {budget_ms} ms cannot be met: the switch copies the last region ({window}) with writes held and spends about {fixed_ms:.0} ms on its own work, in all about {need_ms:.0} ms at the measured {rate}/s; use --max-pause {suggest_ms}ms or more (or attach with a smaller --region-size). blkmig stays attached and mirroring: rerun `migrate start` to resume",
         window = Bytes(*.window_bytes), rate = Bytes(*.rate_bytes_per_sec as u64))]
     PauseUnreachable {
         /// The operator's budget, ms.
@@ -263,8 +270,23 @@ pub enum MigrateError {
         window_bytes: u64,
         /// The measured copy rate.
         rate_bytes_per_sec: f64,
+        /// The window's own work besides copying, ms.
+        fixed_ms: f64,
         /// The estimated window, ms.
         need_ms: f64,
+        /// A budget that would do, ms.
+        suggest_ms: u64,
+    },
+    /// Switch attempts in a row ran out of the pause budget: the hold's
+    /// timer released the writes each time before the switch was done.
+    #[error("--max-pause {budget_ms} ms cannot be met here: {attempts} switch attempts in a row ran out of it (the writes were released each time and nothing changed); the window took about {fixed_ms:.0} ms besides copying (saving the head, flushing both devices, the retire marker, the target's head). blkmig stays attached and mirroring: rerun `migrate start` with --max-pause {suggest_ms}ms or more to resume, or `migrate abort` the source")]
+    SwitchOverBudget {
+        /// The operator's budget, ms.
+        budget_ms: u128,
+        /// Attempts that ran out of it.
+        attempts: u32,
+        /// What the window took besides copying, at the last attempt, ms.
+        fixed_ms: f64,
         /// A budget that would do, ms.
         suggest_ms: u64,
     },
@@ -369,11 +391,51 @@ pub struct Migration {
     raced: std::collections::HashMap<u64, u32>,
     /// The batch being copied is one hot region, with the region hold.
     region_hold: bool,
+    /// The source's head, read and saved ahead of a hold: the count of
+    /// writes to the head the module had seen when that read began.
+    staged_head: Option<u64>,
+    /// What a switch window takes besides copying (s): measured by the
+    /// last attempt, else estimated from the head's staging.
+    window_fixed: Option<f64>,
+    /// Time spent copying and comparing in the current window (s).
+    window_copy: f64,
+    /// Switch attempts in a row that ran out of the budget.
+    over_budget: u32,
 }
 
+/// A batch of regions under way in [`Migration::copy_all`]: begun by one
+/// COPY_BEGIN, ended by one COPY_END once every copy in it has completed.
 struct Batch {
+    /// The ops as COPY_BEGIN returned them.
     ops: Vec<RegionOp>,
+    /// Whether its regions are compared before they are written.
+    compare: bool,
+    /// The ops to copy (indices into `ops`), in order; those before `next`
+    /// are started.
+    todo: Vec<usize>,
+    next: usize,
+    /// Copies started and not completed.
+    running: usize,
+    /// What was done to each op done so far (index into `ops`).
+    done: Vec<(usize, Transfer)>,
+    /// Whether its COPY_END was sent.
+    ended: bool,
 }
+
+impl Batch {
+    /// Whether a copy of it is still to start.
+    fn has_todo(&self) -> bool {
+        self.next < self.todo.len()
+    }
+
+    /// Whether it can be ended: every copy started and completed.
+    fn complete(&self) -> bool {
+        !self.ended && !self.has_todo() && self.running == 0
+    }
+}
+
+/// What a copy task hands back: its batch and op, its buffers, what it did.
+type CopyDone = (usize, usize, Bufs, Result<Transfer, Error>);
 
 impl Migration {
     /// A migration over an attached filter; `status` is its current status.
@@ -434,11 +496,16 @@ impl Migration {
             free_failed: false,
             raced: std::collections::HashMap::new(),
             region_hold: false,
+            staged_head: None,
+            window_fixed: None,
+            window_copy: 0.0,
+            over_budget: 0,
         })
     }
 
+    /// The last region, which only the switch window copies.
     fn boundary(&self, r: u64) -> bool {
-        r == 0 || r + 1 == self.geo.regions()
+        r + 1 == self.geo.regions()
     }
 
     fn check_mode(&self) -> Result<Status, MigrateError> {
@@ -480,15 +547,11 @@ impl Migration {
 
     /// Zeroes the target's head (only the switch writes it, after the
     /// retire marker, so that both devices are never recognisable at once)
-    /// and the rest of its first and last regions unless they are in sync:
-    /// a copier that died inside the switch window after committing them
-    /// left them SYNCED, every write to them has been mirrored since, and
-    /// nothing would copy them again.
+    /// and its last region unless it is in sync: a copier that died inside
+    /// the switch window after committing it left it SYNCED, every write to
+    /// it has been mirrored since, and nothing would copy it again.
     pub async fn wipe_boundaries(&self) -> Result<(), MigrateError> {
-        let mut rs = vec![0];
-        if self.geo.regions() > 1 {
-            rs.push(self.geo.regions() - 1);
-        }
+        let mut rs = self.boundaries();
         let unsynced = self.unsynced()?;
         rs.retain(|r| unsynced.contains(r));
         // The head first, whatever is in sync: nothing else ever blanks it
@@ -540,9 +603,10 @@ impl Migration {
         Ok(ops)
     }
 
-    /// Copies `regions`: begin, read and write, end. Returns the ops with
-    /// their results.
-    async fn copy_batch(&mut self, regions: &[u64]) -> Result<Batch, MigrateError> {
+    /// Begins a batch of `regions`: COPY_BEGIN, then the free-space query
+    /// that counts for it; the regions it lets through and the filesystem
+    /// uses are to copy, the free ones are done.
+    async fn begin_batch(&mut self, regions: &[u64]) -> Result<Batch, MigrateError> {
         let ops = self.copy_begin(regions)?;
         // Strictly after COPY_BEGIN: a block the filesystem allocates after
         // this query is written after it, which voids the region's commit
@@ -551,58 +615,38 @@ impl Migration {
         // Compare first where the target may already hold the data; never
         // in the switch window, whose copies must be quick.
         let compare = !self.in_window && self.policy.next_batch();
-        let started = Instant::now();
-        let mut paced = 0.0;
-        let mut set = tokio::task::JoinSet::new();
-        let mut bufs: Vec<Bufs> = Vec::new();
-        let mut copied: Vec<(usize, Transfer)> = Vec::new();
-        let mut failed: Option<MigrateError> = None;
-        let todo: Vec<usize> = (0..ops.len())
-            .filter(|&i| ops[i].result == abi::REGION_OK)
-            .collect();
-        for &i in &todo {
-            let r = ops[i].region;
-            let Some((off, len)) = self.geo.region_span(r) else {
+        let mut todo = Vec::new();
+        let mut done = Vec::new();
+        for (i, o) in ops.iter().enumerate() {
+            if o.result != abi::REGION_OK {
                 continue;
-            };
+            }
             if free.contains(&i) {
-                let past_head = self.geo.copy_range(r).map_or(0, |(from, to)| to - from);
-                copied.push((i, Transfer::Free(past_head)));
-                continue;
+                let past_head = self
+                    .geo
+                    .copy_range(o.region)
+                    .map_or(0, |(from, to)| to - from);
+                done.push((i, Transfer::Free(past_head)));
+            } else if self.geo.region_span(o.region).is_some() {
+                todo.push(i);
             }
-            if set.len() >= self.opts.queue_depth.max(1) {
-                if let Some(res) = set.join_next().await {
-                    Self::collect(res, &mut bufs, &mut copied, &mut failed);
-                }
-            }
-            if !self.limits.is_empty() && !self.in_window && !self.region_hold {
-                // Interrupted: nothing of this batch is committed, so every
-                // region in it stays unsynced; that is safe. The time spent
-                // waiting here is not copy time: the pause estimate needs
-                // the unthrottled rate, as the window is not rate-limited.
-                let w0 = Instant::now();
-                crate::copy::pace_all(&self.limits, len, &self.cancel).await?;
-                paced += w0.elapsed().as_secs_f64();
-            }
-            let mut buf = bufs
-                .pop()
-                .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
-            let (src, tgt) = (self.src.clone(), self.tgt.clone());
-            // The target's head is the switch's to write (after the retire
-            // marker): a region in it is copied from the end of the head on.
-            let span = (off, len, self.geo.head_len(r));
-            set.spawn_blocking(move || {
-                let res = crate::verify::transfer(&src, &tgt, &mut buf, span, compare);
-                (i, buf, res)
-            });
         }
-        while let Some(res) = set.join_next().await {
-            Self::collect(res, &mut bufs, &mut copied, &mut failed);
-        }
-        if let Some(e) = failed {
-            // Nothing is committed: the regions stay unsynced.
-            return Err(e);
-        }
+        Ok(Batch {
+            ops,
+            compare,
+            todo,
+            next: 0,
+            running: 0,
+            done,
+            ended: false,
+        })
+    }
+
+    /// Ends `batch`, every copy of which has completed: COPY_END for what
+    /// it did, and the counts. Returns how many regions committed.
+    fn end_batch(&mut self, batch: &mut Batch) -> Result<u64, MigrateError> {
+        batch.ended = true;
+        let copied = std::mem::take(&mut batch.done);
         // Work for the rate: the bytes of each region done, copied or
         // compared (a comparison reads as much as a copy moves).
         let (mut bytes, mut written, mut compared, mut same, mut differ) = (0, 0, 0, 0, 0);
@@ -614,27 +658,28 @@ impl Migration {
                 }
                 Transfer::Rewritten(c, w) => {
                     (bytes, written, compared, differ) =
-                        (bytes + c, written + w, compared + c, differ + 1)
+                        (bytes + w, written + w, compared + c, differ + 1)
                 }
                 // Read, and zeroed: as much copy work as a write.
                 Transfer::Zeroed(z) => bytes += z,
                 Transfer::Free(_) => {}
             }
         }
-        if compare {
+        if batch.compare {
             self.policy.record(same, differ);
         }
         self.copy_bytes += bytes;
-        self.copy_secs += (started.elapsed().as_secs_f64() - paced).max(1e-6);
         self.summary.bytes_copied += written;
         self.summary.bytes_compared += compared;
         self.progress.add_work(bytes);
-        let mut ends: Vec<RegionOp> = copied.iter().map(|&(i, _)| ops[i]).collect();
+        let mut ends: Vec<RegionOp> = copied.iter().map(|&(i, _)| batch.ops[i]).collect();
         if !ends.is_empty() {
             self.tracker.copy_end(&mut ends)?;
         }
+        let mut committed = 0;
         for (e, &(_, t)) in ends.iter().zip(&copied) {
             if e.result == abi::REGION_OK {
+                committed += 1;
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
                 match t {
@@ -660,13 +705,8 @@ impl Migration {
                 *self.raced.entry(e.region).or_default() += 1;
             }
         }
-        self.count_refused(&ops)?;
-        // Report each op with its final result.
-        let mut out = ops;
-        for (k, &(i, _)) in copied.iter().enumerate() {
-            out[i].result = ends[k].result;
-        }
-        Ok(Batch { ops: out })
+        self.count_refused(&batch.ops)?;
+        Ok(committed)
     }
 
     /// Commits without a copy the regions of `regions` that the
@@ -798,39 +838,128 @@ impl Migration {
         }
     }
 
-    fn collect(
-        res: Result<(usize, Bufs, Result<Transfer, Error>), tokio::task::JoinError>,
-        bufs: &mut Vec<Bufs>,
-        copied: &mut Vec<(usize, Transfer)>,
-        failed: &mut Option<MigrateError>,
-    ) {
-        match res {
-            Ok((i, buf, Ok(t))) => {
-                bufs.push(buf);
-                copied.push((i, t));
-            }
-            Ok((_, buf, Err(e))) => {
-                bufs.push(buf);
-                failed.get_or_insert(e.into());
-            }
-            Err(e) => {
-                failed.get_or_insert(Error::joined(&e, "copy").into());
-            }
-        }
-    }
-
-    /// Copies every region in `regions` in batches; returns how many committed.
+    /// Copies every region in `regions`; returns how many committed.
+    ///
+    /// In batches of `queue_depth * 4` regions, each begun by one
+    /// COPY_BEGIN and ended by one COPY_END, and `queue_depth` copies
+    /// running at all times: the next batch is begun as soon as the last
+    /// copy of the current one has started, so both devices stay busy
+    /// while a batch finishes, and a batch is ended as soon as its last
+    /// copy has completed (its writes complete before its COPY_END). On an
+    /// error nothing more is begun or ended, and every copy still running
+    /// is waited for before returning: a copier write still in flight when
+    /// a later attempt commits its region could land over a mirrored write.
     async fn copy_all(&mut self, regions: &[u64]) -> Result<u64, MigrateError> {
-        let batch = (self.opts.queue_depth.max(1) * 4).min(abi::REGION_OPS_MAX as usize);
+        let depth = self.opts.queue_depth.max(1);
+        let per_batch = (depth * 4).min(abi::REGION_OPS_MAX as usize);
+        let mut chunks = regions.chunks(per_batch);
+        let mut batches: Vec<Batch> = Vec::new();
+        let mut set: tokio::task::JoinSet<CopyDone> = tokio::task::JoinSet::new();
+        let mut bufs: Vec<Bufs> = Vec::new();
+        let mut failed: Option<MigrateError> = None;
         let mut committed = 0;
-        for chunk in regions.chunks(batch) {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Interrupted.into());
+        let started = Instant::now();
+        // Not copy time, for the rate: waits for the rate limit (the pause
+        // estimate needs the unthrottled rate, as the window is not
+        // rate-limited), and beginning a batch while no copy runs.
+        let mut idle = 0.0;
+        loop {
+            while failed.is_none() && set.len() < depth {
+                let b = match batches.len().checked_sub(1) {
+                    Some(b) if batches[b].has_todo() => b,
+                    _ => {
+                        let Some(chunk) = chunks.next() else {
+                            break;
+                        };
+                        if self.cancel.load(Ordering::Relaxed) {
+                            failed = Some(Error::Interrupted.into());
+                            break;
+                        }
+                        let t0 = Instant::now();
+                        let mut batch = match self.begin_batch(chunk).await {
+                            Ok(batch) => batch,
+                            Err(e) => {
+                                failed = Some(e);
+                                break;
+                            }
+                        };
+                        if set.is_empty() {
+                            idle += t0.elapsed().as_secs_f64();
+                        }
+                        // Nothing to copy (busy, synced or free): end it now.
+                        if batch.complete() {
+                            match self.end_batch(&mut batch) {
+                                Ok(n) => committed += n,
+                                Err(e) => failed = Some(e),
+                            }
+                        }
+                        batches.push(batch);
+                        continue;
+                    }
+                };
+                let batch = &mut batches[b];
+                let i = batch.todo[batch.next];
+                batch.next += 1;
+                let r = batch.ops[i].region;
+                let Some((off, len)) = self.geo.region_span(r) else {
+                    continue;
+                };
+                if !self.limits.is_empty() && !self.in_window && !self.region_hold {
+                    // Interrupted: the copies running are waited for below,
+                    // and nothing more is committed, so every region not
+                    // committed yet stays unsynced; that is safe.
+                    let w0 = Instant::now();
+                    if let Err(e) = crate::copy::pace_all(&self.limits, len, &self.cancel).await {
+                        failed = Some(e.into());
+                        break;
+                    }
+                    idle += w0.elapsed().as_secs_f64();
+                }
+                let mut buf = bufs
+                    .pop()
+                    .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
+                let (src, tgt, compare) = (self.src.clone(), self.tgt.clone(), batches[b].compare);
+                // The target's head is the switch's to write (after the
+                // retire marker): a region in it is copied from the end of
+                // the head on.
+                let span = (off, len, self.geo.head_len(r));
+                set.spawn_blocking(move || {
+                    let res = crate::verify::transfer(&src, &tgt, &mut buf, span, compare);
+                    (b, i, buf, res)
+                });
+                batches[b].running += 1;
             }
-            let b = self.copy_batch(chunk).await?;
-            committed += b.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
+            let Some(res) = set.join_next().await else {
+                break;
+            };
+            let (b, i, buf, res) = match res {
+                Ok(done) => done,
+                Err(e) => {
+                    failed.get_or_insert(Error::joined(&e, "copy").into());
+                    continue;
+                }
+            };
+            bufs.push(buf);
+            let batch = &mut batches[b];
+            batch.running -= 1;
+            match res {
+                Ok(t) => batch.done.push((i, t)),
+                Err(e) => {
+                    failed.get_or_insert(e.into());
+                }
+            }
+            if failed.is_none() && batch.complete() {
+                match self.end_batch(batch) {
+                    Ok(n) => committed += n,
+                    Err(e) => failed = Some(e),
+                }
+            }
         }
-        Ok(committed)
+        self.copy_secs += (started.elapsed().as_secs_f64() - idle).max(1e-6);
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(committed),
+        }
     }
 
     /// Whether region `r` is hot (see [`HOT_RACES`]).
@@ -853,9 +982,9 @@ impl Migration {
             }
             // A copy that fails leaves the hold to the module's timer.
             self.region_hold = true;
-            let b = self.copy_batch(&[r]).await;
+            let n = self.copy_all(&[r]).await;
             self.region_hold = false;
-            committed += b?.ops.iter().filter(|o| o.result == abi::REGION_OK).count() as u64;
+            committed += n?;
         }
         Ok(committed)
     }
@@ -921,6 +1050,7 @@ impl Migration {
     async fn switch_in_window(&mut self) -> Result<bool, MigrateError> {
         let mut saved: Option<Vec<u8>> = None;
         for _ in 0..6 {
+            let copying = Instant::now();
             let mut left = self.unsynced()?;
             for _ in 0..4 {
                 if left.is_empty() {
@@ -937,14 +1067,21 @@ impl Migration {
                 tracing::warn!("regions not verified with writes held");
                 return Ok(false);
             }
+            self.window_copy += copying.elapsed().as_secs_f64();
             let before = self.tracker.status()?.head_writes;
-            let head = self.read_head().await?;
-            if self.tracker.status()?.head_writes != before || !self.unsynced()?.is_empty() {
-                continue;
-            }
-            if saved.as_deref() != Some(&head[..]) {
-                self.summary.saved_head = Some(self.save_head(&head).await?);
-                saved = Some(head);
+            // The head saved before the hold is still the source's if no
+            // write reached it since that read began (the module checks the
+            // same count again when it switches).
+            if self.staged_head != Some(before) {
+                let head = self.read_head().await?;
+                if self.tracker.status()?.head_writes != before || !self.unsynced()?.is_empty() {
+                    continue;
+                }
+                if saved.as_deref() != Some(&head[..]) {
+                    self.summary.saved_head = Some(self.save_head(&head).await?);
+                    saved = Some(head);
+                }
+                self.staged_head = Some(before);
             }
             match self.tracker.switch(before) {
                 Ok(()) => return Ok(true),
@@ -966,31 +1103,116 @@ impl Migration {
         Ok(false)
     }
 
-    /// One switch attempt: hold, copy the rest, save the head, switch.
-    /// Returns whether it switched.
-    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
+    /// Reads and saves the source's head ahead of a hold, unless what was
+    /// saved is still current; the window then only checks that no write
+    /// reached the head since. Outside the hold, the read's writeback and
+    /// the state directory's syncs (which may be on the source) cost no
+    /// pause. The first time, it also gives the window's fixed cost a
+    /// first estimate: the head is read, then written twice (the marker,
+    /// the target's head), each about as long as the read.
+    async fn stage_head(&mut self) -> Result<(), MigrateError> {
+        let before = self.tracker.status()?.head_writes;
+        if self.staged_head == Some(before) {
+            return Ok(());
+        }
         let t0 = Instant::now();
-        if let Err(e) = self.tracker.hold_writes(self.opts.hold_timeout_ms) {
+        let head = self.read_head().await?;
+        let read = t0.elapsed().as_secs_f64();
+        if self.tracker.status()?.head_writes != before {
+            // Written while it was read: the window reads it.
+            return Ok(());
+        }
+        self.summary.saved_head = Some(self.save_head(&head).await?);
+        self.staged_head = Some(before);
+        self.window_fixed.get_or_insert(3.0 * read);
+        Ok(())
+    }
+
+    /// The hold's timeout for one attempt (ms): the kernel releases the
+    /// writes at the budget, whatever the copier does, less a margin for
+    /// the timer's granularity and the retire marker's writes, which the
+    /// switch finishes once it has begun them.
+    fn hold_ms(&self) -> u32 {
+        let budget = self.opts.max_pause.as_millis();
+        let margin = (budget / 10).max(10);
+        let hold = if budget > 2 * margin {
+            budget - margin
+        } else {
+            (budget / 2).max(1)
+        };
+        u32::try_from(hold)
+            .unwrap_or(u32::MAX)
+            .min(self.opts.hold_timeout_ms)
+    }
+
+    /// One switch attempt: hold, copy the rest, save the head, switch.
+    /// Returns whether it switched. The hold ends at the budget (its
+    /// timer), so an attempt that would take longer fails instead of
+    /// holding writes past it; what the window took besides copying is
+    /// kept for the next estimate, and attempts that keep running out of
+    /// the budget end the migration with the reason.
+    async fn try_switch(&mut self) -> Result<bool, MigrateError> {
+        let hold_ms = self.hold_ms();
+        let t0 = Instant::now();
+        if let Err(e) = self.tracker.hold_writes(hold_ms) {
             tracing::warn!(error = %e, "could not hold writes for the switch");
             self.summary.failed_switches += 1;
             return Ok(false);
         }
         self.in_window = true;
+        self.window_copy = 0.0;
         let res = self.switch_in_window().await;
         self.in_window = false;
+        let took = t0.elapsed().as_secs_f64();
+        let fixed = (took - self.window_copy).max(0.0);
         match res {
             Ok(true) => {
-                self.summary.switch_window_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+                self.window_fixed = Some(fixed);
+                self.summary.switch_window_ms = Some(took * 1e3);
                 self.summary.switched = true;
                 self.progress.set(self.geo.bytes());
                 self.progress.set_unsynced(0);
+                tracing::info!(
+                    window_ms = took * 1e3,
+                    estimated_ms = self.summary.estimated_pause_ms.unwrap_or(0.0),
+                    fixed_ms = fixed * 1e3,
+                    "switched"
+                );
                 Ok(true)
             }
             other => {
                 // Let the writes go; the filter would after its timeout.
                 let _ = self.tracker.release();
                 self.summary.failed_switches += 1;
-                other.map(|_| false)
+                other?;
+                if took * 1e3 + 1.0 < f64::from(hold_ms) {
+                    return Ok(false);
+                }
+                // The budget ran out: the next estimate counts what the
+                // window took besides copying.
+                // (At most the hold: the module released the writes then.)
+                self.over_budget += 1;
+                let fixed = fixed.min(f64::from(hold_ms) / 1e3);
+                self.window_fixed = Some(self.window_fixed.unwrap_or(0.0).max(fixed));
+                tracing::warn!(
+                    window_ms = took * 1e3,
+                    fixed_ms = fixed * 1e3,
+                    budget_ms = self.opts.max_pause.as_millis() as u64,
+                    "the switch window ran out of the pause budget; writes released"
+                );
+                if self.over_budget >= OVER_BUDGET_ATTEMPTS {
+                    let need = fixed * 1e3
+                        + 2.0 * self.bytes_of(&self.boundaries()) as f64
+                            / self.rate().unwrap_or(f64::INFINITY)
+                            * 1e3;
+                    return Err(MigrateError::SwitchOverBudget {
+                        budget_ms: self.opts.max_pause.as_millis(),
+                        attempts: self.over_budget,
+                        fixed_ms: fixed * 1e3,
+                        suggest_ms: ((need.max(took * 1e3) * 2.0 / 10.0).ceil() as u64).max(1) * 10,
+                    });
+                }
+                Ok(false)
             }
         }
     }
@@ -1022,8 +1244,17 @@ impl Migration {
                 }
             } else if let Some(rate) = self.rate() {
                 let est = self.estimate(&left, rate).await?;
+                let budget = self.opts.max_pause.as_secs_f64();
+                // The head is saved ahead of the hold once the copy is
+                // close enough; the window's fixed cost then counts.
+                let est = if est <= budget {
+                    self.stage_head().await?;
+                    est + self.window_fixed.unwrap_or(0.0)
+                } else {
+                    est
+                };
                 self.watch_convergence(left.len() as u64, est);
-                if est <= self.opts.max_pause.as_secs_f64() {
+                if est <= budget {
                     self.summary.estimated_pause_ms = Some(est * 1e3);
                     tracing::info!(unsynced = left.len(), est_ms = est * 1e3, "switching");
                     if self.try_switch().await? {
@@ -1120,16 +1351,14 @@ impl Migration {
     }
 
     /// Refuses a budget the switch can never meet: its window copies at
-    /// least the first and last regions, so a budget below that time at the
-    /// measured rate would wait forever. Judged once the rate rests on
+    /// least the last region and does its own work (measured by an attempt,
+    /// or estimated from the head's read), so a budget below that time at
+    /// the measured rate would wait forever. Judged once the rate rests on
     /// enough copying (or nothing else is left to copy).
     fn check_reachable(&self, rate: f64, nothing_else: bool) -> Result<(), MigrateError> {
-        let mut boundaries = vec![0];
-        if self.geo.regions() > 1 {
-            boundaries.push(self.geo.regions() - 1);
-        }
-        let window = self.bytes_of(&boundaries);
-        let need = window as f64 / rate;
+        let window = self.bytes_of(&self.boundaries());
+        let fixed = self.window_fixed.unwrap_or(0.0);
+        let need = window as f64 / rate + fixed;
         let budget = self.opts.max_pause.as_secs_f64();
         let measured = self.copy_bytes >= RATE_SAMPLE_REGIONS * self.geo.region_bytes();
         if need <= budget || !(nothing_else || measured) {
@@ -1141,9 +1370,15 @@ impl Migration {
             budget_ms: self.opts.max_pause.as_millis(),
             window_bytes: window,
             rate_bytes_per_sec: rate,
+            fixed_ms: fixed * 1e3,
             need_ms: need * 1e3,
             suggest_ms,
         })
+    }
+
+    /// The regions only the switch window copies: the last one.
+    fn boundaries(&self) -> Vec<u64> {
+        vec![self.geo.regions() - 1]
     }
 
     /// Tells the operator, once, when the unsynced set has stopped shrinking

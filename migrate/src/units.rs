@@ -216,7 +216,7 @@ pub fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
         return Err(format!(
-            "invalid duration {s:?}: it must be more than zero (the switch copies the first and last regions with writes held)"
+            "invalid duration {s:?}: it must be more than zero (the switch copies the last region with writes held)"
         ));
     }
     Ok(d)

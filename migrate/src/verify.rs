@@ -68,7 +68,8 @@ pub(crate) enum Transfer {
     /// The target already held the source's bytes (this many compared):
     /// nothing was written.
     Matched(u64),
-    /// The region differed (this many compared), and the source's bytes were
+    /// The region differed (this many bytes of the target read to find
+    /// it: the probe alone, or all of it), and the source's bytes were
     /// written to the target (this many).
     Rewritten(u64, u64),
     /// The source's bytes were all zero: the target's were zeroed (this
@@ -79,9 +80,16 @@ pub(crate) enum Transfer {
     Free(u64),
 }
 
+/// Bytes of the target a comparison before copy reads first (rounded up to
+/// the target's logical block and the buffers' alignment): a fresh target
+/// differs there already, and the rest of the region is then written
+/// without being read.
+pub(crate) const PROBE_BYTES: u64 = 4096;
+
 /// Blocking: moves `len` bytes at `off` (region `r`) from `src` to `tgt`,
 /// leaving the head alone. With `compare`, reads the target first and
-/// writes only if it differs.
+/// writes only if it differs: the first [`PROBE_BYTES`] of it, then, if
+/// those match, the rest.
 pub(crate) fn transfer(
     src: &Device,
     tgt: &Device,
@@ -91,9 +99,14 @@ pub(crate) fn transfer(
 ) -> Result<Transfer, Error> {
     let (k, n) = (skip as usize, len as usize);
     let bytes = len.saturating_sub(skip);
+    let mut compared = 0;
     if compare {
-        if same(src, tgt, bufs, (off, len, skip))? {
-            return Ok(Transfer::Matched(bytes));
+        let probe = PROBE_BYTES
+            .max(u64::from(tgt.block_size()))
+            .max(bufs.src.alignment() as u64);
+        match probed(src, tgt, bufs, (off, len, skip), probe)? {
+            Compared::Same(c) => return Ok(Transfer::Matched(c)),
+            Compared::Differ(c) => compared = c,
         }
     } else if k < n {
         src.read_exact_at(&mut bufs.src[k..n], off + skip)?;
@@ -108,9 +121,50 @@ pub(crate) fn transfer(
         tgt.write_all_at(&bufs.src[k..n], off + skip)?;
     }
     Ok(if compare {
-        Transfer::Rewritten(bytes, bytes)
+        Transfer::Rewritten(compared, bytes)
     } else {
         Transfer::Written(bytes)
+    })
+}
+
+/// What a comparison before copy found, with the bytes of the target it
+/// read.
+enum Compared {
+    Same(u64),
+    Differ(u64),
+}
+
+/// Blocking: reads region `r` of the source (into `bufs.src`) and compares
+/// the target with it, the head excepted: its first `probe` bytes, and
+/// only if they are the same, the rest.
+fn probed(
+    src: &Device,
+    tgt: &Device,
+    bufs: &mut Bufs,
+    (off, len, skip): (u64, u64, u64),
+    probe: u64,
+) -> Result<Compared, Error> {
+    let (k, n) = (skip as usize, len as usize);
+    if k >= n {
+        return Ok(Compared::Same(0));
+    }
+    src.read_exact_at(&mut bufs.src[k..n], off + skip)?;
+    let (s, t) = bufs.both();
+    // Past `n` the rest would be empty: one read of the whole.
+    let p = k.saturating_add(usize::try_from(probe).unwrap_or(usize::MAX));
+    let m = if p < n { p } else { n };
+    tgt.read_exact_at(&mut t[k..m], off + skip)?;
+    if t[k..m] != s[k..m] {
+        return Ok(Compared::Differ((m - k) as u64));
+    }
+    if m < n {
+        tgt.read_exact_at(&mut t[m..n], off + m as u64)?;
+    }
+    let bytes = (n - k) as u64;
+    Ok(if t[m..n] == s[m..n] {
+        Compared::Same(bytes)
+    } else {
+        Compared::Differ(bytes)
     })
 }
 

@@ -451,7 +451,13 @@ async fn migrates_under_writes_and_switches() {
     let rig = rig(1);
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers(&rig, stop.clone(), false);
-    let m = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)));
+    // Paced (24 MiB in about 0.75 s), so that the writers, which a loaded
+    // host may run only every few ms, write to regions already in sync for
+    // a while: unpaced, the copy of this small device can end in 80 ms with
+    // no write mirrored.
+    let mut opts = options(&rig);
+    opts.rate_limit = Some(blkmig::units::Bytes(32 << 20));
+    let m = migration(&rig, opts, Arc::new(AtomicBool::new(false)));
     let summary = m.run().await.unwrap_or_else(|e| panic!("{e}"));
     assert!(summary.switched);
     assert!(summary.pause_ms.is_some());
@@ -490,18 +496,19 @@ async fn no_switch_keeps_mirroring_and_a_rerun_switches() {
     let synced = rig.sim.synced(0, 1 << 20).unwrap_or_default();
     let n = synced.len();
     assert!(
-        !synced[0] && !synced[n - 1],
-        "boundary regions synced before the switch window"
+        !synced[n - 1],
+        "the last region synced before the switch window"
     );
-    // The target's first region is wiped, not a copy of the source.
-    let mut head = vec![0u8; 1 << SHIFT];
+    assert!(
+        synced[..n - 1].iter().all(|&s| s),
+        "regions other than the last left for the window"
+    );
+    // The target's head is wiped, not a copy of the source.
+    let mut head = vec![0u8; rig.sim.geometry().head_bytes() as usize];
     rig.tgt_file
         .read_exact_at(&mut head, 0)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        head.iter().all(|&b| b == 0),
-        "target's first region not wiped"
-    );
+    assert!(head.iter().all(|&b| b == 0), "target's head not wiped");
     // Resume: a new run finishes the migration.
     complete(&rig, options(&rig), stop, threads).await;
 }
@@ -622,18 +629,18 @@ async fn regions_rewritten_faster_than_they_copy_converge_with_region_holds() {
 }
 
 /// A copier that dies inside the switch window after it committed the
-/// boundary regions (the first and the last, which are copied only in the
-/// window): they stay SYNCED, every later write to them is mirrored, and the
-/// resumed migration must not wipe them on the target, since nothing would
-/// copy them again. (It did: the target's first and last regions were zeros
-/// after the switch.)
+/// boundary region (the last, which is copied only in the window): it stays
+/// SYNCED, every later write to it is mirrored, and the resumed migration
+/// must not wipe it on the target, since nothing would copy it again. (It
+/// did: the target's first and last regions were zeros after the switch,
+/// when the first was a boundary region too.)
 /// What a copier does in a switch window before SWITCH: holds writes
-/// (300 ms), copies the first and last regions as it does (each region's
-/// head part left out) and commits them. A test then lets it "die".
+/// (300 ms), copies the last region as it does and commits it. A test then
+/// lets it "die".
 fn commit_boundaries_in_a_window(rig: &Rig) {
     let geo = rig.sim.geometry();
     rig.sim.hold_writes(300).unwrap_or_else(|e| panic!("{e}"));
-    let mut ops: Vec<RegionOp> = [0, geo.regions() - 1]
+    let mut ops: Vec<RegionOp> = [geo.regions() - 1]
         .iter()
         .map(|&region| RegionOp {
             region,
@@ -660,7 +667,7 @@ fn commit_boundaries_in_a_window(rig: &Rig) {
     rig.sim.copy_end(&mut ops).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         ops.iter().all(|op| op.result == abi::REGION_OK),
-        "boundary regions did not commit: {ops:?}"
+        "the boundary region did not commit: {ops:?}"
     );
 }
 
@@ -731,6 +738,196 @@ async fn a_resume_writes_only_what_the_target_lacks() {
         s.bytes_matched
     );
     assert!(s.bytes_compared >= s.bytes_matched);
+}
+
+/// Bytes of the target a comparison before copy reads first
+/// (`verify::PROBE_BYTES`; the rig's devices have small blocks).
+const PROBE: u64 = 4096;
+
+/// On a fresh target a comparison before copy reads only the first
+/// [`PROBE`] bytes of a region: they differ already, and the region is
+/// written without the rest of it being read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_target_costs_one_probe_per_compared_region() {
+    let rig = rig(31);
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    check_switched(&rig);
+    let regions = SIZE >> SHIFT;
+    assert!(s.bytes_compared > 0, "nothing compared: {s:?}");
+    // A whole region read would be 16 probes: the first batch alone
+    // (16 regions) would cost a MiB.
+    assert!(
+        s.bytes_compared <= regions * PROBE,
+        "compared {} bytes, more than one probe per region: {s:?}",
+        s.bytes_compared
+    );
+    assert_eq!(s.bytes_matched, 0, "{s:?}");
+}
+
+/// A target that holds the source's bytes at the start of every region and
+/// something else further on: the probe matches, so the rest is compared,
+/// and every region is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_differs_past_the_probe_is_rewritten() {
+    let rig = rig(33);
+    let geo = rig.sim.geometry();
+    let head = geo.head_bytes();
+    for r in 0..geo.regions() {
+        let (off, _) = geo.region_span(r).unwrap_or_else(|| panic!("region {r}"));
+        let shadow = rig.shadow.lock().unwrap_or_else(|e| e.into_inner());
+        let n = 2 * PROBE as usize;
+        rig.tgt_file
+            .write_all_at(&shadow[off as usize..off as usize + n], off)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let s = migration(&rig, options(&rig), Arc::new(AtomicBool::new(false)))
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    check_switched(&rig);
+    assert_eq!(s.bytes_matched, 0, "{s:?}");
+    // Every region past the head written, the last one in the window.
+    assert_eq!(s.bytes_copied, SIZE - head, "{s:?}");
+    // The regions compared were read whole (each found the same first
+    // bytes).
+    assert!(s.bytes_compared >= 1 << SHIFT, "{s:?}");
+}
+
+/// Passes every request to the simulated filter, and once, when a batch
+/// is begun while the previous one is not ended yet (the copies of both
+/// running), writes to the last region of that previous batch and to the
+/// first of the new one, each past the head.
+struct RaceAcrossBatches {
+    sim: Arc<SimFilter>,
+    shadow: Arc<Mutex<Vec<u8>>>,
+    /// The regions of each batch begun and not ended.
+    open: Mutex<Vec<Vec<u64>>>,
+    /// The regions written, and the result of their first COPY_END after.
+    raced: Mutex<Vec<(u64, Option<u32>)>>,
+}
+
+impl RaceAcrossBatches {
+    fn write(&self, r: u64) {
+        let off = (r << SHIFT) + 512;
+        let data = pattern(4096, r);
+        self.sim.write(off, &data);
+        self.shadow.lock().unwrap_or_else(|e| e.into_inner())
+            [off as usize..off as usize + data.len()]
+            .copy_from_slice(&data);
+    }
+}
+
+impl Tracker for RaceAcrossBatches {
+    fn status(&self) -> Result<abi::Status, FilterError> {
+        self.sim.status()
+    }
+    fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.copy_begin(ops)?;
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let head_regions = self.sim.geometry().head_bytes() >> SHIFT;
+        let mut raced = self.raced.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(prev), Some(first), true) = (open.last(), ops.first(), raced.is_empty()) {
+            if prev.iter().all(|&r| r >= head_regions) && first.result == abi::REGION_OK {
+                let last = prev
+                    .last()
+                    .copied()
+                    .unwrap_or_else(|| panic!("empty batch"));
+                for r in [last, first.region] {
+                    self.write(r);
+                    raced.push((r, None));
+                }
+            }
+        }
+        open.push(ops.iter().map(|o| o.region).collect());
+        Ok(())
+    }
+    fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.copy_end(ops)?;
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = ops.first() {
+            open.retain(|b| !b.contains(&o.region));
+        }
+        let mut raced = self.raced.lock().unwrap_or_else(|e| e.into_inner());
+        for o in ops.iter() {
+            for (r, res) in raced.iter_mut() {
+                if *r == o.region && res.is_none() {
+                    *res = Some(o.result);
+                }
+            }
+        }
+        Ok(())
+    }
+    fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.verify_begin(ops)
+    }
+    fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.verify_end(ops)
+    }
+    fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        self.sim.unsync(ops)
+    }
+    fn synced(&self, first: u64, count: u64) -> Result<Vec<bool>, FilterError> {
+        self.sim.synced(first, count)
+    }
+    fn hold_writes(&self, timeout_ms: u32) -> Result<(), FilterError> {
+        self.sim.hold_writes(timeout_ms)
+    }
+    fn switch(&self, head_writes: u64) -> Result<(), FilterError> {
+        self.sim.switch(head_writes)
+    }
+    fn release(&self) -> Result<(), FilterError> {
+        self.sim.release()
+    }
+}
+
+/// The copier begins the next batch while the copies of the previous one
+/// still run (so the devices never wait at a batch's end), and the protocol
+/// holds across that overlap: a write to a region of either batch between
+/// its COPY_BEGIN and its COPY_END voids that region's commit, and the
+/// region is copied again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_batches_still_void_a_copy_raced_by_a_write() {
+    let rig = rig(35);
+    let proxy = Arc::new(RaceAcrossBatches {
+        sim: rig.sim.clone(),
+        shadow: rig.shadow.clone(),
+        open: Mutex::new(Vec::new()),
+        raced: Mutex::new(Vec::new()),
+    });
+    let s = migration_with(
+        &rig,
+        proxy.clone(),
+        options(&rig),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .run()
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    let raced = proxy
+        .raced
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert_eq!(
+        raced.len(),
+        2,
+        "no batch was begun while the previous one was still open: {s:?}"
+    );
+    for (r, res) in raced {
+        assert_eq!(
+            res,
+            Some(abi::REGION_CONFLICT),
+            "region {r} written between its COPY_BEGIN and COPY_END"
+        );
+    }
+    assert!(s.recopies >= 2, "{s:?}");
+    check_switched(&rig);
 }
 
 /// With a region of `SHIFT` bytes at `r`, 16 bytes of garbage in the target
@@ -947,7 +1144,10 @@ async fn the_reported_pause_includes_a_failed_attempts_hold() {
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers(&rig, stop.clone(), false);
     let obs = Observed::new(rig.sim.clone(), 1, Duration::from_millis(400));
-    let s = migration_with(&rig, obs, options(&rig), Arc::new(AtomicBool::new(false)))
+    // A budget the slow attempt fits in: the hold ends at the budget.
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_secs(1);
+    let s = migration_with(&rig, obs, opts, Arc::new(AtomicBool::new(false)))
         .run()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1230,4 +1430,107 @@ async fn verify_compares_only_what_the_filesystem_uses() {
             "region {r}"
         );
     }
+}
+
+/// A switch whose own work (flushes, marker, the target's head) takes
+/// longer than `--max-pause`: no hold may last longer than the budget (the
+/// hold's timer is set within it), and after a few attempts that ran out
+/// of it the migration says so, still cloning, instead of switching over
+/// budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_slower_than_the_budget_never_holds_writes_past_it() {
+    let rig = rig(41);
+    *rig.sim
+        .switch_cost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(300);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(100);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let res = tokio::time::timeout(Duration::from_secs(30), tokio::spawn(m.run())).await;
+    cancel.store(true, Ordering::Relaxed);
+    let res = res
+        .unwrap_or_else(|_| panic!("the migration still tries after 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let longest = rig.sim.longest_hold();
+    assert!(
+        longest <= Duration::from_millis(100),
+        "writes were held {longest:?}, over --max-pause 100 ms"
+    );
+    match res {
+        Err(e @ MigrateError::SwitchOverBudget { .. }) => {
+            let t = e.to_string();
+            assert!(
+                t.contains("--max-pause 100 ms") && t.contains("rerun"),
+                "{t}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.sim.mode(), Mode::Clone, "still cloning, to resume");
+}
+
+/// A switch that costs part of the budget still switches, within it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_that_fits_the_budget_switches_within_it() {
+    let rig = rig(42);
+    *rig.sim
+        .switch_cost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(30);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(200);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let s = tokio::time::timeout(Duration::from_secs(30), m.run())
+        .await
+        .unwrap_or_else(|_| panic!("no switch in 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    let longest = rig.sim.longest_hold();
+    assert!(longest <= Duration::from_millis(200), "held {longest:?}");
+    assert!(longest >= Duration::from_millis(30), "held {longest:?}");
+}
+
+/// The source's head is read and saved before writes are held, so that the
+/// window does not spend the budget on it (nor on syncing the state
+/// directory, which may live on the source itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_head_is_saved_before_writes_are_held() {
+    let rig = rig(43);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, options(&rig), cancel);
+    let s = tokio::time::timeout(Duration::from_secs(30), m.run())
+        .await
+        .unwrap_or_else(|_| panic!("no switch in 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched, "{s:?}");
+    let path = s.saved_head.clone().unwrap_or_else(|| panic!("{s:?}"));
+    let saved = fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let held = rig
+        .sim
+        .first_hold_at
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(|| panic!("no hold"));
+    assert!(
+        saved <= held,
+        "the head was saved {:?} after the hold",
+        saved.duration_since(held)
+    );
+    let at_switch = rig
+        .sim
+        .head_at_switch
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_else(|| panic!("no switch"));
+    let file = fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        file == at_switch,
+        "the saved head is not the head at the switch"
+    );
 }

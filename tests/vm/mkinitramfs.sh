@@ -5,11 +5,14 @@
 # tests/vm/live-lib.sh, tests/vm/scenarios/*.sh and tests/vm/init as /init.
 #
 #   tests/vm/mkinitramfs.sh OUT.cpio.gz [--module KO|none] [--migrate BIN|none] [--stampwriter BIN|none]
+#                           [--tool NAME]...
 #
 # Defaults: --module kmod/blkmig.ko, --migrate target/x86_64-unknown-linux-gnu/release/migrate.
 # `none` leaves the file out (scenarios that need it then fail in the guest).
 # Without --stampwriter, when migrate is included, stampwriter is built here (static, like
 # migrate: cargo -p blkmig-testtools) and included; if that build fails it is left out.
+# --tool NAME (repeatable): one more host binary (found on the PATH) in /usr/sbin, with its
+# libraries, like e2fsprogs; for the benchmarks' guests (e.g. lvm and mdadm for bench/peers-vm.sh).
 # The scenario to run is chosen at boot time (kernel command line), so one image serves all.
 set -euo pipefail
 
@@ -27,11 +30,13 @@ shift
 module="$repo/kmod/blkmig.ko"
 migrate="$repo/target/x86_64-unknown-linux-gnu/release/migrate"
 stampwriter=auto
+tools=()
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--module) module=$2; shift 2 ;;
 	--migrate) migrate=$2; shift 2 ;;
 	--stampwriter) stampwriter=$2; shift 2 ;;
+	--tool) tools+=("$2"); shift 2 ;;
 	*) die "unknown argument $1" ;;
 	esac
 done
@@ -93,12 +98,25 @@ for alias in mkfs.ext4:mke2fs fsck.ext4:e2fsck; do
 	rm -f "$root/sbin/${alias%%:*}" "$root/usr/sbin/${alias%%:*}"
 	ln -s "${alias#*:}" "$root/usr/sbin/${alias%%:*}"
 done
+for tool in "${tools[@]}"; do
+	p=$(command -v "$tool" 2>/dev/null) || die "--tool $tool: not found on the PATH"
+	copy_with_libs "$p" "/usr/sbin/$tool"
+done
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$root/etc/"
 # The remote-nbd* scenarios serve a disk over NBD inside the guest. Optional: without them
 # only those scenarios fail, naming the missing tool.
 for tool in nbd-server nbd-client; do
 	p=$(command -v "$tool" 2>/dev/null) || {
 		log "warning: $tool not found (scripts/setup-toolchain.sh installs it); the remote-nbd scenarios will fail"
+		continue
+	}
+	copy_with_libs "$p" "/usr/sbin/$tool"
+done
+# The retire-signatures scenario makes each kind of signature the retire marker must cover.
+# Optional like the NBD tools: without them only that scenario fails, naming the missing tool.
+for tool in mkfs.xfs mkfs.btrfs lvm mdadm; do
+	p=$(command -v "$tool" 2>/dev/null) || {
+		log "warning: $tool not found (scripts/setup-toolchain.sh installs it); retire-signatures will fail"
 		continue
 	}
 	copy_with_libs "$p" "/usr/sbin/$tool"

@@ -129,7 +129,7 @@ parts_check_kernel() {
 
 # parts_check_source: the retired source: no filesystem or partition table for blkid or
 # sfdisk, and it does not mount; what stays on it is printed and checked: the filesystem that
-# was vda1 lies intact beyond the first MiB (with its UUID), and for GPT the backup header
+# was vda1 lies intact beyond the retired head (with its UUID), and for GPT the backup header
 # still sits in the last sector (unless an earlier boot noted backup_wiped)
 parts_check_source() {
 	not_recognisable "$PARTS_SRC"
@@ -142,7 +142,7 @@ parts_check_source() {
 	dd if="$PARTS_SRC" bs=4096 count=1 iflag=direct 2>/dev/null | head -c 14 | grep -qa 'BLKMIG-RETIRED' ||
 		fail "$PARTS_SRC does not start with the retire marker"
 
-	step "what stays on the retired source beyond its first MiB"
+	step "what stays on the retired source beyond its head"
 	_s1=$(noted start1)
 	[ $((_s1 * 512)) -ge 1048576 ] || fail "vda1 started at sector $_s1, inside the retired head"
 	_sb=$((_s1 + 2)) # the ext4 superblock: 1024 bytes into the partition

@@ -263,7 +263,7 @@ pub const STATUS_HOLDING: u32 = 1 << 0;
 pub const STATUS_RETIRE_FAILED: u32 = 1 << 1;
 /// `Status::flags` bit: a switch failed while it wrote the target's head,
 /// and zeros could not be written over it: the target may look like the
-/// filesystem (wipe its first MiB before reusing it).
+/// filesystem (wipe its first 128 KiB before reusing it).
 pub const STATUS_TARGET_HEAD_DIRTY: u32 = 1 << 2;
 
 /// Reply of [`CtlCmd::Status`].
@@ -395,15 +395,18 @@ pub struct SyncedQuery {
     pub count: u64,
 }
 
-/// Bytes of the source's *head*, which the retire marker overwrites: every
-/// filesystem and volume signature blkid probes at the start of a device
-/// lies within it (md 1.2 at 4 KiB, iso9660 at 32 KiB, btrfs at 64 KiB). The
+/// Bytes of the source's *head*, which the retire marker overwrites: the
+/// signatures blkid probes at the start of a device lie within it (MBR and
+/// the primary GPT in the first 17 KiB, ext4's superblock at 1 KiB, xfs's
+/// at 0, an LVM label in the first four sectors, md 1.1 at 0 and 1.2 at
+/// 4 KiB, iso9660 at 32 KiB, btrfs at 64 KiB). No larger: the switch reads
+/// it and writes it twice with writes held. The
 /// head is the first `min(RETIRE_BYTES, device size)` bytes, over as many
 /// regions as it takes ([`crate::region::Geometry::head_bytes`]). The copier
 /// never writes the target's head and the module never mirrors to it: the
 /// switch writes it, after the marker, so that the two devices are never
 /// both recognisable. A comparison of a region leaves its head part out.
-pub const RETIRE_BYTES: u64 = 1 << 20;
+pub const RETIRE_BYTES: u64 = 128 << 10;
 
 /// The retire marker written over the source's head at the switch.
 #[repr(C)]

@@ -422,32 +422,34 @@ mod tests {
     }
 
     #[test]
-    fn the_head_is_one_mib_whatever_the_region_size() {
+    fn the_head_is_128_kib_whatever_the_region_size() {
         let g = |sectors, shift| Geometry::new(sectors, shift).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(crate::abi::RETIRE_BYTES, 128 << 10);
         assert_eq!(g(1 << 21, 22).head_bytes(), crate::abi::RETIRE_BYTES);
         // A copy writes what lies past the head.
-        assert_eq!(g(1 << 21, 22).copy_range(0), Some((1 << 20, 1 << 22)));
+        assert_eq!(g(1 << 21, 22).copy_range(0), Some((128 << 10, 1 << 22)));
+        assert_eq!(g(1 << 21, 20).copy_range(0), Some((128 << 10, 1 << 20)));
         assert_eq!(g(1 << 21, 22).copy_range(1), Some((1 << 22, 2 << 22)));
-        assert_eq!(g(1 << 21, 16).copy_range(15), None);
-        assert_eq!(g(1 << 21, 16).copy_range(16), Some((16 << 16, 17 << 16)));
+        assert_eq!(g(1 << 21, 16).copy_range(1), None);
+        assert_eq!(g(1 << 21, 16).copy_range(2), Some((2 << 16, 3 << 16)));
         assert_eq!(g(16, 20).copy_range(0), None);
         assert_eq!(g(1 << 21, 22).copy_range(256), None);
-        assert_eq!(g(1 << 21, 22).head_len(0), 1 << 20);
+        assert_eq!(g(1 << 21, 22).head_len(0), 128 << 10);
         assert_eq!(g(1 << 21, 22).head_len(1), 0);
-        // 64 KiB regions: the head is regions 0..16.
+        // 64 KiB regions: the head is regions 0 and 1.
         let small = g(1 << 21, 16);
-        assert_eq!(small.head_bytes(), 1 << 20);
-        assert_eq!(small.head_len(15), 1 << 16);
-        assert_eq!(small.head_len(16), 0);
+        assert_eq!(small.head_bytes(), 128 << 10);
+        assert_eq!(small.head_len(1), 1 << 16);
+        assert_eq!(small.head_len(2), 0);
         // A device smaller than the head.
         assert_eq!(g(16, 20).head_bytes(), 8192);
         assert_eq!(g(16, 20).head_len(0), 8192);
         let g = g(1 << 21, 20);
-        assert!(g.touches_head(2047, 1));
-        assert!(!g.touches_head(2048, 8));
+        assert!(g.touches_head(255, 1));
+        assert!(!g.touches_head(256, 8));
         assert!(!g.touches_head(0, 0));
-        assert!(g.within_head(2040, 8));
-        assert!(!g.within_head(2040, 9));
+        assert!(g.within_head(248, 8));
+        assert!(!g.within_head(248, 9));
         assert!(!g.within_head(u64::MAX, 2));
     }
 

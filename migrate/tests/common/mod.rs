@@ -27,6 +27,26 @@ struct State {
     /// The region hold (COPY_BEGIN with `REGION_OP_HOLD`) and its deadline:
     /// the first to see it passed ends it, as the module's timer does.
     held_region: Option<(u64, Instant)>,
+    /// When the current hold began, and its timeout.
+    hold_since: Option<Instant>,
+    hold_timeout: Duration,
+    longest_hold: Duration,
+}
+
+impl State {
+    /// Ends the hold (release, timer, switch, failure).
+    fn end_hold(&mut self) {
+        self.end_hold_within(Duration::MAX);
+    }
+
+    /// Ends the hold, which lasted at most `limit` (the timer's: a busy
+    /// test machine may run this thread late, the kernel's timer is not).
+    fn end_hold_within(&mut self, limit: Duration) {
+        self.holding = false;
+        if let Some(t) = self.hold_since.take() {
+            self.longest_hold = self.longest_hold.max(t.elapsed().min(limit));
+        }
+    }
 }
 
 /// How long a region hold lasts at most (the module's is the attach-time
@@ -55,6 +75,12 @@ pub struct SimFilter {
     pub region_writes_held: AtomicU64,
     /// Writes that touched the head and were not mirrored.
     pub head_writes: AtomicU64,
+    /// How long the switch itself takes (flushes, marker, the target's
+    /// head): a switch that has not finished when the hold's timer fires
+    /// is cancelled, as the module cancels it at its deadline.
+    pub switch_cost: Mutex<Duration>,
+    /// When the first hold began.
+    pub first_hold_at: Mutex<Option<std::time::SystemTime>>,
     /// Called with the target file and the region after every committed
     /// copy: a target that changes what was written to it, behind the
     /// filter's back.
@@ -105,6 +131,9 @@ impl SimFilter {
                     inflight: 0,
                     writes_held: 0,
                     held_region: None,
+                    hold_since: None,
+                    hold_timeout: Duration::ZERO,
+                    longest_hold: Duration::ZERO,
                 }),
                 Condvar::new(),
             )),
@@ -118,7 +147,15 @@ impl SimFilter {
             region_writes_held: AtomicU64::new(0),
             head_writes: AtomicU64::new(0),
             after_commit: Mutex::new(None),
+            switch_cost: Mutex::new(Duration::ZERO),
+            first_hold_at: Mutex::new(None),
         })
+    }
+
+    /// The longest hold so far, from HOLD_WRITES to its release, its timer
+    /// or the switch: the longest any write could have waited.
+    pub fn longest_hold(&self) -> Duration {
+        self.lock().longest_hold
     }
 
     fn map(&self) -> RegionMap<'_> {
@@ -455,8 +492,14 @@ impl Tracker for SimFilter {
         // The switch's hold takes the region hold's writes over.
         st.held_region = None;
         self.notify();
+        st.hold_since = Some(Instant::now());
+        st.hold_timeout = timeout;
         st.hold_gen += 1;
         self.holds.fetch_add(1, Ordering::Relaxed);
+        self.first_hold_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(std::time::SystemTime::now);
         let gen = st.hold_gen;
         // The kernel's timer: release and cancel if the switch does not come.
         let shared = self.shared.clone();
@@ -464,14 +507,14 @@ impl Tracker for SimFilter {
             std::thread::sleep(timeout);
             let mut st = shared.0.lock().unwrap_or_else(|e| e.into_inner());
             if st.holding && st.hold_gen == gen {
-                st.holding = false;
+                st.end_hold_within(timeout);
                 shared.1.notify_all();
             }
         });
         while st.inflight > 0 {
             let now = Instant::now();
             if now >= deadline || !st.holding {
-                st.holding = false;
+                st.end_hold();
                 self.notify();
                 return Err(err(Request::Ctl(CtlCmd::HoldWrites), libc::ETIMEDOUT));
             }
@@ -492,6 +535,26 @@ impl Tracker for SimFilter {
         }
         if !self.map().all_synced() || head_writes != self.head_writes.load(Ordering::SeqCst) {
             return Err(err(Request::Ctl(CtlCmd::Switch), libc::EAGAIN));
+        }
+        let cost = *self.switch_cost.lock().unwrap_or_else(|e| e.into_inner());
+        if !cost.is_zero() {
+            // The flushes and head writes, with writes still held; the
+            // hold's timer may fire meanwhile and cancel the switch.
+            let gen = st.hold_gen;
+            drop(st);
+            std::thread::sleep(cost);
+            st = self.lock();
+            if !st.holding || st.hold_gen != gen {
+                return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
+            }
+            // Past the deadline the kernel cancels the switch, whether or
+            // not its timer has run yet.
+            if st.hold_since.is_some_and(|t| t.elapsed() > st.hold_timeout) {
+                let limit = st.hold_timeout;
+                st.end_hold_within(limit);
+                self.notify();
+                return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
+            }
         }
         // Retire the source: marker + zeros over its head; then the
         // target's head, which nothing wrote before.
@@ -515,14 +578,14 @@ impl Tracker for SimFilter {
             .write_all_at(&head, 0)
             .unwrap_or_else(|e| panic!("{e}"));
         st.mode = Mode::Redirect;
-        st.holding = false;
+        st.end_hold();
         self.notify();
         Ok(())
     }
 
     fn release(&self) -> Result<(), FilterError> {
         let mut st = self.lock();
-        st.holding = false;
+        st.end_hold();
         self.notify();
         Ok(())
     }

@@ -5,7 +5,8 @@
 //! number and a crc32 of the block, until a stop file appears. It keeps the
 //! last sequence written to each block and saves that log when it stops,
 //! with the longest write latency and every write slower than a threshold
-//! (the switch pause, seen from the writer's side).
+//! (the switch pause, seen from the writer's side), and a summary of the
+//! writes' latencies (median, 99th percentile, longest) for the benchmarks.
 //!
 //! `verify` checks, after the migration, that every block of the file holds
 //! exactly its last stamp from the log.
@@ -51,6 +52,11 @@ enum Cmd {
         /// Pause between writes, microseconds.
         #[arg(long, default_value_t = 0)]
         gap_us: u64,
+        /// Write at this many writes per second, on a fixed schedule (a
+        /// write that falls behind is followed by the next at once, until
+        /// the schedule is caught up), instead of --gap-us.
+        #[arg(long, conflicts_with = "gap_us")]
+        rate: Option<u64>,
         /// Report writes slower than this many milliseconds.
         #[arg(long, default_value_t = 20)]
         slow_ms: u64,
@@ -431,7 +437,7 @@ fn write(
     blocks: u64,
     stop: &Path,
     hot: Option<u64>,
-    gap: Duration,
+    pace: Pace,
     slow: Duration,
     seed: u64,
     io: Io,
@@ -487,6 +493,7 @@ fn write(
     let mut worst_at = 0.0;
     let mut slow_log = Vec::new();
     let mut writes = 0u64;
+    let mut lat = Latencies::default();
     let mut n = 0u64;
     while !stop.exists() {
         for _ in 0..64 {
@@ -500,6 +507,13 @@ fn write(
             };
             seq += 1;
             fill(&mut buf, b, seq);
+            if let Pace::Rate(per_sec) = pace {
+                let due = started + Duration::from_secs_f64(writes as f64 / per_sec as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
             let t0 = Instant::now();
             match ring.as_mut() {
                 None => f.write_all_at(&buf, b * BLOCK as u64),
@@ -513,6 +527,7 @@ fn write(
                 a.sync_data().context("fdatasync the acknowledgements")?;
             }
             writes += 1;
+            lat.record(dt);
             if dt > worst {
                 worst = dt;
                 worst_at = started.elapsed().as_secs_f64();
@@ -520,7 +535,7 @@ fn write(
             if dt >= slow {
                 slow_log.push((started.elapsed().as_secs_f64(), dt));
             }
-            if !gap.is_zero() {
+            if let Pace::Gap(gap) = pace {
                 std::thread::sleep(gap);
             }
         }
@@ -549,7 +564,46 @@ fn write(
         "STAMPWRITER-MAX-LATENCY-MS {:.1}",
         worst.as_secs_f64() * 1e3
     );
+    println!(
+        "STAMPWRITER-SUMMARY writes={writes} secs={secs:.2} p50_us={} p99_us={} max_us={}",
+        lat.percentile(50).as_micros(),
+        lat.percentile(99).as_micros(),
+        worst.as_micros()
+    );
     Ok(())
+}
+
+/// How `write` spaces its writes.
+#[derive(Clone, Copy, Debug)]
+enum Pace {
+    /// A fixed pause after every write (none when zero).
+    Gap(Duration),
+    /// Writes per second, on a fixed schedule from the start.
+    Rate(u64),
+}
+
+/// Every write's latency, for percentiles at the end.
+#[derive(Default)]
+struct Latencies {
+    all: Vec<Duration>,
+}
+
+impl Latencies {
+    fn record(&mut self, d: Duration) {
+        self.all.push(d);
+    }
+
+    /// The smallest latency that at least `p` percent of the writes did not
+    /// exceed (nearest rank); zero when nothing was recorded.
+    fn percentile(&mut self, p: u32) -> Duration {
+        if self.all.is_empty() {
+            return Duration::ZERO;
+        }
+        self.all.sort_unstable();
+        let n = self.all.len();
+        let rank = (n * p as usize).div_ceil(100).clamp(1, n);
+        self.all[rank - 1]
+    }
 }
 
 fn verify(file: &Path, log: &Path) -> Result<()> {
@@ -753,6 +807,7 @@ fn main() -> Result<()> {
             stop,
             hot,
             gap_us,
+            rate,
             slow_ms,
             seed,
             io,
@@ -763,7 +818,10 @@ fn main() -> Result<()> {
             blocks,
             &stop,
             hot,
-            Duration::from_micros(gap_us),
+            match rate {
+                Some(r) => Pace::Rate(r.max(1)),
+                None => Pace::Gap(Duration::from_micros(gap_us)),
+            },
             Duration::from_millis(slow_ms),
             seed,
             io,
@@ -845,6 +903,21 @@ mod tests {
         b[100] ^= 1;
         assert!(stamp(&b).is_err());
         assert!(stamp(&[0u8; BLOCK]).is_err());
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let mut lat = Latencies::default();
+        assert_eq!(lat.percentile(99), Duration::ZERO);
+        for ms in (1..=100).rev() {
+            lat.record(Duration::from_millis(ms));
+        }
+        assert_eq!(lat.percentile(50), Duration::from_millis(50));
+        assert_eq!(lat.percentile(99), Duration::from_millis(99));
+        assert_eq!(lat.percentile(100), Duration::from_millis(100));
+        lat.record(Duration::from_secs(2));
+        // 101 writes: the 99th percentile is rank 100, the slowest is alone above it.
+        assert_eq!(lat.percentile(99), Duration::from_millis(100));
     }
 
     #[test]

@@ -9,6 +9,6 @@
 . /tests/live-lib.sh
 
 SW_ARGS="--hot 1000 --gap-us 0"
-live_migrate_flow /dev/vda /dev/vdb --max-pause 200ms
+live_migrate_flow /dev/vda /dev/vdb
 grep -E 're-copies|busy' "$MIG_LOG" | tail -n1
 unload_module

@@ -38,7 +38,7 @@ echo "  hot block stamp on disk: $s0 -> $s1 in 2 s after the kill"
 left=$(status_field /dev/vda regions_synced)
 [ "${left:-0}" -ge "$synced" ] || fail "regions in sync went down after the kill: $synced -> $left (only a write conflict may unsync... none should)"
 
-live_start /dev/vda /dev/vdb --max-pause 200ms
+live_start /dev/vda /dev/vdb
 grep -q 'resuming the migration' "$MIG_LOG" || fail "the second migrate start did not resume the attached migration: $(errtail "$MIG_LOG")"
 live_finish /dev/vda /dev/vdb
 unload_module

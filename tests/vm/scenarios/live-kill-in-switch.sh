@@ -56,12 +56,14 @@ expect_eq "$(status_field /dev/vda writes_held)" 0 "writes_held 1 s after the ho
 migrate status /dev/vda --json | grep -q '"holding":false' || fail "still holding writes after the hold timeout: $(migrate status /dev/vda --json)"
 sw_alive
 
-live_start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms
+# The module's longest hold includes the killed copier's, which only the hold's timer ended: its
+# work item may run late under emulation, so that hold is bounded below, not by --max-pause.
+LIVE_PAUSE_UNBOUNDED=1 live_start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms
 live_finish /dev/vda /dev/vdb
 unload_module
 # The hold timeout bounds every hold: the abandoned one (measured 996-1000 ms) and the resumed
 # switch's. The one thing a switch that has passed its checks before the deadline may still
-# make writes wait for is the retire marker: one 1 MiB FUA write and a flush of the source
+# make writes wait for is the retire marker: one 128 KiB FUA write and a flush of the source
 # (docs/design.md). Allow 500 ms for that under TCG, and nothing more.
 ok=$(echo "$SW_MAX_MS $MIG_PAUSE_MS" | awk '{ print ($1 <= 1500 && $2 <= 1500) ? "yes" : "no" }')
 [ "$ok" = yes ] || fail "writes were held beyond the 1000 ms hold timeout plus the retire marker's I/O: the writer's longest write took $SW_MAX_MS ms, migrate's (resumed) switch paused writes $MIG_PAUSE_MS ms"

@@ -17,7 +17,7 @@ write_mbr /dev/vda 2048 32768 34816 $((total - 34816))
 write_pattern /dev/vda1 0 P1 32768
 mbr_md5=$(read_md5 /dev/vda 0 1)
 
-live_migrate_flow /dev/vda2 /dev/vdb --max-pause 200ms
+live_migrate_flow /dev/vda2 /dev/vdb
 
 step "vda1 and the partition table are untouched"
 drop_caches

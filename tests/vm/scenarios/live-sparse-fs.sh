@@ -72,7 +72,7 @@ run_capture migrate abort "$SRC"
 [ "$RC" -eq 0 ] || fail "migrate abort $SRC failed (exit $RC): $(errtail "$ERR")"
 expect_no_filter "$SRC"
 
-run_json sparse "$SRC" "$TGT" --max-pause 200ms
+run_json sparse "$SRC" "$TGT"
 SPARSE_BYTES=$RUN_BYTES
 SPARSE_SECS=$RUN_SECS
 grep -q '^switched:' /tmp/sparse.err || fail "the default run did not switch: $(errtail /tmp/sparse.err)"

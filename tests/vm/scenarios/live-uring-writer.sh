@@ -10,5 +10,5 @@
 . /tests/live-lib.sh
 
 SW_ARGS="--io uring --gap-us 300"
-live_migrate_flow /dev/vda /dev/vdb --max-pause 200ms
+live_migrate_flow /dev/vda /dev/vdb
 unload_module
