@@ -18,8 +18,11 @@
 //! Region hold: a COPY_BEGIN with `REGION_OP_HOLD` queues the writes to
 //! that one region (but the copier's own) until its COPY_END, which
 //! resubmits them after the commit, so that they are mirrored; writes to
-//! other regions pass. A kernel timer ends it at the hold timeout; a failure,
-//! a detach or a switch's hold (which takes its writes over) end it too.
+//! other regions pass (a bio that also touches the held region is held
+//! whole; a `REQ_NOWAIT` one is completed with `BLK_STS_AGAIN`). A kernel
+//! timer ends it at the hold timeout or 1 s, whichever is shorter; a
+//! failure, a detach or a switch's hold (which takes its writes over) end
+//! it too, and so does any COPY_END of the region, whatever its result.
 //!
 //! Switch (SWITCH, inside a hold): every write drained and every region
 //! synced, the mode becomes SWITCHING (every write queued, reads to the
@@ -230,6 +233,12 @@ enum HeadOverlap {
 
 /// `RegionHold::region` when no region is held.
 const NO_REGION: u64 = u64::MAX;
+
+/// The longest a region hold lasts, in ms, whatever the attach-time hold
+/// timeout: it delays the writes to one region while one copy of it runs
+/// (a few ms for a 1 MiB region), and a copier that stalls must not stall
+/// them longer than this.
+const REGION_HOLD_MS_MAX: u32 = 1000;
 
 /// The region hold (COPY_BEGIN with `REGION_OP_HOLD`): one region, the
 /// writes to it queued until its COPY_END or `deadline_ns`.
@@ -512,6 +521,10 @@ impl Migration {
             }
         }
         self.map().write_complete(regions);
+        // Pairs with the region hold's COPY_BEGIN, which publishes the
+        // held region and then loads the word: either it sees this write
+        // completed, or this sees the region held and wakes it.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         if (regions.start..regions.end).contains(&self.held_region.load(Ordering::SeqCst)) {
             // A region hold's COPY_BEGIN may be waiting for this write.
             self.events.wake_all();
@@ -817,10 +830,24 @@ impl Migration {
         None
     }
 
-    fn clone_write(&self, bio: Bio) -> Option<Bio> {
+    /// A write in CLONE: accounted, held, mirrored or passed. Loops while
+    /// a region hold that has just ended hands the write back (a new hold
+    /// of its region can begin meanwhile): a loop rather than a recursion.
+    fn clone_write(&self, mut bio: Bio) -> Option<Bio> {
+        loop {
+            match self.clone_write_once(bio) {
+                Ok(done) => return done,
+                Err(back) => bio = back,
+            }
+        }
+    }
+
+    /// One attempt of [`Migration::clone_write`]; `Err` hands the bio back
+    /// to try again.
+    fn clone_write_once(&self, bio: Bio) -> core::result::Result<Option<Bio>, Bio> {
         if bio.nr_sectors() == 0 {
             // An empty flush: the source is authoritative, nothing to track.
-            return Some(bio);
+            return Ok(Some(bio));
         }
         // Account first, then look at the hold: pairs with `hold_writes`,
         // whose drain then either sees this write or this write sees the
@@ -831,20 +858,20 @@ impl Migration {
                 || current_tgid() != self.hold_owner.load(Ordering::SeqCst));
         if held || self.mode_raw() != Mode::Clone as u32 {
             self.write_unaccount();
-            return if held {
+            return Ok(if held {
                 self.hold_bio(bio)
             } else {
                 self.route(bio)
-            };
+            });
         }
         if n >= INFLIGHT_MAX {
             self.write_unaccount();
             self.fail(Failure::TooManyWrites, bindings::EOVERFLOW as i32);
-            return Some(bio);
+            return Ok(Some(bio));
         }
         let Some(regions) = self.write_regions(&bio) else {
             self.write_unaccount();
-            return Some(bio);
+            return Ok(Some(bio));
         };
         if (regions.start..regions.end).contains(&self.held_region.load(Ordering::SeqCst))
             && current_tgid() != self.region_owner.load(Ordering::SeqCst)
@@ -853,7 +880,7 @@ impl Migration {
             // the region hold moves the region's epoch, and the copy it
             // raced does not commit.
             self.write_unaccount();
-            return self.region_hold_bio(bio, regions);
+            return self.region_hold_bio(bio, regions).map(|()| None);
         }
         let mut mirror = self.map().write_submit(regions);
         // The target's head is the switch's to write, after the retire
@@ -890,7 +917,7 @@ impl Migration {
             source: true,
             target,
         };
-        match self.send(bio, Kind::Write, regions, legs) {
+        Ok(match self.send(bio, Kind::Write, regions, legs) {
             Ok(()) => None,
             Err(bio) => {
                 // Not sent: stop the migration before the write lands
@@ -902,7 +929,7 @@ impl Migration {
                 self.bio_done();
                 Some(bio)
             }
-        }
+        })
     }
 
     // --- the hold -----------------------------------------------------------
@@ -1521,44 +1548,110 @@ impl Migration {
         if *len as usize % size_of::<RegionOp>() != 0 || n > abi::REGION_OPS_MAX as usize {
             return Err(EINVAL);
         }
-        let (mut r, mut w) = buf.reader_writer();
-        let cloning = self.mode_raw() == Mode::Clone as u32;
+        let (r, mut w) = buf.reader_writer();
+        // Every op is checked before any is acted on: a bad one later in
+        // the array must not leave a region hold begun by an earlier one.
+        let mut check = r.clone_reader();
         for _ in 0..n {
-            let mut op: RegionOp = r.read()?;
-            // COPY_END takes back the array COPY_BEGIN took, flag and all.
-            let copy = cmd == CtlCmd::CopyBegin || cmd == CtlCmd::CopyEnd;
-            if op.flags != 0 && !(op.flags == abi::REGION_OP_HOLD && copy) {
-                return Err(EINVAL);
+            let op: RegionOp = check.read()?;
+            self.check_op(cmd, &op)?;
+        }
+        let mut r = r;
+        // The region this call has begun to hold: an error later in the
+        // call ends it (the copier does not learn that it holds it).
+        let mut began: Option<u64> = None;
+        let res = (|| -> Result {
+            let cloning = self.mode_raw() == Mode::Clone as u32;
+            for _ in 0..n {
+                let mut op: RegionOp = r.read()?;
+                op.result = self.copy_op(cmd, cloning, &mut op, &mut began)?;
+                w.write(&op)?;
             }
-            let hold = op.flags != 0 && cmd == CtlCmd::CopyBegin;
-            op.result = if !cloning {
+            Ok(())
+        })();
+        if res.is_err() {
+            if let Some(held) = began {
+                self.region_release(Some(held));
+            }
+        }
+        res?;
+        *len = (n * size_of::<RegionOp>()) as u32;
+        Ok(())
+    }
+
+    /// Whether `op` is well formed for `cmd`: `REGION_OP_HOLD` only with
+    /// COPY_BEGIN (and COPY_END, which takes the same array back), and
+    /// never on a region of the head (the switch writes the target's head:
+    /// such a region's copy does not make every later write to it
+    /// mirrored, so holding its writes would gain nothing).
+    fn check_op(&self, cmd: CtlCmd, op: &RegionOp) -> Result {
+        match op.flags {
+            0 => {}
+            abi::REGION_OP_HOLD if cmd == CtlCmd::CopyEnd => {}
+            abi::REGION_OP_HOLD if cmd == CtlCmd::CopyBegin && op.region >= self.head_regions() => {
+            }
+            _ => return Err(EINVAL),
+        }
+        if cmd == CtlCmd::Unsync && op.word != 0 {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
+    /// One checked op of a copy command; `began` is set to the region
+    /// whose hold it begins.
+    fn copy_op(
+        &self,
+        cmd: CtlCmd,
+        cloning: bool,
+        op: &mut RegionOp,
+        began: &mut Option<u64>,
+    ) -> Result<u32> {
+        if cmd == CtlCmd::CopyEnd {
+            let end = if !cloning {
                 abi::REGION_NOT_CLONING
-            } else if hold {
-                self.copy_begin_held(&mut op)
-            } else if cmd == CtlCmd::VerifyBegin {
-                match self.map().verify_begin(op.region) {
-                    Some(Verify::Compare(word)) => {
-                        op.word = word;
-                        abi::REGION_OK
+            } else {
+                match self.map().copy_end(op.region, op.word) {
+                    Some(End::Committed) => abi::REGION_OK,
+                    Some(End::Conflict) => {
+                        self.stats.copy_conflicts.fetch_add(1, Ordering::Relaxed);
+                        abi::REGION_CONFLICT
                     }
-                    Some(Verify::Busy) => {
-                        self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
-                        abi::REGION_BUSY
-                    }
-                    Some(Verify::NotSynced) => abi::REGION_NOT_SYNCED,
                     None => abi::REGION_RANGE,
                 }
-            } else if cmd == CtlCmd::VerifyEnd {
-                match self.map().verify_end(op.region, op.word) {
-                    Some(true) => abi::REGION_OK,
-                    Some(false) => abi::REGION_CONFLICT,
-                    None => abi::REGION_RANGE,
+            };
+            // Whatever the result, after the commit if there is one: the
+            // writes it held are mirrored now.
+            self.region_release(Some(op.region));
+            return Ok(end);
+        }
+        if !cloning {
+            return Ok(abi::REGION_NOT_CLONING);
+        }
+        Ok(match cmd {
+            CtlCmd::CopyBegin if op.flags == abi::REGION_OP_HOLD => {
+                self.copy_begin_held(op, began)?
+            }
+            CtlCmd::CopyBegin => self.copy_begin_one(op),
+            CtlCmd::VerifyBegin => match self.map().verify_begin(op.region) {
+                Some(Verify::Compare(word)) => {
+                    op.word = word;
+                    abi::REGION_OK
                 }
-            } else if cmd == CtlCmd::Unsync {
-                if op.word != 0 {
-                    return Err(EINVAL);
+                Some(Verify::Busy) => {
+                    self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
+                    abi::REGION_BUSY
                 }
-                // Under the hold lock, in CLONE: the switch enters
+                Some(Verify::NotSynced) => abi::REGION_NOT_SYNCED,
+                None => abi::REGION_RANGE,
+            },
+            CtlCmd::VerifyEnd => match self.map().verify_end(op.region, op.word) {
+                Some(true) => abi::REGION_OK,
+                Some(false) => abi::REGION_CONFLICT,
+                None => abi::REGION_RANGE,
+            },
+            _ => {
+                // Unsync. Under the hold lock, in CLONE: the switch enters
                 // SWITCHING under it and then checks again that every
                 // region is synced, so it sees this or refuses it.
                 let _h = self.hold.lock();
@@ -1570,25 +1663,8 @@ impl Migration {
                 } else {
                     abi::REGION_RANGE
                 }
-            } else if cmd == CtlCmd::CopyBegin {
-                self.copy_begin_one(&mut op)
-            } else {
-                let end = match self.map().copy_end(op.region, op.word) {
-                    Some(End::Committed) => abi::REGION_OK,
-                    Some(End::Conflict) => {
-                        self.stats.copy_conflicts.fetch_add(1, Ordering::Relaxed);
-                        abi::REGION_CONFLICT
-                    }
-                    None => abi::REGION_RANGE,
-                };
-                // After the commit: the writes it held are mirrored now.
-                self.region_release(Some(op.region));
-                end
-            };
-            w.write(&op)?;
-        }
-        *len = (n * size_of::<RegionOp>()) as u32;
-        Ok(())
+            }
+        })
     }
 
     /// COPY_BEGIN of one region: its word in `op` if it may be copied.
@@ -1609,63 +1685,101 @@ impl Migration {
 
     // --- the region hold ----------------------------------------------------
 
-    /// COPY_BEGIN with `REGION_OP_HOLD`: holds the writes to the region,
+    /// How long a region hold lasts at most, in ms: the attach-time hold
+    /// timeout, but never more than [`REGION_HOLD_MS_MAX`].
+    fn region_hold_ms(&self) -> u32 {
+        self.hold_timeout_ms.min(REGION_HOLD_MS_MAX)
+    }
+
+    /// COPY_BEGIN with `REGION_OP_HOLD`: holds the writes to the region
+    /// (`began` is set to it once they are held),
     /// waits (at most until the hold's deadline) for those in flight to it
     /// to finish, then begins the copy. A region that cannot be copied now
-    /// is let go at once. Inside a switch's hold, and while a hold, switch
-    /// or detach command runs, the copy begins without a region hold.
-    fn copy_begin_held(&self, op: &mut RegionOp) -> u32 {
+    /// is let go at once. Inside a switch's hold, while a hold, switch or
+    /// detach command runs, and once the source's disk is going away, the
+    /// copy begins without a region hold. A fatal signal ends the wait
+    /// and the hold (`EINTR`).
+    fn copy_begin_held(&self, op: &mut RegionOp, began: &mut Option<u64>) -> Result<u32> {
         let r = op.region;
-        if r >= self.geometry.regions() {
-            return abi::REGION_RANGE;
+        // Nothing to hold for a region that is synced or out of range.
+        match self.map().copy_begin(r) {
+            None => return Ok(abi::REGION_RANGE),
+            Some(Begin::Synced) => return Ok(abi::REGION_SYNCED),
+            Some(Begin::Busy | Begin::Copy(_)) => {}
         }
-        let deadline = now_ns() + i64::from(self.hold_timeout_ms) * 1_000_000;
+        let limit_ms = self.region_hold_ms();
+        let deadline = now_ns() + i64::from(limit_ms) * 1_000_000;
         {
             let mut h = self.hold.lock();
             if self.mode_raw() != Mode::Clone as u32 {
-                return abi::REGION_NOT_CLONING;
+                return Ok(abi::REGION_NOT_CLONING);
             }
             if self.holding.load(Ordering::SeqCst)
                 || self.ctl_busy.load(Ordering::SeqCst)
                 || self.detaching.load(Ordering::SeqCst)
+                || self.source().disk_dead()
             {
                 drop(h);
-                return self.copy_begin_one(op);
+                return Ok(self.copy_begin_one(op));
             }
             if h.region.region != NO_REGION {
                 // One region at a time.
                 self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
-                return abi::REGION_BUSY;
+                return Ok(abi::REGION_BUSY);
             }
             h.region.region = r;
             h.region.deadline_ns = deadline;
+            // Armed before the hold is published: a failure or detach that
+            // sees the hold queues the timer to run now, which this cannot
+            // push back any more.
+            self.region_work.schedule(&self.wq, limit_ms);
             self.region_owner.store(current_tgid(), Ordering::SeqCst);
             self.held_region.store(r, Ordering::SeqCst);
             self.region_holds.fetch_add(1, Ordering::Relaxed);
+            *began = Some(r);
         }
-        self.region_work.schedule(&self.wq, self.hold_timeout_ms);
+        // A failure or detach that came before the hold was published did
+        // not see it: end it now.
+        if self.failing() || self.detaching.load(Ordering::SeqCst) {
+            self.region_work.schedule(&self.wq, 0);
+        }
         // New writes to `r` are queued now; those in flight finish. Woken
         // by `write_done`, by a failure and by the end of the hold.
-        self.events.wait_until(ms_until(deadline), || {
+        let waited = self.events.wait_until_killable(ms_until(deadline), || {
             crate::region::inflight(self.map().load(r)) == 0
                 || self.held_region.load(Ordering::SeqCst) != r
                 || self.failing()
                 || self.detaching.load(Ordering::SeqCst)
+                || self.source().disk_dead()
         });
+        if waited.is_none() {
+            self.region_release(Some(r));
+            return Err(EINTR);
+        }
+        if self.mode_raw() != Mode::Clone as u32 {
+            self.region_release(Some(r));
+            return Ok(abi::REGION_NOT_CLONING);
+        }
         let res = self.copy_begin_one(op);
         if res != abi::REGION_OK {
             self.region_release(Some(r));
         }
-        res
+        Ok(res)
     }
 
-    /// Queues the write `bio` (over `regions`) in the region hold. Returns
-    /// it routed anew if the hold has ended meanwhile.
-    fn region_hold_bio(&self, bio: Bio, regions: Regions) -> Option<Bio> {
+    /// Queues the write `bio` (over `regions`) in the region hold; a
+    /// `REQ_NOWAIT` bio is completed with `BLK_STS_AGAIN` instead (its
+    /// submitter retries it without the flag). Hands it back if the hold
+    /// has ended meanwhile.
+    fn region_hold_bio(&self, bio: Bio, regions: Regions) -> core::result::Result<(), Bio> {
         let mut h = self.hold.lock();
         if !(regions.start..regions.end).contains(&h.region.region) {
+            return Err(bio);
+        }
+        if bio.nowait() {
             drop(h);
-            return self.route(bio);
+            bio.end_would_block();
+            return Ok(());
         }
         self.owned.fetch_add(1, Ordering::SeqCst);
         self.region_writes_held.fetch_add(1, Ordering::Relaxed);
@@ -1673,7 +1787,7 @@ impl Migration {
             h.region.first_held_ns = now_ns();
         }
         h.region.held.push(bio);
-        None
+        Ok(())
     }
 
     /// Ends the region hold in `h` and takes its bios, recording how long
@@ -1755,6 +1869,11 @@ impl Migration {
                 let left = u32::try_from(ms_until(h.region.deadline_ns)).unwrap_or(u32::MAX);
                 drop(h);
                 self.region_work.schedule(&self.wq, left.max(1));
+                // A failure or detach between the check and the re-arm
+                // queued the work to run now, which the re-arm pushed back.
+                if self.failing() || self.detaching.load(Ordering::SeqCst) {
+                    self.region_work.schedule(&self.wq, 0);
+                }
                 return;
             }
             if self.mode_raw() == Mode::Clone as u32 && !self.detaching.load(Ordering::SeqCst) {
