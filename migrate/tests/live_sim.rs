@@ -628,6 +628,51 @@ async fn regions_rewritten_faster_than_they_copy_converge_with_region_holds() {
     check_switched(&rig);
 }
 
+/// A held copy that fails (here the source's read: the source shrank
+/// under the copy) ends its region hold before the copier returns the
+/// error, by a COPY_END that cannot commit: the writes to the region do
+/// not wait for the module's timer. (They did: the copier left the hold
+/// to the timer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_held_copy_ends_its_hold_at_once() {
+    let rig = rig(15);
+    // Busy at every COPY_BEGIN: raced, then hot, then copied with a hold.
+    rig.sim.begin_stuck_write(9);
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(migration(&rig, opts, cancel.clone()).run());
+    // The first held COPY_BEGIN of region 9 waits for the stuck write.
+    let t0 = std::time::Instant::now();
+    while rig.sim.status().map_or(0, |s| s.region_holds) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "region 9 was never held"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The source shrinks: the held copy's read fails.
+    let src = rig
+        .state
+        .parent()
+        .unwrap_or_else(|| panic!("no rig directory"))
+        .join("src.img");
+    OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| panic!("{e}"));
+    rig.sim.end_stuck_write(9);
+    let res = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap_or_else(|_| panic!("the copier did not stop"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let held = rig.sim.held_region();
+    cancel.store(true, Ordering::Relaxed);
+    assert!(res.is_err(), "the copy of a shrunk source succeeded");
+    assert_eq!(held, None, "the failed copy left its region held");
+}
+
 /// A copier that dies inside the switch window after it committed the
 /// boundary region (the last, which is copied only in the window): it stays
 /// SYNCED, every later write to it is mirrored, and the resumed migration

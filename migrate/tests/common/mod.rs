@@ -49,9 +49,9 @@ impl State {
     }
 }
 
-/// How long a region hold lasts at most (the module's is the attach-time
-/// hold timeout).
-pub const SIM_REGION_HOLD: Duration = Duration::from_secs(5);
+/// How long a region hold lasts at most (the module's: the attach-time
+/// hold timeout, at most 1 s).
+pub const SIM_REGION_HOLD: Duration = Duration::from_secs(1);
 
 /// The simulated filter.
 pub struct SimFilter {
@@ -298,6 +298,18 @@ impl SimFilter {
             start: region,
             end: region + 1,
         });
+        // A region hold's COPY_BEGIN may be waiting for it, as in the module.
+        let _st = self.lock();
+        self.notify();
+    }
+
+    /// The region the region hold holds now, if any (one whose deadline
+    /// has passed is not held any more).
+    pub fn held_region(&self) -> Option<u64> {
+        self.lock()
+            .held_region
+            .filter(|&(_, deadline)| Instant::now() < deadline)
+            .map(|(r, _)| r)
     }
 }
 
@@ -307,10 +319,11 @@ impl SimFilter {
     /// holds `r` (not inside a switch's hold, nor while another is held).
     fn hold_region(&self, r: u64) -> bool {
         let mut st = self.lock();
+        // Nothing is held for a region that is synced or out of range.
         if st.mode != Mode::Clone
             || st.holding
             || st.held_region.is_some()
-            || r >= self.geo.regions()
+            || !matches!(self.map().copy_begin(r), Some(Begin::Busy | Begin::Copy(_)))
         {
             return false;
         }
@@ -344,15 +357,19 @@ impl SimFilter {
     }
 }
 
-/// The module's check of `RegionOp::flags`: `REGION_OP_HOLD` in COPY_BEGIN
-/// and in COPY_END (which takes the same array back), nothing elsewhere;
-/// anything else makes the whole call `EINVAL`.
-fn check_flags(cmd: CtlCmd, ops: &[RegionOp]) -> Result<(), FilterError> {
-    let copy = matches!(cmd, CtlCmd::CopyBegin | CtlCmd::CopyEnd);
-    if ops
-        .iter()
-        .any(|o| o.flags != 0 && !(o.flags == abi::REGION_OP_HOLD && copy))
-    {
+/// The module's check of `RegionOp::flags`, made on every op before any
+/// is acted on: `REGION_OP_HOLD` in COPY_BEGIN (never on a region of the
+/// head) and in COPY_END (which takes the same array back), nothing
+/// elsewhere; anything else makes the whole call `EINVAL`.
+fn check_flags(geo: &Geometry, cmd: CtlCmd, ops: &[RegionOp]) -> Result<(), FilterError> {
+    let ok = |o: &RegionOp| match o.flags {
+        0 => true,
+        abi::REGION_OP_HOLD => {
+            cmd == CtlCmd::CopyEnd || (cmd == CtlCmd::CopyBegin && geo.head_len(o.region) == 0)
+        }
+        _ => false,
+    };
+    if !ops.iter().all(ok) {
         return Err(err(Request::Ctl(cmd), libc::EINVAL));
     }
     Ok(())
@@ -389,7 +406,7 @@ impl Tracker for SimFilter {
     }
 
     fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        check_flags(CtlCmd::CopyBegin, ops)?;
+        check_flags(&self.geo, CtlCmd::CopyBegin, ops)?;
         if self.lock().mode != Mode::Clone {
             ops.iter_mut()
                 .for_each(|o| o.result = abi::REGION_NOT_CLONING);
@@ -414,9 +431,16 @@ impl Tracker for SimFilter {
     }
 
     fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        check_flags(CtlCmd::CopyEnd, ops)?;
+        check_flags(&self.geo, CtlCmd::CopyEnd, ops)?;
+        let cloning = self.lock().mode == Mode::Clone;
         for o in ops {
-            o.result = match self.map().copy_end(o.region, o.word) {
+            let end = if cloning {
+                self.map().copy_end(o.region, o.word)
+            } else {
+                None
+            };
+            o.result = match end {
+                _ if !cloning => abi::REGION_NOT_CLONING,
                 Some(End::Committed) => {
                     if let Some(f) = &*self.after_commit.lock().unwrap_or_else(|e| e.into_inner()) {
                         f(&self.tgt, o.region);
@@ -429,14 +453,15 @@ impl Tracker for SimFilter {
                 }
                 None => abi::REGION_RANGE,
             };
-            // After the commit, as the module: the held writes are mirrored.
+            // After the commit, as the module, whatever the result: the
+            // held writes are mirrored.
             self.release_region(o.region);
         }
         Ok(())
     }
 
     fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        check_flags(CtlCmd::VerifyBegin, ops)?;
+        check_flags(&self.geo, CtlCmd::VerifyBegin, ops)?;
         let cloning = self.lock().mode == Mode::Clone;
         for o in ops {
             (o.word, o.result) = match self.map().verify_begin(o.region) {
@@ -451,7 +476,7 @@ impl Tracker for SimFilter {
     }
 
     fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        check_flags(CtlCmd::VerifyEnd, ops)?;
+        check_flags(&self.geo, CtlCmd::VerifyEnd, ops)?;
         for o in ops {
             o.result = match self.map().verify_end(o.region, o.word) {
                 Some(true) => abi::REGION_OK,
@@ -463,7 +488,7 @@ impl Tracker for SimFilter {
     }
 
     fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
-        check_flags(CtlCmd::Unsync, ops)?;
+        check_flags(&self.geo, CtlCmd::Unsync, ops)?;
         for o in ops {
             o.result = if o.region < self.geo.regions() {
                 self.map().unsync(o.region);
