@@ -389,8 +389,9 @@ pub struct Migration {
     free_failed: bool,
     /// Races per region (see [`HOT_RACES`]).
     raced: std::collections::HashMap<u64, u32>,
-    /// The batch being copied is one hot region, with the region hold.
-    region_hold: bool,
+    /// Hot regions whose held copy would have waited for the writeback of
+    /// cached pages: left to the switch window, never held again.
+    no_hold: std::collections::HashSet<u64>,
     /// The source's head, read and saved ahead of a hold: the count of
     /// writes to the head the module had seen when that read began.
     staged_head: Option<u64>,
@@ -495,7 +496,7 @@ impl Migration {
             migration_id: status.migration_id,
             free_failed: false,
             raced: std::collections::HashMap::new(),
-            region_hold: false,
+            no_hold: std::collections::HashSet::new(),
             staged_head: None,
             window_fixed: None,
             window_copy: 0.0,
@@ -591,11 +592,6 @@ impl Migration {
             .iter()
             .map(|&r| RegionOp {
                 region: r,
-                flags: if self.region_hold {
-                    abi::REGION_OP_HOLD
-                } else {
-                    0
-                },
                 ..RegionOp::default()
             })
             .collect();
@@ -680,6 +676,8 @@ impl Migration {
         for (e, &(_, t)) in ends.iter().zip(&copied) {
             if e.result == abi::REGION_OK {
                 committed += 1;
+                // A region unsynced later starts counting its races anew.
+                self.raced.remove(&e.region);
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
                 match t {
@@ -793,9 +791,9 @@ impl Migration {
         let Some(fs) = self.opts.free_space.clone() else {
             return Vec::new();
         };
-        // Not under a region hold either: settling the free space may
-        // write to the held region.
-        if self.in_window || self.free_failed || self.region_hold {
+        // (A held copy never asks: settling the free space may write to
+        // the held region.)
+        if self.in_window || self.free_failed {
             return Vec::new();
         }
         let spans: Vec<(usize, (u64, u64))> = ops
@@ -904,7 +902,7 @@ impl Migration {
                 let Some((off, len)) = self.geo.region_span(r) else {
                     continue;
                 };
-                if !self.limits.is_empty() && !self.in_window && !self.region_hold {
+                if !self.limits.is_empty() && !self.in_window {
                     // Interrupted: the copies running are waited for below,
                     // and nothing more is committed, so every region not
                     // committed yet stays unsynced; that is safe.
@@ -962,31 +960,118 @@ impl Migration {
         }
     }
 
-    /// Whether region `r` is hot (see [`HOT_RACES`]).
+    /// Whether region `r` is hot (see [`HOT_RACES`]) and may be copied
+    /// with the region hold: not a region of the head (the module refuses
+    /// it), nor one whose held copy would have waited for writeback.
     fn hot(&self, r: u64) -> bool {
         self.raced.get(&r).is_some_and(|&n| n >= HOT_RACES)
+            && self.geo.head_len(r) == 0
+            && !self.no_hold.contains(&r)
     }
 
     /// Copies the hot regions `hot` one at a time, each with the module's
-    /// region hold; the rate limit is paced before each hold. Returns how
-    /// many committed.
+    /// region hold. Before the hold: the rate limit is paced and the
+    /// region's cached pages are written back, so that a write waits for
+    /// one region's read and write at most. Under it, the source is read
+    /// without waiting (`RWF_NOWAIT`): a read that would wait for writeback
+    /// (whose writes the hold keeps) ends the hold at once and leaves the
+    /// region to the switch window. Every error ends the hold it began.
+    /// Returns how many committed.
     async fn copy_held(&mut self, hot: &[u64]) -> Result<u64, MigrateError> {
         let mut committed = 0;
+        let mut bufs: Option<Bufs> = None;
         for &r in hot {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted.into());
             }
+            let Some((off, len)) = self.geo.region_span(r) else {
+                continue;
+            };
             if !self.limits.is_empty() {
-                let len = self.geo.region_span(r).map_or(0, |(_, n)| n);
                 crate::copy::pace_all(&self.limits, len, &self.cancel).await?;
             }
-            // A copy that fails leaves the hold to the module's timer.
-            self.region_hold = true;
-            let n = self.copy_all(&[r]).await;
-            self.region_hold = false;
-            committed += n?;
+            let src = self.src.clone();
+            tokio::task::spawn_blocking(move || src.write_back(off, len))
+                .await
+                .map_err(|e| Error::joined(&e, "write back"))??;
+            // COPY_BEGIN with the hold waits for the writes in flight to
+            // the region: on the blocking pool, not on the executor.
+            let tracker = self.tracker.clone();
+            let mut ops = vec![RegionOp {
+                region: r,
+                flags: abi::REGION_OP_HOLD,
+                ..RegionOp::default()
+            }];
+            let ops =
+                tokio::task::spawn_blocking(move || tracker.copy_begin(&mut ops).map(|()| ops))
+                    .await
+                    .map_err(|e| Error::joined(&e, "copy begin"))??;
+            let op = ops[0];
+            if op.result != abi::REGION_OK {
+                // Nothing is held (the module let it go).
+                self.count_refused(&ops)?;
+                continue;
+            }
+            let (src, tgt) = (self.src.clone(), self.tgt.clone());
+            let mut buf = bufs
+                .take()
+                .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
+            let span = (off, len, self.geo.head_len(r));
+            let t0 = Instant::now();
+            let copied = tokio::task::spawn_blocking(move || {
+                let res = crate::verify::transfer_held(&src, &tgt, &mut buf, span);
+                (buf, res)
+            })
+            .await;
+            let t = match copied {
+                Ok((buf, Ok(Some(t)))) => {
+                    bufs = Some(buf);
+                    self.copy_secs += t0.elapsed().as_secs_f64().max(1e-6);
+                    t
+                }
+                Ok((buf, Ok(None))) => {
+                    bufs = Some(buf);
+                    self.end_hold(op)?;
+                    self.no_hold.insert(r);
+                    tracing::info!(
+                        region = r,
+                        "the held copy's read would have waited; region left to the switch window"
+                    );
+                    continue;
+                }
+                Ok((_, Err(e))) => {
+                    let _ = self.end_hold(op);
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    let _ = self.end_hold(op);
+                    return Err(Error::joined(&e, "copy").into());
+                }
+            };
+            // Never compared: the writes to the region wait for this copy.
+            let mut batch = Batch {
+                ops,
+                compare: false,
+                todo: Vec::new(),
+                next: 0,
+                running: 0,
+                done: vec![(0, t)],
+                ended: false,
+            };
+            committed += self.end_batch(&mut batch)?;
         }
         Ok(committed)
+    }
+
+    /// Ends the region hold `op` began without committing: COPY_END with
+    /// a word that has SYNCED set, which never commits.
+    fn end_hold(&self, op: RegionOp) -> Result<(), MigrateError> {
+        let mut end = [RegionOp {
+            word: op.word | blkmig_core::region::SYNCED,
+            ..op
+        }];
+        self.tracker.copy_end(&mut end)?;
+        Ok(())
     }
 
     /// Reads the source's head (writes are held). The read forces the
