@@ -1,21 +1,24 @@
 #!/bin/sh
-# live-hot-regions: the writer rewrites random blocks of a 256 MiB file (256 regions of the default
-# 1 MiB) with no gap, each region about ten times a second, while `--rate-limit 16M` takes seconds
-# to copy a batch of them: every batch copy is raced, and at the copy rate the module sees
-# (about 1 GB/s here) the 256 regions would take over 200 ms to copy in a switch window. With
-# the default --max-pause (100 ms) `migrate start` must still converge and switch within 300 s:
-# a region raced three times is copied on its own with the module's region hold (the writes to
-# it wait for that one copy), commits, and is mirrored from then on. Checks that region holds
-# were used (STATUS region_holds, and the summary's), that the switch was decided within the
-# 100 ms budget (`estimated_pause_ms`: only the boundary regions were left), that no write waited
-# 100 ms in a region hold (region_hold_longest_ns), that the module's measured pause (`pause_ms`,
-# from hold_longest_ns) is below the 5 s hold timeout, and the usual end: the writer lost nothing,
-# the target holds every stamp, the source is retired. (The measured pause was 146-227 ms here:
-# in TCG the switch window's own work, the head's read and durable save and the flushes, takes
-# longer than 100 ms with nothing to copy; live-pause shows the same without hot regions.)
-# Without the region hold (2026-11-24) the copier went round 8 times in 119 s, until one high
+# live-hot-regions: the writer rewrites random blocks of a 256 MiB file with no gap while
+# `migrate start --region-size 4M --rate-limit 8M` copies: the file covers 64 regions of 4 MiB,
+# each rewritten several times during the half second its copy takes, so their copies are raced
+# round after round, and at the copy rate the module sees (about 1 GB/s here) they would take
+# over 200 ms to copy in a switch window. With the default --max-pause (100 ms) `migrate start`
+# must still converge and switch within 300 s: a region raced three times is copied on its own
+# with the module's region hold (the writes to it wait for that one copy), commits, and is
+# mirrored from then on. Checks that region holds were used (STATUS region_holds, and the
+# summary's), that the switch was decided within the 100 ms budget (`estimated_pause_ms`: only
+# the boundary regions were left), that no write waited 100 ms in a region hold
+# (region_hold_longest_ns), that the module's measured pause (`pause_ms`, from hold_longest_ns)
+# is within the 100 ms budget (the switch's hold ends at --max-pause, as in every live_start),
+# and the usual end: the writer lost nothing, the target holds every stamp, the source is
+# retired.
+# Before the copier kept its queue full across batches, 256 regions of 1 MiB at --rate-limit 16M
+# were enough: without the region hold the copier went round 8 times in 119 s, until one high
 # sample of the copy rate made the estimate fit (97 ms, for some 256 regions), and the switch
-# then held writes for 409 ms; this scenario fails on it (no region hold).
+# then held writes for 409 ms. Since, those regions commit by plain re-copies in 3-4 rounds (0
+# region holds at 16M and at 8M, 2026-11-24): the scenario fails on that (no region hold), so
+# it uses 4 MiB regions.
 # disks: 512M 512M
 # needs: module migrate
 # timeout: 700
@@ -27,8 +30,8 @@ SW_ARGS="--gap-us 0"
 BOUND=300
 live_begin /dev/vda
 
-step "migrate start /dev/vda /dev/vdb --rate-limit 16M --json (default --max-pause): switches within $BOUND s"
-migrate start /dev/vda /dev/vdb --rate-limit 16M --json >/tmp/mig.json 2>"$MIG_LOG" &
+step "migrate start /dev/vda /dev/vdb --region-size 4M --rate-limit 8M --json (default --max-pause): switches within $BOUND s"
+migrate start /dev/vda /dev/vdb --region-size 4M --rate-limit 8M --json >/tmp/mig.json 2>"$MIG_LOG" &
 MPID=$!
 _t0=$(cs_now)
 _left=$BOUND
@@ -63,8 +66,8 @@ _bad=
 ok=$(echo "${_est:-1e9}" | awk '{ print ($1 <= 100) ? "yes" : "no" }')
 [ "$ok" = yes ] || _bad="${_bad}the switch was decided at an estimated pause of ${_est:-?} ms, over the 100 ms budget; "
 [ "${_rwait:-0}" -lt 100000000 ] || _bad="${_bad}a write waited ${_rwait} ns in a region hold; "
-ok=$(echo "$MIG_PAUSE_MS" | awk '{ print ($1 < 5000) ? "yes" : "no" }')
-[ "$ok" = yes ] || _bad="${_bad}the module measured a pause of $MIG_PAUSE_MS ms, not below the 5 s hold timeout"
+ok=$(echo "$MIG_PAUSE_MS" | awk '{ print ($1 <= 100) ? "yes" : "no" }')
+[ "$ok" = yes ] || _bad="${_bad}the module measured a pause of $MIG_PAUSE_MS ms, over the 100 ms budget"
 [ -z "$_bad" ] || fail "$_bad"
 _st_holds=$(status_field /dev/vda region_holds)
 expect_eq "$_st_holds" "$_holds" "region_holds of STATUS vs. the summary"
