@@ -70,7 +70,7 @@ print("workload alone: %.0f writes/s, p99 write %.1f ms, longest write %.1f ms, 
 print()
 print("| method | migration s | time vs blkmig | writes/s vs alone | p99 write ms | p99 vs alone | longest write ms | longest vs blkmig | reads/s vs alone | CPU s over the workload's | CPU vs blkmig |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
-for k in ["blkmig", "blkmig-qd2", "pvmove", "clone", "md", "dd"]:
+for k in ["blkmig", "blkmig-100ms", "blkmig-noyield", "blkmig-qd2", "pvmove", "clone", "md", "dd"]:
     if k not in runs:
         why = failed.get(k, "did not run")
         print("| %s | %s | | | | | | | | | |" % (k, why))

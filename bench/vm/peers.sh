@@ -2,9 +2,9 @@
 # In the guest: blkmig and its peers move the same mounted ext4 from /dev/vda to /dev/vdb (both
 # held to a known rate by bench/peers-vm.sh) under the same live workload, one after the other:
 #   base     the workload alone, no migration, for BASE_SECS: the reference
-#   blkmig   ext4 on vda; `migrate start /dev/vda /dev/vdb --max-pause 1s` to the switch (the
-#            default budget, 100 ms, is less than the switch's two 1 MiB regions take at the
-#            rate these disks give the copy under the workload: it refuses to switch)
+#   blkmig   ext4 on vda; `migrate start /dev/vda /dev/vdb --max-pause 1s` to the switch
+#            (blkmig-100ms: the same at the default budget, 100 ms; blkmig-noyield: with
+#            --busy-queue-depth 8, all 8 copies running under the workload too)
 #   pvmove   ext4 on an LV of a VG on vda, vdb in the VG from the start; `pvmove -i 1 vda vdb`
 #   clone    ext4 on a dm-linear device over vda; its table swapped to dm-clone (metadata on
 #            vdc, 4 KiB regions, hydration in 1 MiB batches, 8 MiB in flight: blkmig's defaults),
@@ -110,13 +110,14 @@ run_base() {
 	done_check /dev/vda
 }
 
-# run_blkmig [NAME OPTION...]: blkmig, with more options for `migrate start` under another name
+# run_blkmig [NAME OPTION...]: blkmig, with more options for `migrate start` under another name;
+# PAUSE: its --max-pause (1s)
 run_blkmig() {
 	name=${1:-blkmig}
 	[ $# -eq 0 ] || shift
 	make_fs /dev/vda
 	workload_start
-	migrate start /dev/vda /dev/vdb --json --max-pause 1s "$@" >/tmp/blkmig.json || fail "migrate start failed"
+	migrate start /dev/vda /dev/vdb --json --max-pause "${PAUSE:-1s}" "$@" >/tmp/blkmig.json || fail "migrate start failed"
 	workload_stop "$name"
 	echo "$name: $(tail -n 1 /tmp/blkmig.json)"
 	expect_mode /dev/vda redirect >/dev/null
@@ -209,9 +210,13 @@ mkdir -p /run/lvm /run/lock/lvm /run/mdadm
 load_module
 # blkmig with two copies in flight instead of 8: a shorter queue at the disks for the workload
 run_blkmig_qd2() { run_blkmig blkmig-qd2 --queue-depth 2; }
+# blkmig at the default budget, 100 ms
+run_blkmig_100ms() { PAUSE=100ms run_blkmig blkmig-100ms; }
+# blkmig keeping all 8 copies running under the workload too (it yields to none)
+run_blkmig_noyield() { run_blkmig blkmig-noyield --busy-queue-depth 8; }
 
 # /etc/bench-peers: METHODS, the runs to make (bench/peers-vm.sh writes it)
-METHODS="base blkmig blkmig_qd2 pvmove clone md dd"
+METHODS="base blkmig blkmig_100ms blkmig_noyield blkmig_qd2 pvmove clone md dd"
 [ -f /etc/bench-peers ] && . /etc/bench-peers
 # after a run that failed: stop the workload, take down what the run set up
 clean_up() {

@@ -146,9 +146,14 @@ struct CopyArgs {
 struct StartArgs {
     #[command(flatten)]
     attach: AttachArgs,
-    /// Regions copied at once.
+    /// Regions copied at once while nothing writes to the source.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     queue_depth: u16,
+    /// Regions copied at once while something writes to the source (at
+    /// most --queue-depth): the applications' I/O queues behind fewer
+    /// copies. Equal to --queue-depth: the copy never yields.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    busy_queue_depth: u16,
     /// Limit the background copy to this many bytes per second (e.g. 200M,
     /// at least 1K).
     #[arg(long, value_parser = blkmig::units::parse_rate)]
@@ -396,6 +401,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     let rep = Reporter::start(progress.clone(), style, interval(a.progress.interval)?);
     let opts = MigrateOptions {
         queue_depth: a.queue_depth.into(),
+        busy_queue_depth: a.busy_queue_depth.into(),
         rate_limit: a.rate_limit,
         shared_limit: None,
         max_pause: a.max_pause,

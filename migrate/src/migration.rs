@@ -61,11 +61,23 @@ const HOT_RACES: u32 = 3;
 /// the migration says that the budget cannot be met.
 const OVER_BUDGET_ATTEMPTS: u32 = 5;
 
+/// How long the copy stays at its busy depth after the last write to the
+/// source was seen.
+const BUSY_LINGER: Duration = Duration::from_millis(250);
+/// How often the copier reads the source's write count.
+const BUSY_SAMPLE: Duration = Duration::from_millis(50);
+/// Copies kept running while the source is written, by default.
+pub const BUSY_QUEUE_DEPTH: usize = 2;
+
 /// How to run a migration.
 #[derive(Clone, Debug)]
 pub struct MigrateOptions {
-    /// Regions copied at once.
+    /// Regions copied at once while nothing writes to the source.
     pub queue_depth: usize,
+    /// Regions copied at once while something writes to the source (at
+    /// most `queue_depth`): the workload's I/O waits behind fewer copies
+    /// at each device.
+    pub busy_queue_depth: usize,
     /// Copier limit in bytes per second.
     pub rate_limit: Option<Bytes>,
     /// A limit shared with other migrations running at once (`migrate
@@ -402,6 +414,54 @@ pub struct Migration {
     window_copy: f64,
     /// Switch attempts in a row that ran out of the budget.
     over_budget: u32,
+    /// How many copies to keep running.
+    depth: Depth,
+}
+
+/// The number of copies the copier keeps running: its queue depth while
+/// nothing writes to the source, its busy depth while something does (a
+/// write seen in the last [`BUSY_LINGER`]), so that a workload's I/O does
+/// not queue behind a full queue of region copies at each device.
+#[derive(Debug)]
+struct Depth {
+    full: usize,
+    busy: usize,
+    /// When the source's write count was last read, and what it was.
+    sampled: Option<(Instant, u64)>,
+    busy_until: Option<Instant>,
+}
+
+impl Depth {
+    fn new(full: usize, busy: usize) -> Self {
+        Self {
+            full: full.max(1),
+            busy: busy.clamp(1, full.max(1)),
+            sampled: None,
+            busy_until: None,
+        }
+    }
+
+    /// Whether the write count is due to be read again.
+    fn due(&self, now: Instant) -> bool {
+        self.sampled
+            .is_none_or(|(t, _)| now.saturating_duration_since(t) >= BUSY_SAMPLE)
+    }
+
+    /// The module's count of writes seen on the source, read at `now`.
+    fn observe(&mut self, now: Instant, writes: u64) {
+        if self.sampled.is_some_and(|(_, before)| writes != before) {
+            self.busy_until = Some(now + BUSY_LINGER);
+        }
+        self.sampled = Some((now, writes));
+    }
+
+    fn get(&self, now: Instant) -> usize {
+        if self.busy_until.is_some_and(|t| now < t) {
+            self.busy
+        } else {
+            self.full
+        }
+    }
 }
 
 /// A batch of regions under way in [`Migration::copy_all`]: begun by one
@@ -488,6 +548,7 @@ impl Migration {
             copy_bytes: 0,
             copy_secs: 0.0,
             in_window: false,
+            depth: Depth::new(opts.queue_depth, opts.busy_queue_depth),
             best: (u64::MAX, 0),
             told_stalled: false,
             policy: ComparePolicy::new(opts.compare),
@@ -848,8 +909,7 @@ impl Migration {
     /// is waited for before returning: a copier write still in flight when
     /// a later attempt commits its region could land over a mirrored write.
     async fn copy_all(&mut self, regions: &[u64]) -> Result<u64, MigrateError> {
-        let depth = self.opts.queue_depth.max(1);
-        let per_batch = (depth * 4).min(abi::REGION_OPS_MAX as usize);
+        let per_batch = (self.opts.queue_depth.max(1) * 4).min(abi::REGION_OPS_MAX as usize);
         let mut chunks = regions.chunks(per_batch);
         let mut batches: Vec<Batch> = Vec::new();
         let mut set: tokio::task::JoinSet<CopyDone> = tokio::task::JoinSet::new();
@@ -862,6 +922,7 @@ impl Migration {
         // rate-limited), and beginning a batch while no copy runs.
         let mut idle = 0.0;
         loop {
+            let depth = self.depth_now();
             while failed.is_none() && set.len() < depth {
                 let b = match batches.len().checked_sub(1) {
                     Some(b) if batches[b].has_todo() => b,
@@ -1072,6 +1133,22 @@ impl Migration {
         }];
         self.tracker.copy_end(&mut end)?;
         Ok(())
+    }
+
+    /// How many copies to keep running now: all of them in the switch
+    /// window (writes are held), fewer while the source is being written.
+    fn depth_now(&mut self) -> usize {
+        if self.in_window {
+            return self.depth.full;
+        }
+        let now = Instant::now();
+        if self.depth.due(now) {
+            // A failed read leaves the depth as it was; the next one tells.
+            if let Ok(st) = self.tracker.status() {
+                self.depth.observe(now, st.writes_seen);
+            }
+        }
+        self.depth.get(now)
     }
 
     /// Reads the source's head (writes are held). The read forces the
@@ -1522,6 +1599,43 @@ impl Migration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_copy_keeps_its_busy_depth_while_the_source_is_written() {
+        let t0 = Instant::now();
+        let mut d = Depth::new(8, 2);
+        assert!(d.due(t0));
+        d.observe(t0, 100);
+        assert_eq!(d.get(t0), 8, "the first count alone says nothing");
+        assert!(!d.due(t0 + BUSY_SAMPLE / 2), "read again too soon");
+        let t1 = t0 + BUSY_SAMPLE;
+        assert!(d.due(t1));
+        d.observe(t1, 100);
+        assert_eq!(d.get(t1), 8, "no write since: full depth");
+        let t2 = t1 + BUSY_SAMPLE;
+        d.observe(t2, 101);
+        assert_eq!(d.get(t2), 2, "a write: busy depth");
+        assert_eq!(d.get(t2 + BUSY_LINGER / 2), 2, "it lingers");
+        let t3 = t2 + BUSY_SAMPLE;
+        d.observe(t3, 101);
+        assert_eq!(d.get(t3), 2, "one quiet sample does not end it");
+        assert_eq!(
+            d.get(t2 + BUSY_LINGER),
+            8,
+            "full depth once the writes stop"
+        );
+    }
+
+    #[test]
+    fn the_busy_depth_is_within_one_and_the_queue_depth() {
+        let now = Instant::now();
+        for (full, busy, want) in [(8, 2, 2), (2, 8, 2), (4, 0, 1), (0, 0, 1)] {
+            let mut d = Depth::new(full, busy);
+            d.observe(now, 0);
+            d.observe(now, 1);
+            assert_eq!(d.get(now), want, "queue depth {full}, busy depth {busy}");
+        }
+    }
 
     #[test]
     fn the_pause_text_is_the_longest_hold_with_the_attempts() {

@@ -754,6 +754,7 @@ async fn one(
     let o = &m.options;
     let opts = MigrateOptions {
         queue_depth: o.queue_depth,
+        busy_queue_depth: crate::migration::BUSY_QUEUE_DEPTH,
         rate_limit: o.rate_limit,
         shared_limit,
         max_pause: o.max_pause,

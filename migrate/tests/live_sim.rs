@@ -84,6 +84,8 @@ fn rig_with(seed: u64, shift: u32) -> Rig {
 fn options(rig: &Rig) -> MigrateOptions {
     MigrateOptions {
         queue_depth: 4,
+        // The writers of most tests keep the copy at its busy depth.
+        busy_queue_depth: 1,
         rate_limit: None,
         shared_limit: None,
         max_pause: Duration::from_millis(100),

@@ -127,7 +127,7 @@ max_pause_ms() {
 
 # live_start SRC TGT [ARGS...]: `migrate start` in the foreground (its progress and summary go
 # to the console as they come); it must exit 0 and switch, and no write may have waited longer
-# than --max-pause (the module's measure). Sets MIG_PAUSE_MS, MIG_SECS.
+# than --max-pause (live_check_pause). Sets MIG_PAUSE_MS, MIG_SECS.
 live_start() {
 	step "migrate start $*"
 	_t0=$(cs_now)
@@ -139,17 +139,25 @@ live_start() {
 	MIG_SECS=$(echo "$_t0 $(cs_now)" | awk '{ printf "%.1f", ($2 - $1) / 100 }')
 	[ "$_rc" -eq 0 ] || fail "migrate start $* failed (exit $_rc): $(errtail "$MIG_LOG")"
 	grep -q '^switched:' "$MIG_LOG" || fail "migrate start $* exited 0 but did not switch: $(errtail "$MIG_LOG")"
-	MIG_PAUSE_MS=$(sed -n 's/.*writes paused \([0-9.]*\) ms.*/\1/p' "$MIG_LOG" | tail -n1)
-	[ -n "$MIG_PAUSE_MS" ] || fail "migrate's summary names no pause: $(errtail "$MIG_LOG")"
+	live_check_pause "$MIG_LOG" "$@"
+	echo "  migrate start took ${MIG_SECS}s, pause ${MIG_PAUSE_MS} ms"
+	sw_alive
+}
+
+# live_check_pause LOG [MIGRATE ARGS...]: sets MIG_PAUSE_MS from the summary in LOG (its text
+# or its --json), the module's own figure: the longest any write waited in a hold, failed
+# attempts included. Fails if that is over the arguments' --max-pause (LIVE_PAUSE_UNBOUNDED=1:
+# a scenario that killed a copier in its window, whose hold only the module's timer ended).
+live_check_pause() {
+	_log=$1
+	shift
+	MIG_PAUSE_MS=$(sed -n -e 's/.*writes paused \([0-9.]*\) ms.*/\1/p' \
+		-e 's/.*"pause_ms":\([0-9.]*\).*/\1/p' "$_log" | tail -n1)
+	[ -n "$MIG_PAUSE_MS" ] || fail "migrate's summary names no pause: $(errtail "$_log")"
 	_budget=$(max_pause_ms "$@")
-	echo "  migrate start took ${MIG_SECS}s, pause ${MIG_PAUSE_MS} ms (--max-pause ${_budget} ms)"
-	# The module's own figure: the longest any write waited in a hold, failed attempts included
-	# (LIVE_PAUSE_UNBOUNDED=1: a scenario that killed a copier in its window, whose hold only the
-	# module's timer ended).
 	[ "${LIVE_PAUSE_UNBOUNDED:-0}" = 1 ] ||
 		awk -v p="$MIG_PAUSE_MS" -v b="$_budget" 'BEGIN { exit !(p <= b) }' ||
-		fail "writes were held ${MIG_PAUSE_MS} ms, over --max-pause ${_budget} ms: $(errtail "$MIG_LOG")"
-	sw_alive
+		fail "writes were held ${MIG_PAUSE_MS} ms, over --max-pause ${_budget} ms: $(errtail "$_log")"
 }
 
 # live_finish SRC TGT: after the switch: redirect, the writer keeps writing for 2 s through the

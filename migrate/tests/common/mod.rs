@@ -63,6 +63,8 @@ pub struct SimFilter {
     conflicts: AtomicU64,
     busy: AtomicU64,
     mirrored: AtomicU64,
+    /// Writes to the source, as the module counts them.
+    seen: AtomicU64,
     /// The source's first region as it was when the switch overwrote it.
     pub head_at_switch: Mutex<Option<Vec<u8>>>,
     /// Longest time a write waited on the hold.
@@ -140,6 +142,7 @@ impl SimFilter {
             conflicts: AtomicU64::new(0),
             busy: AtomicU64::new(0),
             mirrored: AtomicU64::new(0),
+            seen: AtomicU64::new(0),
             head_at_switch: Mutex::new(None),
             longest_hold_wait: Mutex::new(Duration::ZERO),
             holds: AtomicU64::new(0),
@@ -201,6 +204,7 @@ impl SimFilter {
         let regions = self
             .geo
             .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
+        self.seen.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         let (mut in_hold, mut in_region) = (false, false);
         loop {
@@ -390,6 +394,7 @@ impl Tracker for SimFilter {
             copy_conflicts: self.conflicts.load(Ordering::Relaxed),
             copy_busy: self.busy.load(Ordering::Relaxed),
             writes_mirrored: self.mirrored.load(Ordering::Relaxed),
+            writes_seen: self.seen.load(Ordering::Relaxed),
             writes_held: st.writes_held,
             migration_id: SIM_MIGRATION_ID,
             head_writes: self.head_writes.load(Ordering::SeqCst),

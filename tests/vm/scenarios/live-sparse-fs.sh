@@ -34,6 +34,9 @@ run_json() {
 	# Written in any way: data, and write-zeroes.
 	RUN_BYTES=$((RUN_BYTES + ${_zeroed:-0}))
 	[ -n "$RUN_BYTES" ] && [ -n "$RUN_SKIPPED" ] || fail "no summary from migrate start $*: $(errtail /tmp/"$_name".json)"
+	# A run that switched kept its pause within its budget (the default 100 ms here).
+	! grep -q '"mode":"redirect"\|^switched' /tmp/"$_name".json /tmp/"$_name".err ||
+		live_check_pause /tmp/"$_name".json "$@"
 	echo "  $_name: wrote $RUN_BYTES bytes ($_zeroed of them zeroed), skipped $RUN_SKIPPED bytes of free space, in ${RUN_SECS}s"
 	sw_alive
 }
