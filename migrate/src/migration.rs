@@ -1394,7 +1394,18 @@ impl Migration {
             }
             self.check_mode()?;
             self.summary.rounds += 1;
-            let left = self.unsynced()?;
+            let mut left = self.unsynced()?;
+            // Hot regions are copied under a region hold before a switch is
+            // considered: one region's writes wait a few ms now rather than
+            // every write waiting for them in the switch window.
+            let hot: Vec<u64> = left.iter().copied().filter(|&r| self.hot(r)).collect();
+            if !self.opts.no_switch
+                && !hot.is_empty()
+                && self.rate().is_some()
+                && self.copy_held(&hot).await? > 0
+            {
+                left = self.unsynced()?;
+            }
             let body: Vec<u64> = left
                 .iter()
                 .copied()
