@@ -129,6 +129,20 @@ impl BlockDevice {
         unsafe { bindings::bdev_is_zoned(self.as_ptr()) }
     }
 
+    /// Whether its disk is going away (`GD_DEAD`): no I/O to it completes
+    /// normally any more.
+    pub(crate) fn disk_dead(&self) -> bool {
+        // SAFETY: `bd_disk` is assigned once at creation and outlives the
+        // device; `state` is a bit field the block layer changes with
+        // atomic bit operations, so a plain atomic load reads it.
+        let state = unsafe {
+            let word = core::ptr::addr_of!((*(*self.as_ptr()).bd_disk).state);
+            (*word.cast::<core::sync::atomic::AtomicUsize>())
+                .load(core::sync::atomic::Ordering::Relaxed)
+        };
+        state & (1 << bindings::GD_DEAD) != 0
+    }
+
     /// The disk the device belongs to, as an identity to compare.
     pub(crate) fn disk_id(&self) -> usize {
         // SAFETY: `bd_disk` is assigned once at creation.

@@ -81,6 +81,18 @@ impl Bio {
         unsafe { (*self.raw()).bi_opf }
     }
 
+    /// Completes the bio as `bio_wouldblock_error()` does: with
+    /// `BLK_STS_AGAIN`, which its submitter, who asked not to wait, retries.
+    pub(crate) fn end_would_block(self) {
+        self.end(STS_AGAIN);
+    }
+
+    /// Whether the submitter asked not to wait (`REQ_NOWAIT`): a bio that
+    /// would have to is completed with `BLK_STS_AGAIN` instead.
+    pub(crate) fn nowait(&self) -> bool {
+        self.opf() & bindings::REQ_NOWAIT != 0
+    }
+
     /// The bio's operation.
     pub(crate) fn op(&self) -> Op {
         match self.opf() & bindings::REQ_OP_MASK {
@@ -478,6 +490,9 @@ pub(crate) struct Legs<'a> {
 /// Sends clones of `orig` to `legs` and finishes `orig` when they have all
 /// completed, with the status of the source leg (of the target leg if
 /// there is no source leg). `ctx_set` has [`CTX_PAD`] bytes of front pad.
+/// `BLK_STS_AGAIN` of `include/linux/blk_types.h` (the bindings lack it).
+const STS_AGAIN: u8 = 12;
+
 /// A target leg never carries `REQ_NOWAIT`: a target that cannot take
 /// it, or is busy, must not fail the migration.
 ///

@@ -15,6 +15,15 @@
 //! source's queue. A kernel timer ends the hold at its deadline and
 //! resubmits the held writes from the module's workqueue.
 //!
+//! Region hold: a COPY_BEGIN with `REGION_OP_HOLD` queues the writes to
+//! that one region (but the copier's own) until its COPY_END, which
+//! resubmits them after the commit, so that they are mirrored; writes to
+//! other regions pass (a bio that also touches the held region is held
+//! whole; a `REQ_NOWAIT` one is completed with `BLK_STS_AGAIN`). A kernel
+//! timer ends it at the hold timeout or 1 s, whichever is shorter; a
+//! failure, a detach or a switch's hold (which takes its writes over) end
+//! it too, and so does any COPY_END of the region, whatever its result.
+//!
 //! Switch (SWITCH, inside a hold): every write drained and every region
 //! synced, the mode becomes SWITCHING (every write queued, reads to the
 //! target), the last in-flight I/O drains, the checks are made again, the
@@ -222,12 +231,34 @@ enum HeadOverlap {
     Across,
 }
 
-/// The write hold: its deadline and the writes it keeps.
+/// `RegionHold::region` when no region is held.
+const NO_REGION: u64 = u64::MAX;
+
+/// The longest a region hold lasts, in ms, whatever the attach-time hold
+/// timeout: it delays the writes to one region while one copy of it runs
+/// (a few ms for a 1 MiB region), and a copier that stalls must not stall
+/// them longer than this.
+const REGION_HOLD_MS_MAX: u32 = 1000;
+
+/// The region hold (COPY_BEGIN with `REGION_OP_HOLD`): one region, the
+/// writes to it queued until its COPY_END or `deadline_ns`.
+struct RegionHold {
+    /// The held region, or [`NO_REGION`].
+    region: u64,
+    deadline_ns: i64,
+    held: BioList,
+    /// When the first bio of `held` was queued (0 if none is).
+    first_held_ns: i64,
+}
+
+/// The write hold: its deadline and the writes it keeps; and the region
+/// hold, under the same lock.
 struct Hold {
     deadline_ns: i64,
     held: BioList,
     /// When the first bio of `held` was queued (0 if none is).
     first_held_ns: i64,
+    region: RegionHold,
 }
 
 /// One attached migration.
@@ -242,6 +273,9 @@ struct Hold {
 /// - Only the switch leaves SWITCHING and SWITCHING_FAILED; a failure
 ///   meanwhile turns the first into the second (compare-and-swap, against
 ///   the switch's own to REDIRECT), and the switch ends in FAILED.
+/// - `held_region` equals `hold.region.region` and changes only under the
+///   `hold` lock; a region hold never coexists with `holding` (a hold
+///   takes its writes over, and none starts while `holding`).
 #[pin_data(PinnedDrop)]
 pub(crate) struct Migration {
     /// First field: closed first when the object is dropped, so that the
@@ -276,6 +310,19 @@ pub(crate) struct Migration {
     inflight_writes: AtomicU64,
     /// Writes held now.
     held_count: AtomicU64,
+    /// The region of the region hold, or [`NO_REGION`] (read without the
+    /// lock by the write path).
+    held_region: AtomicU64,
+    /// The process that began the region hold: its own writes pass.
+    region_owner: AtomicI32,
+    /// A detach has begun: no region hold starts, the one there ends.
+    detaching: AtomicBool,
+    /// Region holds so far.
+    region_holds: AtomicU64,
+    /// Writes that waited in a region hold so far.
+    region_writes_held: AtomicU64,
+    /// Longest time one bio waited in a region hold, in nanoseconds.
+    region_hold_longest_ns: AtomicU64,
     /// Reads of the first region sent to the source, not yet completed.
     head_reads: AtomicU64,
     /// Bios the filter took and has not finished.
@@ -312,6 +359,9 @@ pub(crate) struct Migration {
     /// Ends the hold at its deadline; releases held writes after a failure.
     #[pin]
     hold_work: DelayedWork,
+    /// Ends the region hold at its deadline, after a failure, at detach.
+    #[pin]
+    region_work: DelayedWork,
     /// Submits the switch's own I/O (see `SyncIo`), on `io_wq`.
     #[pin]
     submit_work: DelayedWork,
@@ -435,6 +485,9 @@ impl Migration {
             holds: self.holds.load(Ordering::Relaxed),
             hold_longest_ns: self.hold_longest_ns.load(Ordering::Relaxed),
             head_writes: self.head_writes.load(Ordering::SeqCst),
+            region_holds: self.region_holds.load(Ordering::Relaxed),
+            region_writes_held: self.region_writes_held.load(Ordering::Relaxed),
+            region_hold_longest_ns: self.region_hold_longest_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -468,6 +521,14 @@ impl Migration {
             }
         }
         self.map().write_complete(regions);
+        // Pairs with the region hold's COPY_BEGIN, which publishes the
+        // held region and then loads the word: either it sees this write
+        // completed, or this sees the region held and wakes it.
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
+        if (regions.start..regions.end).contains(&self.held_region.load(Ordering::SeqCst)) {
+            // A region hold's COPY_BEGIN may be waiting for this write.
+            self.events.wake_all();
+        }
         self.count_down(&self.inflight_writes);
     }
 
@@ -524,6 +585,9 @@ impl Migration {
                 self.record_failure(why, errno);
                 if self.holding.load(Ordering::SeqCst) {
                     self.hold_work.schedule(&self.wq, 0);
+                }
+                if self.held_region.load(Ordering::SeqCst) != NO_REGION {
+                    self.region_work.schedule(&self.wq, 0);
                 }
             }
             self.events.wake_all();
@@ -766,10 +830,24 @@ impl Migration {
         None
     }
 
-    fn clone_write(&self, bio: Bio) -> Option<Bio> {
+    /// A write in CLONE: accounted, held, mirrored or passed. Loops while
+    /// a region hold that has just ended hands the write back (a new hold
+    /// of its region can begin meanwhile): a loop rather than a recursion.
+    fn clone_write(&self, mut bio: Bio) -> Option<Bio> {
+        loop {
+            match self.clone_write_once(bio) {
+                Ok(done) => return done,
+                Err(back) => bio = back,
+            }
+        }
+    }
+
+    /// One attempt of [`Migration::clone_write`]; `Err` hands the bio back
+    /// to try again.
+    fn clone_write_once(&self, bio: Bio) -> core::result::Result<Option<Bio>, Bio> {
         if bio.nr_sectors() == 0 {
             // An empty flush: the source is authoritative, nothing to track.
-            return Some(bio);
+            return Ok(Some(bio));
         }
         // Account first, then look at the hold: pairs with `hold_writes`,
         // whose drain then either sees this write or this write sees the
@@ -780,21 +858,30 @@ impl Migration {
                 || current_tgid() != self.hold_owner.load(Ordering::SeqCst));
         if held || self.mode_raw() != Mode::Clone as u32 {
             self.write_unaccount();
-            return if held {
+            return Ok(if held {
                 self.hold_bio(bio)
             } else {
                 self.route(bio)
-            };
+            });
         }
         if n >= INFLIGHT_MAX {
             self.write_unaccount();
             self.fail(Failure::TooManyWrites, bindings::EOVERFLOW as i32);
-            return Some(bio);
+            return Ok(Some(bio));
         }
         let Some(regions) = self.write_regions(&bio) else {
             self.write_unaccount();
-            return Some(bio);
+            return Ok(Some(bio));
         };
+        if (regions.start..regions.end).contains(&self.held_region.load(Ordering::SeqCst))
+            && current_tgid() != self.region_owner.load(Ordering::SeqCst)
+        {
+            // Checked after the count, as the hold: a write that missed
+            // the region hold moves the region's epoch, and the copy it
+            // raced does not commit.
+            self.write_unaccount();
+            return self.region_hold_bio(bio, regions).map(|()| None);
+        }
         let mut mirror = self.map().write_submit(regions);
         // The target's head is the switch's to write, after the retire
         // marker (which reads the source's head then): until then the
@@ -830,7 +917,7 @@ impl Migration {
             source: true,
             target,
         };
-        match self.send(bio, Kind::Write, regions, legs) {
+        Ok(match self.send(bio, Kind::Write, regions, legs) {
             Ok(()) => None,
             Err(bio) => {
                 // Not sent: stop the migration before the write lands
@@ -842,7 +929,7 @@ impl Migration {
                 self.bio_done();
                 Some(bio)
             }
-        }
+        })
     }
 
     // --- the hold -----------------------------------------------------------
@@ -926,7 +1013,10 @@ impl Migration {
             h.deadline_ns = deadline;
             self.holding.store(true, Ordering::SeqCst);
             self.holds.fetch_add(1, Ordering::Relaxed);
+            self.region_into_hold(&mut h);
         }
+        // A COPY_BEGIN waiting in the region hold that just ended.
+        self.events.wake_all();
         self.hold_work.schedule(&self.wq, ms);
         // The writes accounted before the hold (and the copier's own)
         // drain; new ones are queued.
@@ -1458,39 +1548,110 @@ impl Migration {
         if *len as usize % size_of::<RegionOp>() != 0 || n > abi::REGION_OPS_MAX as usize {
             return Err(EINVAL);
         }
-        let (mut r, mut w) = buf.reader_writer();
-        let cloning = self.mode_raw() == Mode::Clone as u32;
+        let (r, mut w) = buf.reader_writer();
+        // Every op is checked before any is acted on: a bad one later in
+        // the array must not leave a region hold begun by an earlier one.
+        let mut check = r.clone_reader();
         for _ in 0..n {
-            let mut op: RegionOp = r.read()?;
-            if op.reserved != 0 {
-                return Err(EINVAL);
+            let op: RegionOp = check.read()?;
+            self.check_op(cmd, &op)?;
+        }
+        let mut r = r;
+        // The region this call has begun to hold: an error later in the
+        // call ends it (the copier does not learn that it holds it).
+        let mut began: Option<u64> = None;
+        let res = (|| -> Result {
+            let cloning = self.mode_raw() == Mode::Clone as u32;
+            for _ in 0..n {
+                let mut op: RegionOp = r.read()?;
+                op.result = self.copy_op(cmd, cloning, &mut op, &mut began)?;
+                w.write(&op)?;
             }
-            op.result = if !cloning {
+            Ok(())
+        })();
+        if res.is_err() {
+            if let Some(held) = began {
+                self.region_release(Some(held));
+            }
+        }
+        res?;
+        *len = (n * size_of::<RegionOp>()) as u32;
+        Ok(())
+    }
+
+    /// Whether `op` is well formed for `cmd`: `REGION_OP_HOLD` only with
+    /// COPY_BEGIN (and COPY_END, which takes the same array back), and
+    /// never on a region of the head (the switch writes the target's head:
+    /// such a region's copy does not make every later write to it
+    /// mirrored, so holding its writes would gain nothing).
+    fn check_op(&self, cmd: CtlCmd, op: &RegionOp) -> Result {
+        match op.flags {
+            0 => {}
+            abi::REGION_OP_HOLD if cmd == CtlCmd::CopyEnd => {}
+            abi::REGION_OP_HOLD if cmd == CtlCmd::CopyBegin && op.region >= self.head_regions() => {
+            }
+            _ => return Err(EINVAL),
+        }
+        if cmd == CtlCmd::Unsync && op.word != 0 {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
+    /// One checked op of a copy command; `began` is set to the region
+    /// whose hold it begins.
+    fn copy_op(
+        &self,
+        cmd: CtlCmd,
+        cloning: bool,
+        op: &mut RegionOp,
+        began: &mut Option<u64>,
+    ) -> Result<u32> {
+        if cmd == CtlCmd::CopyEnd {
+            let end = if !cloning {
                 abi::REGION_NOT_CLONING
-            } else if cmd == CtlCmd::VerifyBegin {
-                match self.map().verify_begin(op.region) {
-                    Some(Verify::Compare(word)) => {
-                        op.word = word;
-                        abi::REGION_OK
+            } else {
+                match self.map().copy_end(op.region, op.word) {
+                    Some(End::Committed) => abi::REGION_OK,
+                    Some(End::Conflict) => {
+                        self.stats.copy_conflicts.fetch_add(1, Ordering::Relaxed);
+                        abi::REGION_CONFLICT
                     }
-                    Some(Verify::Busy) => {
-                        self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
-                        abi::REGION_BUSY
-                    }
-                    Some(Verify::NotSynced) => abi::REGION_NOT_SYNCED,
                     None => abi::REGION_RANGE,
                 }
-            } else if cmd == CtlCmd::VerifyEnd {
-                match self.map().verify_end(op.region, op.word) {
-                    Some(true) => abi::REGION_OK,
-                    Some(false) => abi::REGION_CONFLICT,
-                    None => abi::REGION_RANGE,
+            };
+            // Whatever the result, after the commit if there is one: the
+            // writes it held are mirrored now.
+            self.region_release(Some(op.region));
+            return Ok(end);
+        }
+        if !cloning {
+            return Ok(abi::REGION_NOT_CLONING);
+        }
+        Ok(match cmd {
+            CtlCmd::CopyBegin if op.flags == abi::REGION_OP_HOLD => {
+                self.copy_begin_held(op, began)?
+            }
+            CtlCmd::CopyBegin => self.copy_begin_one(op),
+            CtlCmd::VerifyBegin => match self.map().verify_begin(op.region) {
+                Some(Verify::Compare(word)) => {
+                    op.word = word;
+                    abi::REGION_OK
                 }
-            } else if cmd == CtlCmd::Unsync {
-                if op.word != 0 {
-                    return Err(EINVAL);
+                Some(Verify::Busy) => {
+                    self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
+                    abi::REGION_BUSY
                 }
-                // Under the hold lock, in CLONE: the switch enters
+                Some(Verify::NotSynced) => abi::REGION_NOT_SYNCED,
+                None => abi::REGION_RANGE,
+            },
+            CtlCmd::VerifyEnd => match self.map().verify_end(op.region, op.word) {
+                Some(true) => abi::REGION_OK,
+                Some(false) => abi::REGION_CONFLICT,
+                None => abi::REGION_RANGE,
+            },
+            _ => {
+                // Unsync. Under the hold lock, in CLONE: the switch enters
                 // SWITCHING under it and then checks again that every
                 // region is synced, so it sees this or refuses it.
                 let _h = self.hold.lock();
@@ -1502,33 +1663,226 @@ impl Migration {
                 } else {
                     abi::REGION_RANGE
                 }
-            } else if cmd == CtlCmd::CopyBegin {
-                match self.map().copy_begin(op.region) {
-                    Some(Begin::Copy(word)) => {
-                        op.word = word;
-                        abi::REGION_OK
-                    }
-                    Some(Begin::Busy) => {
-                        self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
-                        abi::REGION_BUSY
-                    }
-                    Some(Begin::Synced) => abi::REGION_SYNCED,
-                    None => abi::REGION_RANGE,
-                }
-            } else {
-                match self.map().copy_end(op.region, op.word) {
-                    Some(End::Committed) => abi::REGION_OK,
-                    Some(End::Conflict) => {
-                        self.stats.copy_conflicts.fetch_add(1, Ordering::Relaxed);
-                        abi::REGION_CONFLICT
-                    }
-                    None => abi::REGION_RANGE,
-                }
-            };
-            w.write(&op)?;
+            }
+        })
+    }
+
+    /// COPY_BEGIN of one region: its word in `op` if it may be copied.
+    fn copy_begin_one(&self, op: &mut RegionOp) -> u32 {
+        match self.map().copy_begin(op.region) {
+            Some(Begin::Copy(word)) => {
+                op.word = word;
+                abi::REGION_OK
+            }
+            Some(Begin::Busy) => {
+                self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
+                abi::REGION_BUSY
+            }
+            Some(Begin::Synced) => abi::REGION_SYNCED,
+            None => abi::REGION_RANGE,
         }
-        *len = (n * size_of::<RegionOp>()) as u32;
+    }
+
+    // --- the region hold ----------------------------------------------------
+
+    /// How long a region hold lasts at most, in ms: the attach-time hold
+    /// timeout, but never more than [`REGION_HOLD_MS_MAX`].
+    fn region_hold_ms(&self) -> u32 {
+        self.hold_timeout_ms.min(REGION_HOLD_MS_MAX)
+    }
+
+    /// COPY_BEGIN with `REGION_OP_HOLD`: holds the writes to the region
+    /// (`began` is set to it once they are held),
+    /// waits (at most until the hold's deadline) for those in flight to it
+    /// to finish, then begins the copy. A region that cannot be copied now
+    /// is let go at once. Inside a switch's hold, while a hold, switch or
+    /// detach command runs, and once the source's disk is going away, the
+    /// copy begins without a region hold. A fatal signal ends the wait
+    /// and the hold (`EINTR`).
+    fn copy_begin_held(&self, op: &mut RegionOp, began: &mut Option<u64>) -> Result<u32> {
+        let r = op.region;
+        // Nothing to hold for a region that is synced or out of range.
+        match self.map().copy_begin(r) {
+            None => return Ok(abi::REGION_RANGE),
+            Some(Begin::Synced) => return Ok(abi::REGION_SYNCED),
+            Some(Begin::Busy | Begin::Copy(_)) => {}
+        }
+        let limit_ms = self.region_hold_ms();
+        let deadline = now_ns() + i64::from(limit_ms) * 1_000_000;
+        {
+            let mut h = self.hold.lock();
+            if self.mode_raw() != Mode::Clone as u32 {
+                return Ok(abi::REGION_NOT_CLONING);
+            }
+            if self.holding.load(Ordering::SeqCst)
+                || self.ctl_busy.load(Ordering::SeqCst)
+                || self.detaching.load(Ordering::SeqCst)
+                || self.source().disk_dead()
+            {
+                drop(h);
+                return Ok(self.copy_begin_one(op));
+            }
+            if h.region.region != NO_REGION {
+                // One region at a time.
+                self.stats.copy_busy.fetch_add(1, Ordering::Relaxed);
+                return Ok(abi::REGION_BUSY);
+            }
+            h.region.region = r;
+            h.region.deadline_ns = deadline;
+            // Armed before the hold is published: a failure or detach that
+            // sees the hold queues the timer to run now, which this cannot
+            // push back any more.
+            self.region_work.schedule(&self.wq, limit_ms);
+            self.region_owner.store(current_tgid(), Ordering::SeqCst);
+            self.held_region.store(r, Ordering::SeqCst);
+            self.region_holds.fetch_add(1, Ordering::Relaxed);
+            *began = Some(r);
+        }
+        // A failure or detach that came before the hold was published did
+        // not see it: end it now.
+        if self.failing() || self.detaching.load(Ordering::SeqCst) {
+            self.region_work.schedule(&self.wq, 0);
+        }
+        // New writes to `r` are queued now; those in flight finish. Woken
+        // by `write_done`, by a failure and by the end of the hold.
+        let waited = self.events.wait_until_killable(ms_until(deadline), || {
+            crate::region::inflight(self.map().load(r)) == 0
+                || self.held_region.load(Ordering::SeqCst) != r
+                || self.failing()
+                || self.detaching.load(Ordering::SeqCst)
+                || self.source().disk_dead()
+        });
+        if waited.is_none() {
+            self.region_release(Some(r));
+            return Err(EINTR);
+        }
+        if self.mode_raw() != Mode::Clone as u32 {
+            self.region_release(Some(r));
+            return Ok(abi::REGION_NOT_CLONING);
+        }
+        let res = self.copy_begin_one(op);
+        if res != abi::REGION_OK {
+            self.region_release(Some(r));
+        }
+        Ok(res)
+    }
+
+    /// Queues the write `bio` (over `regions`) in the region hold; a
+    /// `REQ_NOWAIT` bio is completed with `BLK_STS_AGAIN` instead (its
+    /// submitter retries it without the flag). Hands it back if the hold
+    /// has ended meanwhile.
+    fn region_hold_bio(&self, bio: Bio, regions: Regions) -> core::result::Result<(), Bio> {
+        let mut h = self.hold.lock();
+        if !(regions.start..regions.end).contains(&h.region.region) {
+            return Err(bio);
+        }
+        if bio.nowait() {
+            drop(h);
+            bio.end_would_block();
+            return Ok(());
+        }
+        self.owned.fetch_add(1, Ordering::SeqCst);
+        self.region_writes_held.fetch_add(1, Ordering::Relaxed);
+        if h.region.first_held_ns == 0 {
+            h.region.first_held_ns = now_ns();
+        }
+        h.region.held.push(bio);
         Ok(())
+    }
+
+    /// Ends the region hold in `h` and takes its bios, recording how long
+    /// the first of them waited.
+    fn end_region_hold(&self, h: &mut Hold) -> BioList {
+        h.region.region = NO_REGION;
+        self.held_region.store(NO_REGION, Ordering::SeqCst);
+        if h.region.first_held_ns != 0 {
+            let waited = u64::try_from(now_ns() - h.region.first_held_ns).unwrap_or(0);
+            self.region_hold_longest_ns
+                .fetch_max(waited, Ordering::Relaxed);
+            h.region.first_held_ns = 0;
+        }
+        h.region.held.take()
+    }
+
+    /// A switch's hold begins (`h` is its lock): the region hold ends, and
+    /// the writes it kept join the held ones, released with them. The
+    /// caller wakes `events` once the lock is dropped.
+    fn region_into_hold(&self, h: &mut Hold) {
+        if h.region.region == NO_REGION {
+            return;
+        }
+        let mut moved = self.end_region_hold(h);
+        while let Some(bio) = moved.pop() {
+            // The bio keeps its `owned` count.
+            self.held_count.fetch_add(1, Ordering::Relaxed);
+            if h.first_held_ns == 0 {
+                h.first_held_ns = now_ns();
+            }
+            h.held.push(bio);
+        }
+    }
+
+    /// Ends the region hold (only if it holds `only`, when given) and
+    /// resubmits its writes. Process context.
+    fn region_release(&self, only: Option<u64>) {
+        if only.is_some_and(|o| self.held_region.load(Ordering::SeqCst) != o) {
+            // Not the held region (every COPY_END asks): no lock taken.
+            return;
+        }
+        let held = {
+            let mut h = self.hold.lock();
+            let r = h.region.region;
+            if r == NO_REGION || only.is_some_and(|o| o != r) {
+                return;
+            }
+            self.end_region_hold(&mut h)
+        };
+        self.events.wake_all();
+        self.region_dispatch(held);
+    }
+
+    /// Routes the bios a region hold kept anew (process context).
+    fn region_dispatch(&self, mut held: BioList) {
+        while let Some(bio) = held.pop() {
+            if let Some(bio) = self.route(bio) {
+                bio.submit();
+            }
+            // The region hold's count, dropped after the bio found its way.
+            self.bio_done();
+        }
+    }
+
+    /// The region hold's timer: ends it at its deadline, after a failure,
+    /// and when a detach begins.
+    fn region_expired(&self) {
+        let held = {
+            let mut h = self.hold.lock();
+            if h.region.region == NO_REGION {
+                return;
+            }
+            if self.mode_raw() == Mode::Clone as u32
+                && !self.detaching.load(Ordering::SeqCst)
+                && now_ns() < h.region.deadline_ns
+            {
+                // Early (jiffies), or the timer of an earlier hold: wait
+                // the rest.
+                let left = u32::try_from(ms_until(h.region.deadline_ns)).unwrap_or(u32::MAX);
+                drop(h);
+                self.region_work.schedule(&self.wq, left.max(1));
+                // A failure or detach between the check and the re-arm
+                // queued the work to run now, which the re-arm pushed back.
+                if self.failing() || self.detaching.load(Ordering::SeqCst) {
+                    self.region_work.schedule(&self.wq, 0);
+                }
+                return;
+            }
+            if self.mode_raw() == Mode::Clone as u32 && !self.detaching.load(Ordering::SeqCst) {
+                pr_warn!("region hold timed out: writes to the region released\n");
+            }
+            self.end_region_hold(&mut h)
+        };
+        self.events.wake_all();
+        self.region_dispatch(held);
     }
 
     fn synced_map(&self, buf: UserSlice, len: &mut u32) -> Result {
@@ -1581,6 +1935,19 @@ unsafe extern "C" fn hold_work_fn(work: *mut bindings::work_struct) {
     let mig =
         unsafe { &*kernel::container_of!(DelayedWork::from_work(work), Migration, hold_work) };
     mig.hold_expired();
+}
+
+/// The region hold's work function.
+///
+/// # Safety
+///
+/// Called by the workqueue for the `region_work` of a live `Migration`
+/// (the work is cancelled before the migration is dropped).
+unsafe extern "C" fn region_work_fn(work: *mut bindings::work_struct) {
+    // SAFETY: `work` belongs to the `region_work` field of a `Migration`.
+    let mig =
+        unsafe { &*kernel::container_of!(DelayedWork::from_work(work), Migration, region_work) };
+    mig.region_expired();
 }
 
 /// The switch I/O worker's function.
@@ -1692,12 +2059,28 @@ impl Filter for Migration {
                 holding: AtomicBool::new(false),
                 hold_owner: AtomicI32::new(0),
                 hold <- new_spinlock!(
-                    Hold { deadline_ns: 0, held: BioList::new(), first_held_ns: 0 },
+                    Hold {
+                        deadline_ns: 0,
+                        held: BioList::new(),
+                        first_held_ns: 0,
+                        region: RegionHold {
+                            region: NO_REGION,
+                            deadline_ns: 0,
+                            held: BioList::new(),
+                            first_held_ns: 0,
+                        },
+                    },
                     "blkmig_hold"
                 ),
                 ctl_busy: AtomicBool::new(false),
                 inflight_writes: AtomicU64::new(0),
                 held_count: AtomicU64::new(0),
+                held_region: AtomicU64::new(NO_REGION),
+                region_owner: AtomicI32::new(0),
+                detaching: AtomicBool::new(false),
+                region_holds: AtomicU64::new(0),
+                region_writes_held: AtomicU64::new(0),
+                region_hold_longest_ns: AtomicU64::new(0),
                 head_reads: AtomicU64::new(0),
                 owned: AtomicU64::new(0),
                 stats: Counters::default(),
@@ -1718,6 +2101,7 @@ impl Filter for Migration {
                 // SAFETY: As for `sync`.
                 tsync: unsafe { SyncIo::new(ptr::addr_of!((*this.as_ptr()).events)) },
                 hold_work <- DelayedWork::new(hold_work_fn),
+                region_work <- DelayedWork::new(region_work_fn),
                 submit_work <- DelayedWork::new(submit_work_fn),
                 tsubmit_work <- DelayedWork::new(tsubmit_work_fn),
                 wq,
@@ -1753,6 +2137,12 @@ impl Filter for Migration {
         self.ctl_busy
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .map_err(|_| EBUSY)?;
+        // No region hold starts from now on; the one there ends.
+        self.detaching.store(true, Ordering::SeqCst);
+        self.events.wake_all();
+        if self.held_region.load(Ordering::SeqCst) != NO_REGION {
+            self.region_work.schedule(&self.wq, 0);
+        }
         Ok(())
     }
 
@@ -1834,10 +2224,12 @@ impl PinnedDrop for Migration {
             Ordering::SeqCst,
         );
         self.hold_work.cancel_sync();
+        self.region_work.cancel_sync();
         self.submit_work.cancel_sync();
         self.tsubmit_work.cancel_sync();
         self.sync.cancel();
         self.tsync.cancel();
+        self.region_release(None);
         self.release();
         // Every bio we took or submitted must be finished before the target
         // is closed, the bio sets go and the module may be unloaded. The

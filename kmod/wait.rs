@@ -95,6 +95,24 @@ impl WaitQueue {
     ///
     /// Must be called in process context, where sleeping is allowed.
     pub(crate) fn wait_until(&self, timeout_ms: u64, cond: impl Fn() -> bool) -> bool {
+        self.wait(timeout_ms, bindings::TASK_UNINTERRUPTIBLE, cond)
+            .unwrap_or(false)
+    }
+
+    /// As [`WaitQueue::wait_until`], but a fatal signal ends the wait:
+    /// `None` then.
+    pub(crate) fn wait_until_killable(
+        &self,
+        timeout_ms: u64,
+        cond: impl Fn() -> bool,
+    ) -> Option<bool> {
+        self.wait(timeout_ms, bindings::TASK_KILLABLE, cond)
+    }
+
+    /// Sleeps in `state` until `cond` holds (`Some(true)`), `timeout_ms`
+    /// have passed (`Some(false)`) or, in a killable state, a fatal signal
+    /// is pending (`None`).
+    fn wait(&self, timeout_ms: u64, state: u32, cond: impl Fn() -> bool) -> Option<bool> {
         let ms = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
         // `schedule_timeout` takes a C `long`, `isize` in the kernel's bindings.
         let mut left = isize::try_from(kernel::time::msecs_to_jiffies(ms)).unwrap_or(isize::MAX);
@@ -107,18 +125,18 @@ impl WaitQueue {
             // SAFETY: The head is initialised; `entry` is initialised and
             // pinned on this stack frame. Queueing before the check is what
             // keeps a wake-up between check and sleep from being lost.
-            unsafe {
-                bindings::prepare_to_wait_event(
-                    self.head.get(),
-                    entry,
-                    bindings::TASK_UNINTERRUPTIBLE as i32,
-                )
-            };
+            let queued =
+                unsafe { bindings::prepare_to_wait_event(self.head.get(), entry, state as i32) };
+            let signalled = queued != 0;
             if cond() {
-                break true;
+                break Some(true);
+            }
+            if signalled {
+                // Only a killable sleep is ended by a (fatal) signal.
+                break None;
             }
             if left <= 0 {
-                break false;
+                break Some(false);
             }
             // SAFETY: Process context (caller's requirement), task state
             // set by `prepare_to_wait_event`.

@@ -17,7 +17,7 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 # The debug tier: the scenarios that exercise every path of the hold, the switch and the
 # failures, on the debug kernel (see docs/vm-tests.md for its run time).
-debug_scenarios="clone-source-errors live-migrate-ext4 live-kill-in-switch clone-freeze-loop clone-polled-io clone-target-fails clone-target-removed attach-rmmod-detach attach-partition crash-in-switch live-two-migrations retire-unplug-two-partitions switch-source-removed"
+debug_scenarios="clone-source-errors live-migrate-ext4 live-hot-regions region-hold-timeout live-kill-in-switch clone-freeze-loop clone-polled-io clone-target-fails clone-target-removed attach-rmmod-detach attach-partition crash-in-switch live-two-migrations retire-unplug-two-partitions switch-source-removed"
 
 step "toolchain"
 if [ $vm = 1 ]; then scripts/setup-toolchain.sh; else scripts/setup-toolchain.sh --user; fi

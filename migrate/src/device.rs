@@ -237,6 +237,10 @@ pub struct Device {
     mem_align: usize,
 }
 
+/// The most [`Device::read_exact_nowait_at`] reads in one call: one bio
+/// that no device's limits split (16 pages).
+pub const NOWAIT_CHUNK: usize = 64 << 10;
+
 const BLKGETSIZE64: ioctl::Opcode = opcode::read::<u64>(0x12, 114);
 /// `_IO(0x12, 127)` in the header, but the kernel reads a `u64[2]` (start,
 /// length) through the argument, so it is issued as a setter of that.
@@ -367,6 +371,55 @@ impl Device {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|e| Error::io(Op::Read, self.path(), offset, e))
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset` without waiting for
+    /// I/O the read would have to wait for (`RWF_NOWAIT`: cached pages
+    /// under writeback, a busy queue). `Ok(false)`: it would have waited
+    /// (`EAGAIN`, or a file that does not support it), nothing is read.
+    /// It reads at most [`NOWAIT_CHUNK`] bytes a call: the block layer
+    /// answers `EAGAIN` to a `REQ_NOWAIT` read that needs more than one
+    /// bio, or a bio that must be split.
+    pub fn read_exact_nowait_at(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let end = buf.len().min(done + NOWAIT_CHUNK);
+            let mut iov = [io::IoSliceMut::new(&mut buf[done..end])];
+            match rustix::io::preadv2(&self.file, &mut iov, at, rustix::io::ReadWriteFlags::NOWAIT)
+            {
+                Ok(0) => {
+                    let eof = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    return Err(Error::io(Op::Read, self.path(), at, eof));
+                }
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::OPNOTSUPP) => return Ok(false),
+                Err(e) => return Err(Error::io(Op::Read, self.path(), at, e.into())),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes back the cached pages of `len` bytes at `offset` and waits
+    /// for their writeback (`sync_file_range` with `WAIT_BEFORE`, `WRITE`
+    /// and `WAIT_AFTER`); nothing is flushed to the medium.
+    pub fn write_back(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        let (Ok(o), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: sync_file_range takes integers only; the descriptor is
+        // open for as long as `self`.
+        let r = unsafe { libc::sync_file_range(self.file.as_raw_fd(), o, n, flags) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            return Err(Error::io(Op::Flush, self.path(), offset, e));
+        }
+        Ok(())
     }
 
     /// Writes all of `buf` at `offset`.

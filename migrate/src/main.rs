@@ -648,6 +648,9 @@ fn status_json(st: &Status) -> serde_json::Value {
         "target_dev": format!("{}:{}", st.target_major, st.target_minor),
         "holds": st.holds,
         "hold_longest_ns": st.hold_longest_ns,
+        "region_holds": st.region_holds,
+        "region_writes_held": st.region_writes_held,
+        "region_hold_longest_ns": st.region_hold_longest_ns,
         "migration_id": format!("{:016x}", st.migration_id),
     })
 }
@@ -697,6 +700,14 @@ fn status_text(source: &Path, st: &Status) -> String {
         st.holds,
         st.hold_longest_ns as f64 / 1e6
     );
+    if st.region_holds > 0 {
+        t += &format!(
+            "regions: {} held for a copy, {} writes waited, the longest {:.1} ms\n",
+            st.region_holds,
+            st.region_writes_held,
+            st.region_hold_longest_ns as f64 / 1e6
+        );
+    }
     t += &format!("id:      {:016x}\n", st.migration_id);
     if st.failure != 0 {
         t += &format!("failure: {}\n", migration::failure_text(st));

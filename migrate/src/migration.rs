@@ -11,6 +11,14 @@
 //! current one complete. Regions that were busy or raced a write stay
 //! unsynced and come back in the next round.
 //!
+//! A region whose copy was raced or found busy [`HOT_RACES`] times is hot:
+//! it is written faster than a copy takes. From then on it is copied on its
+//! own, with the module's region hold (`REGION_OP_HOLD`): writes to that
+//! region wait from its COPY_BEGIN to its COPY_END, so the copy commits and
+//! every later write is mirrored; writes elsewhere go on. The rate limit is
+//! paced before the hold, so a write waits for one region's read and write
+//! at most.
+//!
 //! The target's head (its first `Geometry::head_bytes`, 128 KiB: the
 //! superblocks, partition tables and labels found at a device's start) is
 //! wiped at the start and never written here: the module writes it in the
@@ -46,6 +54,9 @@ const IDLE_MAX: Duration = Duration::from_millis(250);
 /// Regions copied before the measured rate is trusted to refuse a pause
 /// budget.
 const RATE_SAMPLE_REGIONS: u64 = 16;
+/// Races (conflicts at COPY_END, busy at COPY_BEGIN) after which a region
+/// is copied with the module's region hold.
+const HOT_RACES: u32 = 3;
 /// Switch attempts in a row that may run out of the pause budget before
 /// the migration says that the budget cannot be met.
 const OVER_BUDGET_ATTEMPTS: u32 = 5;
@@ -121,6 +132,12 @@ pub struct Summary {
     /// Write holds the kernel made for this migration (switch attempts
     /// that held writes, failed ones and earlier runs' included).
     pub holds: u64,
+    /// Region holds the kernel made for this migration (hot regions copied
+    /// with the writes to them held, earlier runs' included).
+    pub region_holds: u64,
+    /// The longest time one write waited in a region hold (ms), as the
+    /// kernel measured it; `None` if none did.
+    pub region_hold_ms: Option<f64>,
     /// The longest time one write waited in a hold (ms), failed attempts
     /// included, as the kernel measured it; `None` if no write was held.
     pub pause_ms: Option<f64>,
@@ -166,6 +183,12 @@ impl Summary {
         };
         if let Some(w) = self.switch_window_ms {
             t += &format!("; the switch window lasted {w:.1} ms");
+        }
+        if self.region_holds > 0 {
+            t += &format!("; {} region holds", self.region_holds);
+            if let Some(r) = self.region_hold_ms {
+                t += &format!(", a write waited {r:.1} ms in one at the longest");
+            }
         }
         t
     }
@@ -376,6 +399,11 @@ pub struct Migration {
     /// Whether the free-space query failed once (then the copier copies
     /// everything).
     free_failed: bool,
+    /// Races per region (see [`HOT_RACES`]).
+    raced: std::collections::HashMap<u64, u32>,
+    /// Hot regions whose held copy would have waited for the writeback of
+    /// cached pages: left to the switch window, never held again.
+    no_hold: std::collections::HashSet<u64>,
     /// The source's head, read and saved ahead of a hold: the count of
     /// writes to the head the module had seen when that read began.
     staged_head: Option<u64>,
@@ -528,6 +556,8 @@ impl Migration {
             opts,
             migration_id: status.migration_id,
             free_failed: false,
+            raced: std::collections::HashMap::new(),
+            no_hold: std::collections::HashSet::new(),
             staged_head: None,
             window_fixed: None,
             window_copy: 0.0,
@@ -609,6 +639,7 @@ impl Migration {
         for o in ops {
             if o.result == abi::REGION_BUSY {
                 self.summary.busy += 1;
+                *self.raced.entry(o.region).or_default() += 1;
             } else if o.result == abi::REGION_NOT_CLONING {
                 return Err(MigrateError::WrongMode("not clone"));
             }
@@ -706,6 +737,8 @@ impl Migration {
         for (e, &(_, t)) in ends.iter().zip(&copied) {
             if e.result == abi::REGION_OK {
                 committed += 1;
+                // A region unsynced later starts counting its races anew.
+                self.raced.remove(&e.region);
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
                 match t {
@@ -728,6 +761,7 @@ impl Migration {
             if e.result == abi::REGION_CONFLICT {
                 self.summary.recopies += 1;
                 self.progress.add_recopy();
+                *self.raced.entry(e.region).or_default() += 1;
             }
         }
         self.count_refused(&batch.ops)?;
@@ -818,6 +852,8 @@ impl Migration {
         let Some(fs) = self.opts.free_space.clone() else {
             return Vec::new();
         };
+        // (A held copy never asks: settling the free space may write to
+        // the held region.)
         if self.in_window || self.free_failed {
             return Vec::new();
         }
@@ -983,6 +1019,120 @@ impl Migration {
             Some(e) => Err(e),
             None => Ok(committed),
         }
+    }
+
+    /// Whether region `r` is hot (see [`HOT_RACES`]) and may be copied
+    /// with the region hold: not a region of the head (the module refuses
+    /// it), nor one whose held copy would have waited for writeback.
+    fn hot(&self, r: u64) -> bool {
+        self.raced.get(&r).is_some_and(|&n| n >= HOT_RACES)
+            && self.geo.head_len(r) == 0
+            && !self.no_hold.contains(&r)
+    }
+
+    /// Copies the hot regions `hot` one at a time, each with the module's
+    /// region hold. Before the hold: the rate limit is paced and the
+    /// region's cached pages are written back, so that a write waits for
+    /// one region's read and write at most. Under it, the source is read
+    /// without waiting (`RWF_NOWAIT`): a read that would wait for writeback
+    /// (whose writes the hold keeps) ends the hold at once and leaves the
+    /// region to the switch window. Every error ends the hold it began.
+    /// Returns how many committed.
+    async fn copy_held(&mut self, hot: &[u64]) -> Result<u64, MigrateError> {
+        let mut committed = 0;
+        let mut bufs: Option<Bufs> = None;
+        for &r in hot {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted.into());
+            }
+            let Some((off, len)) = self.geo.region_span(r) else {
+                continue;
+            };
+            if !self.limits.is_empty() {
+                crate::copy::pace_all(&self.limits, len, &self.cancel).await?;
+            }
+            let src = self.src.clone();
+            tokio::task::spawn_blocking(move || src.write_back(off, len))
+                .await
+                .map_err(|e| Error::joined(&e, "write back"))??;
+            // COPY_BEGIN with the hold waits for the writes in flight to
+            // the region: on the blocking pool, not on the executor.
+            let tracker = self.tracker.clone();
+            let mut ops = vec![RegionOp {
+                region: r,
+                flags: abi::REGION_OP_HOLD,
+                ..RegionOp::default()
+            }];
+            let ops =
+                tokio::task::spawn_blocking(move || tracker.copy_begin(&mut ops).map(|()| ops))
+                    .await
+                    .map_err(|e| Error::joined(&e, "copy begin"))??;
+            let op = ops[0];
+            if op.result != abi::REGION_OK {
+                // Nothing is held (the module let it go).
+                self.count_refused(&ops)?;
+                continue;
+            }
+            let (src, tgt) = (self.src.clone(), self.tgt.clone());
+            let mut buf = bufs
+                .take()
+                .unwrap_or_else(|| Bufs::new(self.align, self.buf_len));
+            let span = (off, len, self.geo.head_len(r));
+            let t0 = Instant::now();
+            let copied = tokio::task::spawn_blocking(move || {
+                let res = crate::verify::transfer_held(&src, &tgt, &mut buf, span);
+                (buf, res)
+            })
+            .await;
+            let t = match copied {
+                Ok((buf, Ok(Some(t)))) => {
+                    bufs = Some(buf);
+                    self.copy_secs += t0.elapsed().as_secs_f64().max(1e-6);
+                    t
+                }
+                Ok((buf, Ok(None))) => {
+                    bufs = Some(buf);
+                    self.end_hold(op)?;
+                    self.no_hold.insert(r);
+                    tracing::info!(
+                        region = r,
+                        "the held copy's read would have waited; region left to the switch window"
+                    );
+                    continue;
+                }
+                Ok((_, Err(e))) => {
+                    let _ = self.end_hold(op);
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    let _ = self.end_hold(op);
+                    return Err(Error::joined(&e, "copy").into());
+                }
+            };
+            // Never compared: the writes to the region wait for this copy.
+            let mut batch = Batch {
+                ops,
+                compare: false,
+                todo: Vec::new(),
+                next: 0,
+                running: 0,
+                done: vec![(0, t)],
+                ended: false,
+            };
+            committed += self.end_batch(&mut batch)?;
+        }
+        Ok(committed)
+    }
+
+    /// Ends the region hold `op` began without committing: COPY_END with
+    /// a word that has SYNCED set, which never commits.
+    fn end_hold(&self, op: RegionOp) -> Result<(), MigrateError> {
+        let mut end = [RegionOp {
+            word: op.word | blkmig_core::region::SYNCED,
+            ..op
+        }];
+        self.tracker.copy_end(&mut end)?;
+        Ok(())
     }
 
     /// How many copies to keep running now: all of them in the switch
@@ -1244,7 +1394,18 @@ impl Migration {
             }
             self.check_mode()?;
             self.summary.rounds += 1;
-            let left = self.unsynced()?;
+            let mut left = self.unsynced()?;
+            // Hot regions are copied under a region hold before a switch is
+            // considered: one region's writes wait a few ms now rather than
+            // every write waiting for them in the switch window.
+            let hot: Vec<u64> = left.iter().copied().filter(|&r| self.hot(r)).collect();
+            if !self.opts.no_switch
+                && !hot.is_empty()
+                && self.rate().is_some()
+                && self.copy_held(&hot).await? > 0
+            {
+                left = self.unsynced()?;
+            }
             let body: Vec<u64> = left
                 .iter()
                 .copied()
@@ -1292,7 +1453,8 @@ impl Migration {
             } else {
                 body
             };
-            let committed = skipped + self.copy_all(&body).await?;
+            let (hot, body): (Vec<u64>, Vec<u64>) = body.into_iter().partition(|&r| self.hot(r));
+            let committed = skipped + self.copy_all(&body).await? + self.copy_held(&hot).await?;
             if committed == 0 {
                 // Everything left is busy or raced: let the writes complete.
                 tokio::time::sleep(idle).await;
@@ -1305,6 +1467,9 @@ impl Migration {
         // a hold, failed attempts included, whatever the copier's clock saw.
         let st = self.tracker.status()?;
         self.summary.holds = st.holds;
+        self.summary.region_holds = st.region_holds;
+        self.summary.region_hold_ms =
+            (st.region_writes_held > 0).then_some(st.region_hold_longest_ns as f64 / 1e6);
         self.summary.pause_ms = (st.holds > 0).then_some(st.hold_longest_ns as f64 / 1e6);
         self.summary.seconds = started.elapsed().as_secs_f64();
         if let Some(v) = &self.verifier {

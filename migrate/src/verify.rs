@@ -127,6 +127,33 @@ pub(crate) fn transfer(
     })
 }
 
+/// Blocking: as [`transfer`] without comparison, for a copy under the
+/// module's region hold: the source is read with `RWF_NOWAIT`, as a read
+/// that waits for the writeback of cached pages over the region would wait
+/// for writes the hold keeps. `None`: it would have waited, nothing was
+/// written.
+pub(crate) fn transfer_held(
+    src: &Device,
+    tgt: &Device,
+    bufs: &mut Bufs,
+    (off, len, skip): (u64, u64, u64),
+) -> Result<Option<Transfer>, Error> {
+    let (k, n) = (skip as usize, len as usize);
+    let bytes = len.saturating_sub(skip);
+    if k >= n {
+        return Ok(Some(Transfer::Written(0)));
+    }
+    if !src.read_exact_nowait_at(&mut bufs.src[k..n], off + skip)? {
+        return Ok(None);
+    }
+    if bufs.src[k..n].iter().all(|&b| b == 0) {
+        tgt.zero_range(off + skip, bytes)?;
+        return Ok(Some(Transfer::Zeroed(bytes)));
+    }
+    tgt.write_all_at(&bufs.src[k..n], off + skip)?;
+    Ok(Some(Transfer::Written(bytes)))
+}
+
 /// What a comparison before copy found, with the bytes of the target it
 /// read.
 enum Compared {

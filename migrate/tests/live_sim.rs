@@ -147,6 +147,42 @@ fn writers_in(
         .collect()
 }
 
+/// Writers that rewrite the regions `hot` without a pause, 4 KiB at a
+/// time, each writer every other region in turn: each region is written
+/// every fraction of a millisecond, faster than a rate-limited batch copies
+/// it. Each write is mirrored into the shadow.
+fn hot_writers(
+    rig: &Rig,
+    stop: Arc<AtomicBool>,
+    hot: std::ops::Range<u64>,
+) -> Vec<std::thread::JoinHandle<u64>> {
+    (0..2u64)
+        .map(|w| {
+            let (sim, shadow, stop) = (rig.sim.clone(), rig.shadow.clone(), stop.clone());
+            let hot = hot.clone();
+            std::thread::spawn(move || {
+                let mut x = 0x2545_f491_4f6c_dd1du64 ^ (w + 1);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for r in hot.clone().skip(w as usize).step_by(2) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let off = (r << SHIFT) + ((x % (1 << SHIFT)) & !4095);
+                        let data = pattern(4096, x);
+                        sim.write(off, &data);
+                        shadow.lock().unwrap_or_else(|e| e.into_inner())
+                            [off as usize..off as usize + 4096]
+                            .copy_from_slice(&data);
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect()
+}
+
 fn read_all(f: &File) -> Vec<u8> {
     let mut v = vec![0u8; SIZE as usize];
     f.read_exact_at(&mut v, 0).unwrap_or_else(|e| panic!("{e}"));
@@ -548,6 +584,95 @@ async fn a_rate_limited_migration_with_a_hot_region_converges() {
     opts.rate_limit = Some(blkmig::units::Bytes(16 << 20));
     opts.max_pause = Duration::from_millis(50);
     complete(&rig, opts, stop, threads).await;
+}
+
+/// Regions rewritten faster than a rate-limited copy of them takes: every
+/// batch copy of them is raced, and the pause they would take stays over
+/// the budget, so without more the migration never converges (it did not:
+/// the copier went round until the timeout). Once raced three times, each is
+/// copied on its own with the module's region hold, commits, and is
+/// mirrored from then on: the migration converges and switches, and writes
+/// did wait in region holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regions_rewritten_faster_than_they_copy_converge_with_region_holds() {
+    let rig = rig(14);
+    let stop = Arc::new(AtomicBool::new(false));
+    // 320 hot regions (20 MiB), each written every few milliseconds; a
+    // batch of them takes over 100 ms to copy at 8 MiB/s. Their pause would
+    // be 160 times the boundary regions': over the budget at any copy rate
+    // below 4 GB/s, while the boundary regions fit it above 25 MB/s.
+    let threads = hot_writers(&rig, stop.clone(), 32..352);
+    let mut opts = options(&rig);
+    opts.rate_limit = Some(blkmig::units::Bytes(8 << 20));
+    opts.max_pause = Duration::from_millis(5);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let run = migration(&rig, opts, cancel.clone()).run();
+    let res = tokio::time::timeout(Duration::from_secs(60), run).await;
+    cancel.store(true, Ordering::Relaxed);
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    let summary = res
+        .unwrap_or_else(|_| {
+            panic!(
+                "did not converge in 60 s: {} of {} regions synced, {} conflicts, {} region holds",
+                st.regions_synced, st.regions_total, st.copy_conflicts, st.region_holds
+            )
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(summary.switched, "the migration did not switch");
+    assert!(summary.region_holds > 0, "no region was copied with a hold");
+    assert_eq!(summary.region_holds, st.region_holds);
+    assert!(
+        st.region_writes_held > 0,
+        "no write waited in a region hold: the regions were not hot"
+    );
+    let writes = finish(stop, threads);
+    assert!(writes > 1000, "writers made only {writes} writes");
+    check_switched(&rig);
+}
+
+/// A held copy that fails (here the source's read: the source shrank
+/// under the copy) ends its region hold before the copier returns the
+/// error, by a COPY_END that cannot commit: the writes to the region do
+/// not wait for the module's timer. (They did: the copier left the hold
+/// to the timer.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_held_copy_ends_its_hold_at_once() {
+    let rig = rig(15);
+    // Busy at every COPY_BEGIN: raced, then hot, then copied with a hold.
+    rig.sim.begin_stuck_write(9);
+    let mut opts = options(&rig);
+    opts.no_switch = true;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(migration(&rig, opts, cancel.clone()).run());
+    // The first held COPY_BEGIN of region 9 waits for the stuck write.
+    let t0 = std::time::Instant::now();
+    while rig.sim.status().map_or(0, |s| s.region_holds) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "region 9 was never held"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The source shrinks: the held copy's read fails.
+    let src = rig
+        .state
+        .parent()
+        .unwrap_or_else(|| panic!("no rig directory"))
+        .join("src.img");
+    OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .and_then(|f| f.set_len(0))
+        .unwrap_or_else(|e| panic!("{e}"));
+    rig.sim.end_stuck_write(9);
+    let res = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap_or_else(|_| panic!("the copier did not stop"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let held = rig.sim.held_region();
+    cancel.store(true, Ordering::Relaxed);
+    assert!(res.is_err(), "the copy of a shrunk source succeeded");
+    assert_eq!(held, None, "the failed copy left its region held");
 }
 
 /// A copier that dies inside the switch window after it committed the

@@ -132,8 +132,11 @@ pub enum CtlCmd {
     /// Out: [`Status`].
     Status = 1,
     /// In/out: array of [`RegionOp`]; out `word` is the epoch word to commit with.
+    /// With [`REGION_OP_HOLD`] in `flags`, writes to the region are held
+    /// until its `CopyEnd` (see [`REGION_OP_HOLD`]).
     CopyBegin = 2,
     /// In/out: array of [`RegionOp`] with the words `CopyBegin` returned.
+    /// Ends the region's hold, whatever the result.
     CopyEnd = 3,
     /// In: [`HoldRequest`]. Queue new writes and drain in-flight ones.
     HoldWrites = 4,
@@ -315,6 +318,12 @@ pub struct Status {
     /// Writes that reached the source's head (they are not mirrored: the
     /// switch writes the target's head).
     pub head_writes: u64,
+    /// Region holds so far (copies begun with [`REGION_OP_HOLD`]).
+    pub region_holds: u64,
+    /// Writes that waited in a region hold so far.
+    pub region_writes_held: u64,
+    /// Longest time one write waited in a region hold, in nanoseconds.
+    pub region_hold_longest_ns: u64,
 }
 
 /// `RegionOp::result`: done.
@@ -332,6 +341,20 @@ pub const REGION_NOT_CLONING: u32 = 5;
 /// `RegionOp::result`: the region is not synced (`VerifyBegin`): copy it.
 pub const REGION_NOT_SYNCED: u32 = 6;
 
+/// `RegionOp::flags` of [`CtlCmd::CopyBegin`]: hold the region. The module
+/// queues every write that touches the region (but the copier's own
+/// process's) from this COPY_BEGIN until the region's COPY_END, and waits
+/// (at most until the hold's end) for the writes in flight to it to finish
+/// before it reads the word. The hold ends at COPY_END (whatever its
+/// result: the queued writes are then resubmitted, and mirrored if the
+/// region committed), at the attach-time hold timeout after COPY_BEGIN, at
+/// a switch's hold (the queued writes join it), and when the migration
+/// leaves CLONE or is detached. One region is held at a time: a second
+/// hold while one is active is refused with [`REGION_BUSY`]; in a switch's
+/// hold the flag is ignored (every write is held already). Writes to other
+/// regions are never delayed by it.
+pub const REGION_OP_HOLD: u32 = 1 << 0;
+
 /// One element of the arrays of [`CtlCmd::CopyBegin`] and [`CtlCmd::CopyEnd`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -342,8 +365,10 @@ pub struct RegionOp {
     pub word: u64,
     /// Out: a `REGION_*` result.
     pub result: u32,
-    /// Reserved, zero.
-    pub reserved: u32,
+    /// In: `REGION_OP_*` bits: [`REGION_OP_HOLD`] with
+    /// [`CtlCmd::CopyBegin`] (and, ignored, with [`CtlCmd::CopyEnd`], which
+    /// takes the same array back); zero otherwise.
+    pub flags: u32,
 }
 
 /// Most [`RegionOp`]s one CTL call may carry.
@@ -422,13 +447,14 @@ assert_layout!(BlkfilterDetach, 32, name @ 0);
 assert_layout!(BlkfilterCtl, 48, name @ 0, cmd @ 32, optlen @ 36, opt @ 40);
 assert_layout!(AttachOptions, 24, version @ 0, region_shift @ 4, target_major @ 8,
     target_minor @ 12, hold_timeout_ms @ 16, flags @ 20);
-assert_layout!(Status, 144, version @ 0, mode @ 4, region_shift @ 8, flags @ 12,
+assert_layout!(Status, 168, version @ 0, mode @ 4, region_shift @ 8, flags @ 12,
     source_sectors @ 16, target_sectors @ 24, regions_total @ 32, regions_synced @ 40,
     copy_conflicts @ 48, copy_busy @ 56, writes_seen @ 64, writes_mirrored @ 72,
     writes_held @ 80, bios_redirected @ 88, failure @ 96, failure_errno @ 100,
     target_major @ 104, target_minor @ 108, migration_id @ 112, holds @ 120,
-    hold_longest_ns @ 128, head_writes @ 136);
-assert_layout!(RegionOp, 24, region @ 0, word @ 8, result @ 16, reserved @ 20);
+    hold_longest_ns @ 128, head_writes @ 136, region_holds @ 144,
+    region_writes_held @ 152, region_hold_longest_ns @ 160);
+assert_layout!(RegionOp, 24, region @ 0, word @ 8, result @ 16, flags @ 20);
 assert_layout!(HoldRequest, 8, timeout_ms @ 0, reserved @ 4);
 assert_layout!(SyncedQuery, 16, first @ 0, count @ 8);
 assert_layout!(RetireMarker, 64, magic @ 0, version @ 16, target_major @ 20,

@@ -24,6 +24,9 @@ struct State {
     hold_gen: u64,
     inflight: u64,
     writes_held: u64,
+    /// The region hold (COPY_BEGIN with `REGION_OP_HOLD`) and its deadline:
+    /// the first to see it passed ends it, as the module's timer does.
+    held_region: Option<(u64, Instant)>,
     /// When the current hold began, and its timeout.
     hold_since: Option<Instant>,
     hold_timeout: Duration,
@@ -46,6 +49,10 @@ impl State {
     }
 }
 
+/// How long a region hold lasts at most (the module's: the attach-time
+/// hold timeout, at most 1 s).
+pub const SIM_REGION_HOLD: Duration = Duration::from_secs(1);
+
 /// The simulated filter.
 pub struct SimFilter {
     geo: Geometry,
@@ -64,6 +71,10 @@ pub struct SimFilter {
     pub longest_hold_wait: Mutex<Duration>,
     /// Holds so far.
     holds: AtomicU64,
+    /// Region holds so far.
+    pub region_holds: AtomicU64,
+    /// Writes that waited in a region hold.
+    pub region_writes_held: AtomicU64,
     /// Writes that touched the head and were not mirrored.
     pub head_writes: AtomicU64,
     /// How long the switch itself takes (flushes, marker, the target's
@@ -121,6 +132,7 @@ impl SimFilter {
                     hold_gen: 0,
                     inflight: 0,
                     writes_held: 0,
+                    held_region: None,
                     hold_since: None,
                     hold_timeout: Duration::ZERO,
                     longest_hold: Duration::ZERO,
@@ -134,6 +146,8 @@ impl SimFilter {
             head_at_switch: Mutex::new(None),
             longest_hold_wait: Mutex::new(Duration::ZERO),
             holds: AtomicU64::new(0),
+            region_holds: AtomicU64::new(0),
+            region_writes_held: AtomicU64::new(0),
             head_writes: AtomicU64::new(0),
             after_commit: Mutex::new(None),
             switch_cost: Mutex::new(Duration::ZERO),
@@ -187,13 +201,46 @@ impl SimFilter {
 
     fn write_as(&self, off: u64, data: &[u8], copier: bool) {
         let t0 = Instant::now();
+        let regions = self
+            .geo
+            .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
         self.seen.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
-        if st.holding && !copier {
-            st.writes_held += 1;
-            while st.holding {
+        let (mut in_hold, mut in_region) = (false, false);
+        loop {
+            if st.holding && !copier {
+                if !in_hold {
+                    in_hold = true;
+                    st.writes_held += 1;
+                }
                 st = self.wait(st);
+                continue;
             }
+            // The region hold: writes to the held region wait for its
+            // COPY_END (or its deadline); others pass.
+            match st.held_region {
+                Some((r, deadline)) if !copier && (regions.start..regions.end).contains(&r) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        st.held_region = None;
+                        self.notify();
+                        continue;
+                    }
+                    if !in_region {
+                        in_region = true;
+                        self.region_writes_held.fetch_add(1, Ordering::Relaxed);
+                    }
+                    st = self
+                        .shared
+                        .1
+                        .wait_timeout(st, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                _ => break,
+            }
+        }
+        if in_hold {
             st.writes_held -= 1;
             let waited = t0.elapsed();
             let mut l = self
@@ -209,9 +256,6 @@ impl SimFilter {
                 .unwrap_or_else(|e| panic!("target write: {e}"));
             return;
         }
-        let regions = self
-            .geo
-            .regions_of(off >> 9, (data.len() as u64).div_ceil(512));
         let mut mirror = self.map().write_submit(regions) && st.mode == Mode::Clone;
         let (sector, sectors) = (off >> 9, (data.len() as u64).div_ceil(512));
         if self.geo.touches_head(sector, sectors) {
@@ -258,7 +302,81 @@ impl SimFilter {
             start: region,
             end: region + 1,
         });
+        // A region hold's COPY_BEGIN may be waiting for it, as in the module.
+        let _st = self.lock();
+        self.notify();
     }
+
+    /// The region the region hold holds now, if any (one whose deadline
+    /// has passed is not held any more).
+    pub fn held_region(&self) -> Option<u64> {
+        self.lock()
+            .held_region
+            .filter(|&(_, deadline)| Instant::now() < deadline)
+            .map(|(r, _)| r)
+    }
+}
+
+impl SimFilter {
+    /// Starts the region hold on `r`, as COPY_BEGIN with `REGION_OP_HOLD`
+    /// does, and waits for the writes in flight to it. Returns whether it
+    /// holds `r` (not inside a switch's hold, nor while another is held).
+    fn hold_region(&self, r: u64) -> bool {
+        let mut st = self.lock();
+        // Nothing is held for a region that is synced or out of range.
+        if st.mode != Mode::Clone
+            || st.holding
+            || st.held_region.is_some()
+            || !matches!(self.map().copy_begin(r), Some(Begin::Busy | Begin::Copy(_)))
+        {
+            return false;
+        }
+        let deadline = Instant::now() + SIM_REGION_HOLD;
+        st.held_region = Some((r, deadline));
+        self.region_holds.fetch_add(1, Ordering::Relaxed);
+        while blkmig::core::region::inflight(self.map().load(r)) > 0
+            && st.held_region.is_some_and(|(h, _)| h == r)
+        {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .shared
+                .1
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Ends the region hold if it holds `r`.
+    fn release_region(&self, r: u64) {
+        let mut st = self.lock();
+        if st.held_region.is_some_and(|(h, _)| h == r) {
+            st.held_region = None;
+            self.notify();
+        }
+    }
+}
+
+/// The module's check of `RegionOp::flags`, made on every op before any
+/// is acted on: `REGION_OP_HOLD` in COPY_BEGIN (never on a region of the
+/// head) and in COPY_END (which takes the same array back), nothing
+/// elsewhere; anything else makes the whole call `EINVAL`.
+fn check_flags(geo: &Geometry, cmd: CtlCmd, ops: &[RegionOp]) -> Result<(), FilterError> {
+    let ok = |o: &RegionOp| match o.flags {
+        0 => true,
+        abi::REGION_OP_HOLD => {
+            cmd == CtlCmd::CopyEnd || (cmd == CtlCmd::CopyBegin && geo.head_len(o.region) == 0)
+        }
+        _ => false,
+    };
+    if !ops.iter().all(ok) {
+        return Err(err(Request::Ctl(cmd), libc::EINVAL));
+    }
+    Ok(())
 }
 
 impl Tracker for SimFilter {
@@ -281,6 +399,8 @@ impl Tracker for SimFilter {
             migration_id: SIM_MIGRATION_ID,
             head_writes: self.head_writes.load(Ordering::SeqCst),
             holds: self.holds.load(Ordering::Relaxed),
+            region_holds: self.region_holds.load(Ordering::Relaxed),
+            region_writes_held: self.region_writes_held.load(Ordering::Relaxed),
             hold_longest_ns: self
                 .longest_hold_wait
                 .lock()
@@ -291,12 +411,14 @@ impl Tracker for SimFilter {
     }
 
     fn copy_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(&self.geo, CtlCmd::CopyBegin, ops)?;
         if self.lock().mode != Mode::Clone {
             ops.iter_mut()
                 .for_each(|o| o.result = abi::REGION_NOT_CLONING);
             return Ok(());
         }
         for o in ops {
+            let held = o.flags & abi::REGION_OP_HOLD != 0 && self.hold_region(o.region);
             (o.word, o.result) = match self.map().copy_begin(o.region) {
                 Some(Begin::Copy(w)) => (w, abi::REGION_OK),
                 Some(Begin::Busy) => {
@@ -306,13 +428,24 @@ impl Tracker for SimFilter {
                 Some(Begin::Synced) => (0, abi::REGION_SYNCED),
                 None => (0, abi::REGION_RANGE),
             };
+            if held && o.result != abi::REGION_OK {
+                self.release_region(o.region);
+            }
         }
         Ok(())
     }
 
     fn copy_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(&self.geo, CtlCmd::CopyEnd, ops)?;
+        let cloning = self.lock().mode == Mode::Clone;
         for o in ops {
-            o.result = match self.map().copy_end(o.region, o.word) {
+            let end = if cloning {
+                self.map().copy_end(o.region, o.word)
+            } else {
+                None
+            };
+            o.result = match end {
+                _ if !cloning => abi::REGION_NOT_CLONING,
                 Some(End::Committed) => {
                     if let Some(f) = &*self.after_commit.lock().unwrap_or_else(|e| e.into_inner()) {
                         f(&self.tgt, o.region);
@@ -325,11 +458,15 @@ impl Tracker for SimFilter {
                 }
                 None => abi::REGION_RANGE,
             };
+            // After the commit, as the module, whatever the result: the
+            // held writes are mirrored.
+            self.release_region(o.region);
         }
         Ok(())
     }
 
     fn verify_begin(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(&self.geo, CtlCmd::VerifyBegin, ops)?;
         let cloning = self.lock().mode == Mode::Clone;
         for o in ops {
             (o.word, o.result) = match self.map().verify_begin(o.region) {
@@ -344,6 +481,7 @@ impl Tracker for SimFilter {
     }
 
     fn verify_end(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(&self.geo, CtlCmd::VerifyEnd, ops)?;
         for o in ops {
             o.result = match self.map().verify_end(o.region, o.word) {
                 Some(true) => abi::REGION_OK,
@@ -355,6 +493,7 @@ impl Tracker for SimFilter {
     }
 
     fn unsync(&self, ops: &mut [RegionOp]) -> Result<(), FilterError> {
+        check_flags(&self.geo, CtlCmd::Unsync, ops)?;
         for o in ops {
             o.result = if o.region < self.geo.regions() {
                 self.map().unsync(o.region);
@@ -380,6 +519,9 @@ impl Tracker for SimFilter {
             return Err(err(Request::Ctl(CtlCmd::HoldWrites), libc::EINVAL));
         }
         st.holding = true;
+        // The switch's hold takes the region hold's writes over.
+        st.held_region = None;
+        self.notify();
         st.hold_since = Some(Instant::now());
         st.hold_timeout = timeout;
         st.hold_gen += 1;

@@ -172,10 +172,17 @@ enum AbiReq {
     StatusReadOnly { dev: PathBuf },
     /// HOLD_WRITES with a nonzero reserved field: prints the errno.
     HoldReserved { dev: PathBuf },
-    /// COPY_BEGIN with a nonzero reserved field: prints the errno.
+    /// COPY_BEGIN with a flag bit no version defines: prints the errno.
     CopyReserved { dev: PathBuf },
     /// COPY_BEGIN of REGION: prints the result and the word.
     CopyBegin { dev: PathBuf, region: u64 },
+    /// COPY_BEGIN of REGION with REGION_OP_HOLD, and no COPY_END (a copier
+    /// that dies in a held copy): prints the result and the word, or the
+    /// errno.
+    CopyBeginHeld { dev: PathBuf, region: u64 },
+    /// One COPY_BEGIN of REGION with REGION_OP_HOLD and of REGION + 1 with
+    /// a flag bit no version defines: prints the errno.
+    CopyBeginHeldBad { dev: PathBuf, region: u64 },
     /// COPY_END of REGION with WORD: prints the result.
     CopyEnd {
         dev: PathBuf,
@@ -189,28 +196,55 @@ fn errno_of(e: &blkmig::filter::FilterError) -> String {
 }
 
 fn region_op(dev: &Path, cmd: abi::CtlCmd, op: abi::RegionOp) -> Result<abi::RegionOp> {
+    let ops = region_ops(dev, cmd, &[op])?;
+    Ok(ops[0])
+}
+
+/// One CTL call of `cmd` with `ops`: the ops as the module returned them.
+fn region_ops(dev: &Path, cmd: abi::CtlCmd, ops: &[abi::RegionOp]) -> Result<Vec<abi::RegionOp>> {
+    const SIZE: usize = std::mem::size_of::<abi::RegionOp>();
     let f = blkmig::filter::Filtered::open(dev)?;
-    let mut buf = [0u8; std::mem::size_of::<abi::RegionOp>()];
-    let fields: [&[u8]; 4] = [
-        &op.region.to_ne_bytes(),
-        &op.word.to_ne_bytes(),
-        &op.result.to_ne_bytes(),
-        &op.reserved.to_ne_bytes(),
-    ];
-    let mut at = 0;
-    for b in fields {
-        buf[at..at + b.len()].copy_from_slice(b);
-        at += b.len();
+    let mut buf = vec![0u8; SIZE * ops.len()];
+    for (op, out) in ops.iter().zip(buf.chunks_mut(SIZE)) {
+        let fields: [&[u8]; 4] = [
+            &op.region.to_ne_bytes(),
+            &op.word.to_ne_bytes(),
+            &op.result.to_ne_bytes(),
+            &op.flags.to_ne_bytes(),
+        ];
+        let mut at = 0;
+        for b in fields {
+            out[at..at + b.len()].copy_from_slice(b);
+            at += b.len();
+        }
     }
     f.ctl(cmd, &mut buf)?;
-    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap_or([0; 8]));
-    let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap_or([0; 4]));
-    Ok(abi::RegionOp {
-        region: u64_at(0),
-        word: u64_at(8),
-        result: u32_at(16),
-        reserved: u32_at(20),
-    })
+    Ok(buf
+        .chunks(SIZE)
+        .map(|b| {
+            let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+            let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+            abi::RegionOp {
+                region: u64_at(0),
+                word: u64_at(8),
+                result: u32_at(16),
+                flags: u32_at(20),
+            }
+        })
+        .collect())
+}
+
+/// Prints `ok` and what `show` makes of the value, or the errno of a
+/// filter error.
+fn print_or_errno<T>(r: Result<T>, show: impl Fn(T) -> String) -> Result<()> {
+    match r {
+        Ok(v) => println!("{}", show(v)),
+        Err(e) => match e.downcast_ref::<blkmig::filter::FilterError>() {
+            Some(fe) => println!("{}", errno_of(fe)),
+            None => return Err(e),
+        },
+    }
+    Ok(())
 }
 
 fn abi_probe(req: AbiReq) -> Result<()> {
@@ -260,7 +294,8 @@ fn abi_probe(req: AbiReq) -> Result<()> {
         AbiReq::CopyReserved { dev } => {
             let op = abi::RegionOp {
                 region: 1,
-                reserved: 1,
+                // A flag bit no version defines.
+                flags: 1 << 31,
                 ..Default::default()
             };
             match region_op(&dev, abi::CtlCmd::CopyBegin, op) {
@@ -270,6 +305,33 @@ fn abi_probe(req: AbiReq) -> Result<()> {
                     None => return Err(e),
                 },
             }
+        }
+        AbiReq::CopyBeginHeld { dev, region } => {
+            let op = abi::RegionOp {
+                region,
+                flags: abi::REGION_OP_HOLD,
+                ..Default::default()
+            };
+            print_or_errno(region_op(&dev, abi::CtlCmd::CopyBegin, op), |op| {
+                format!("{} {}", op.result, op.word)
+            })?;
+        }
+        AbiReq::CopyBeginHeldBad { dev, region } => {
+            let ops = [
+                abi::RegionOp {
+                    region,
+                    flags: abi::REGION_OP_HOLD,
+                    ..Default::default()
+                },
+                abi::RegionOp {
+                    region: region + 1,
+                    flags: 1 << 31,
+                    ..Default::default()
+                },
+            ];
+            print_or_errno(region_ops(&dev, abi::CtlCmd::CopyBegin, &ops), |ops| {
+                format!("ok {}", ops[0].result)
+            })?;
         }
         AbiReq::CopyBegin { dev, region } => {
             let op = abi::RegionOp {
