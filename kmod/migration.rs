@@ -1294,6 +1294,7 @@ impl Migration {
         // 3. The target holds everything durably before the source is
         //    retired. A flush that fails fails the migration; one that does
         //    not finish in time only this attempt.
+        let io_start = now_ns();
         let flush = self.tsync.flush_bio(&self.io_set, self.target.bdev());
         match self.tsync_run(flush, deadline) {
             IoEnd::Done(Ok(())) => {}
@@ -1326,6 +1327,18 @@ impl Migration {
             // Nothing has been written to the source yet.
             self.leave_switching(Mode::Clone);
             return Err(EIO);
+        }
+        // Once the marker is submitted the switch is finished, past the
+        // deadline if it must be. What remains, the marker on the source
+        // and the head on the target, each a write of the head's size with
+        // its flush, costs about the target's flush and the source's read
+        // just done, once per device: begun only if that ends by the
+        // deadline, so that the hold keeps the copier's budget.
+        let now = now_ns();
+        if now.saturating_add(now.saturating_sub(io_start).saturating_mul(2)) > deadline {
+            pr_info!("switch cancelled: its last writes would end past the deadline\n");
+            self.leave_switching(Mode::Clone);
+            return Err(errno(bindings::ETIMEDOUT));
         }
         // The target's head bio is made now: nothing after the marker may
         // fail for want of memory.

@@ -414,6 +414,9 @@ pub struct Migration {
     window_copy: f64,
     /// Switch attempts in a row that ran out of the budget.
     over_budget: u32,
+    /// Set when the module cancelled the last switch for want of time:
+    /// how long that switch request took (s).
+    switch_ran_out: Option<f64>,
     /// How many copies to keep running.
     depth: Depth,
 }
@@ -562,6 +565,7 @@ impl Migration {
             window_fixed: None,
             window_copy: 0.0,
             over_budget: 0,
+            switch_ran_out: None,
         })
     }
 
@@ -1245,8 +1249,18 @@ impl Migration {
                 }
                 self.staged_head = Some(before);
             }
+            let asked = Instant::now();
             match self.tracker.switch(before) {
                 Ok(()) => return Ok(true),
+                Err(e) if e.errno() == libc::ETIMEDOUT => {
+                    // The hold's deadline came first, or the module found
+                    // that the switch's last writes would end past it: the
+                    // budget ran out, however early it said so. Those
+                    // writes cost about what the switch had spent.
+                    tracing::warn!(error = %e, "switch cancelled at the hold's deadline");
+                    self.switch_ran_out = Some(asked.elapsed().as_secs_f64());
+                    return Ok(false);
+                }
                 Err(e)
                     if e.errno() == libc::EAGAIN
                         && self.tracker.status()?.flags & abi::STATUS_HOLDING != 0 =>
@@ -1287,6 +1301,18 @@ impl Migration {
         self.summary.saved_head = Some(self.save_head(&head).await?);
         self.staged_head = Some(before);
         self.window_fixed.get_or_insert(3.0 * read);
+        Ok(())
+    }
+
+    /// Flushes both devices' write caches just before a hold: the switch
+    /// flushes the target and writes the marker and the target's head with
+    /// FUA while writes are held, and those flushes then have only what
+    /// was written since to make durable, not the whole copy's backlog.
+    async fn flush_ahead(&self) -> Result<(), MigrateError> {
+        let (src, tgt) = (self.src.clone(), self.tgt.clone());
+        tokio::task::spawn_blocking(move || tgt.flush().and_then(|()| src.flush()))
+            .await
+            .map_err(|e| Error::joined(&e, "flush"))??;
         Ok(())
     }
 
@@ -1347,14 +1373,16 @@ impl Migration {
                 let _ = self.tracker.release();
                 self.summary.failed_switches += 1;
                 other?;
-                if took * 1e3 + 1.0 < f64::from(hold_ms) {
+                let cancelled = self.switch_ran_out.take();
+                if cancelled.is_none() && took * 1e3 + 1.0 < f64::from(hold_ms) {
                     return Ok(false);
                 }
                 // The budget ran out: the next estimate counts what the
-                // window took besides copying.
+                // window took besides copying, and what the switch would
+                // have taken after the module cancelled it.
                 // (At most the hold: the module released the writes then.)
                 self.over_budget += 1;
-                let fixed = fixed.min(f64::from(hold_ms) / 1e3);
+                let fixed = (fixed + cancelled.unwrap_or(0.0)).min(f64::from(hold_ms) / 1e3);
                 self.window_fixed = Some(self.window_fixed.unwrap_or(0.0).max(fixed));
                 tracing::warn!(
                     window_ms = took * 1e3,
@@ -1430,6 +1458,7 @@ impl Migration {
                 if est <= budget {
                     self.summary.estimated_pause_ms = Some(est * 1e3);
                     tracing::info!(unsynced = left.len(), est_ms = est * 1e3, "switching");
+                    self.flush_ahead().await?;
                     if self.try_switch().await? {
                         break;
                     }

@@ -1518,6 +1518,39 @@ async fn a_switch_slower_than_the_budget_never_holds_writes_past_it() {
     assert_eq!(rig.sim.mode(), Mode::Clone, "still cloning, to resume");
 }
 
+/// A switch whose last writes would end past the hold's deadline is
+/// cancelled early by the module; that attempt ran out of the budget as
+/// surely as one cancelled at the deadline, and the attempts that do so
+/// end the migration with the reason instead of holding writes again and
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_cancelled_early_for_want_of_time_counts_against_the_budget() {
+    let rig = rig(44);
+    *rig.sim
+        .switch_cost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(60);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(100);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let res = tokio::time::timeout(Duration::from_secs(30), tokio::spawn(m.run())).await;
+    cancel.store(true, Ordering::Relaxed);
+    let res = res
+        .unwrap_or_else(|_| panic!("the migration still tries after 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let longest = rig.sim.longest_hold();
+    assert!(
+        longest <= Duration::from_millis(100),
+        "writes were held {longest:?}, over --max-pause 100 ms"
+    );
+    match res {
+        Err(MigrateError::SwitchOverBudget { attempts, .. }) => assert_eq!(attempts, 5),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rig.sim.mode(), Mode::Clone, "still cloning, to resume");
+}
+
 /// A switch that costs part of the budget still switches, within it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_that_fits_the_budget_switches_within_it() {

@@ -77,9 +77,10 @@ pub struct SimFilter {
     pub region_writes_held: AtomicU64,
     /// Writes that touched the head and were not mirrored.
     pub head_writes: AtomicU64,
-    /// How long the switch itself takes (flushes, marker, the target's
-    /// head): a switch that has not finished when the hold's timer fires
-    /// is cancelled, as the module cancels it at its deadline.
+    /// How long the switch's flush and head read take, and then again its
+    /// marker and the target's head: a switch that has not done the first
+    /// by the hold's deadline is cancelled, and so is one whose second
+    /// part would end past it; once begun, the second part is finished.
     pub switch_cost: Mutex<Duration>,
     /// When the first hold began.
     pub first_hold_at: Mutex<Option<std::time::SystemTime>>,
@@ -585,6 +586,20 @@ impl Tracker for SimFilter {
                 self.notify();
                 return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
             }
+            // The marker and the target's head cost about as much again,
+            // and once begun they end past the deadline if they must: the
+            // module begins them only if they should end by it.
+            if st
+                .hold_since
+                .is_some_and(|t| t.elapsed() + cost > st.hold_timeout)
+            {
+                st.end_hold();
+                self.notify();
+                return Err(err(Request::Ctl(CtlCmd::Switch), libc::ETIMEDOUT));
+            }
+            drop(st);
+            std::thread::sleep(cost);
+            st = self.lock();
         }
         // Retire the source: marker + zeros over its head; then the
         // target's head, which nothing wrote before.
