@@ -203,7 +203,7 @@ for n in "${names[@]}"; do
 			fi
 			timeout --foreground -k 5 $((limit + 60)) qemu-system-x86_64 -accel tcg -smp "$smp,sockets=$smp" -m "$mem" \
 				-nographic -no-reboot -kernel "$bzimage" -initrd "$initrd" \
-				-append "console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit blkmig.boot=$boot blkmig.boots=$boots${append:+ $append}" \
+				-append "console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit blkmig.boot=$boot blkmig.boots=$boots blkmig.kernel=$BLKMIG_KERNEL_VARIANT${append:+ $append}" \
 				"${qmp[@]}" "${drives[@]}" </dev/null >"$work/$n.boot" 2>&1
 			qrc=$?
 			if [ ${#qmp[@]} -gt 0 ]; then

@@ -10,7 +10,8 @@
 # summary's), that the switch was decided within the 100 ms budget (`estimated_pause_ms`: only
 # the boundary regions were left), that no write waited 100 ms in a region hold
 # (region_hold_longest_ns), that the module's measured pause (`pause_ms`, from hold_longest_ns)
-# is within the 100 ms budget (the switch's hold ends at --max-pause, as in every live_start),
+# is within the 100 ms budget (the switch's hold ends at --max-pause, as in every live_start;
+# on the debug kernel the budget is 300 ms, see live_debug_pause in tests/vm/live-lib.sh),
 # and the usual end: the writer lost nothing, the target holds every stamp, the source is
 # retired.
 # Before the copier kept its queue full across batches, 256 regions of 1 MiB at --rate-limit 16M
@@ -28,10 +29,14 @@
 SW_BLOCKS=65536
 SW_ARGS="--gap-us 0"
 BOUND=300
+# migrate's default budget, 100 ms (the debug kernel's: live_debug_pause)
+BUDGET=$(live_debug_pause)
+BUDGET=${BUDGET:-100ms}
+BUDGET_MS=${BUDGET%ms}
 live_begin /dev/vda
 
-step "migrate start /dev/vda /dev/vdb --region-size 4M --rate-limit 8M --json (default --max-pause): switches within $BOUND s"
-migrate start /dev/vda /dev/vdb --region-size 4M --rate-limit 8M --json >/tmp/mig.json 2>"$MIG_LOG" &
+step "migrate start /dev/vda /dev/vdb --region-size 4M --rate-limit 8M --max-pause $BUDGET --json: switches within $BOUND s"
+migrate start /dev/vda /dev/vdb --region-size 4M --rate-limit 8M --max-pause "$BUDGET" --json >/tmp/mig.json 2>"$MIG_LOG" &
 MPID=$!
 _t0=$(cs_now)
 _left=$BOUND
@@ -63,11 +68,11 @@ _est=$(echo "$_done" | sed -n 's/.*"estimated_pause_ms":\([0-9.]*\).*/\1/p')
 _rwait=$(status_field /dev/vda region_hold_longest_ns)
 _bad=
 [ "${_holds:-0}" -gt 0 ] || _bad="no region hold was used (region_holds ${_holds:-?}); "
-ok=$(echo "${_est:-1e9}" | awk '{ print ($1 <= 100) ? "yes" : "no" }')
-[ "$ok" = yes ] || _bad="${_bad}the switch was decided at an estimated pause of ${_est:-?} ms, over the 100 ms budget; "
+ok=$(echo "${_est:-1e9}" | awk -v b="$BUDGET_MS" '{ print ($1 <= b) ? "yes" : "no" }')
+[ "$ok" = yes ] || _bad="${_bad}the switch was decided at an estimated pause of ${_est:-?} ms, over the $BUDGET_MS ms budget; "
 [ "${_rwait:-0}" -lt 100000000 ] || _bad="${_bad}a write waited ${_rwait} ns in a region hold; "
-ok=$(echo "$MIG_PAUSE_MS" | awk '{ print ($1 <= 100) ? "yes" : "no" }')
-[ "$ok" = yes ] || _bad="${_bad}the module measured a pause of $MIG_PAUSE_MS ms, over the 100 ms budget"
+ok=$(echo "$MIG_PAUSE_MS" | awk -v b="$BUDGET_MS" '{ print ($1 <= b) ? "yes" : "no" }')
+[ "$ok" = yes ] || _bad="${_bad}the module measured a pause of $MIG_PAUSE_MS ms, over the $BUDGET_MS ms budget"
 [ -z "$_bad" ] || fail "$_bad"
 _st_holds=$(status_field /dev/vda region_holds)
 expect_eq "$_st_holds" "$_holds" "region_holds of STATUS vs. the summary"
