@@ -1565,9 +1565,10 @@ impl Migration {
         // Every op is checked before any is acted on: a bad one later in
         // the array must not leave a region hold begun by an earlier one.
         let mut check = r.clone_reader();
+        let mut holds = 0;
         for _ in 0..n {
             let op: RegionOp = check.read()?;
-            self.check_op(cmd, &op)?;
+            self.check_op(cmd, &op, &mut holds)?;
         }
         let mut r = r;
         // The region this call has begun to hold: an error later in the
@@ -1575,8 +1576,12 @@ impl Migration {
         let mut began: Option<u64> = None;
         let res = (|| -> Result {
             let cloning = self.mode_raw() == Mode::Clone as u32;
+            // The array is read again: each op is checked again as it is
+            // acted on, as the caller may have changed it meanwhile.
+            let mut holds = 0;
             for _ in 0..n {
                 let mut op: RegionOp = r.read()?;
+                self.check_op(cmd, &op, &mut holds)?;
                 op.result = self.copy_op(cmd, cloning, &mut op, &mut began)?;
                 w.write(&op)?;
             }
@@ -1593,15 +1598,20 @@ impl Migration {
     }
 
     /// Whether `op` is well formed for `cmd`: `REGION_OP_HOLD` only with
-    /// COPY_BEGIN (and COPY_END, which takes the same array back), and
-    /// never on a region of the head (the switch writes the target's head:
-    /// such a region's copy does not make every later write to it
-    /// mirrored, so holding its writes would gain nothing).
-    fn check_op(&self, cmd: CtlCmd, op: &RegionOp) -> Result {
+    /// COPY_BEGIN (and COPY_END, which takes the same array back), never on
+    /// a region of the head (the switch writes the target's head: such a
+    /// region's copy does not make every later write to it mirrored, so
+    /// holding its writes would gain nothing), and once a call at most
+    /// (`holds` counts them): each hold may wait up to its limit.
+    fn check_op(&self, cmd: CtlCmd, op: &RegionOp, holds: &mut u32) -> Result {
         match op.flags {
             0 => {}
             abi::REGION_OP_HOLD if cmd == CtlCmd::CopyEnd => {}
             abi::REGION_OP_HOLD if cmd == CtlCmd::CopyBegin && op.region >= self.head_regions() => {
+                *holds += 1;
+                if *holds > 1 {
+                    return Err(EINVAL);
+                }
             }
             _ => return Err(EINVAL),
         }

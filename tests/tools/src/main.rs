@@ -183,6 +183,9 @@ enum AbiReq {
     /// One COPY_BEGIN of REGION with REGION_OP_HOLD and of REGION + 1 with
     /// a flag bit no version defines: prints the errno.
     CopyBeginHeldBad { dev: PathBuf, region: u64 },
+    /// One COPY_BEGIN of REGION and of REGION + 1, both with
+    /// REGION_OP_HOLD: prints the errno.
+    CopyBeginHeldTwo { dev: PathBuf, region: u64 },
     /// COPY_END of REGION with WORD: prints the result.
     CopyEnd {
         dev: PathBuf,
@@ -331,6 +334,16 @@ fn abi_probe(req: AbiReq) -> Result<()> {
             ];
             print_or_errno(region_ops(&dev, abi::CtlCmd::CopyBegin, &ops), |ops| {
                 format!("ok {}", ops[0].result)
+            })?;
+        }
+        AbiReq::CopyBeginHeldTwo { dev, region } => {
+            let ops = [region, region + 1].map(|region| abi::RegionOp {
+                region,
+                flags: abi::REGION_OP_HOLD,
+                ..Default::default()
+            });
+            print_or_errno(region_ops(&dev, abi::CtlCmd::CopyBegin, &ops), |ops| {
+                format!("ok {} {}", ops[0].result, ops[1].result)
             })?;
         }
         AbiReq::CopyBegin { dev, region } => {

@@ -5,7 +5,9 @@
 # the hold (0.3 s .. 2 s after it was issued), then completes, on the source; a write to another
 # region meanwhile completes at once (under 0.5 s);
 # STATUS counts the hold and the write it kept, and nothing stays held: a new held copy of the
-# region begins, and its COPY_END ends it.
+# region begins, and its COPY_END ends it. Refused first, with nothing held: a COPY_BEGIN whose
+# second op has an undefined flag, one that holds two regions (one region hold a call: each may
+# wait up to its limit), and a held copy of the head's region.
 # disks: 64M 64M
 # needs: module migrate
 # timeout: 120
@@ -28,6 +30,10 @@ direct_io /dev/vda $((5 * 2048)) E 8 4096
 early=$(($(cs_now) - t1))
 echo "  a write to region 5 after the refused COPY_BEGIN took $((early * 10)) ms"
 [ "$early" -lt 50 ] || fail "a write to region 5 took $((early * 10)) ms after a refused COPY_BEGIN: it was held"
+
+step "a COPY_BEGIN with two held regions is refused: one region hold a call"
+expect_eq "$(stampwriter abi copy-begin-held-two /dev/vda 5)" EINVAL "COPY_BEGIN (held regions 5 and 6)"
+expect_eq "$(status_field /dev/vda region_holds)" 0 "region_holds after the two-hold COPY_BEGIN"
 
 step "a held copy of the head's region is refused"
 expect_eq "$(stampwriter abi copy-begin-held /dev/vda 0)" EINVAL "COPY_BEGIN (held region 0)"
