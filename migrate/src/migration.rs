@@ -57,6 +57,9 @@ const RATE_SAMPLE_REGIONS: u64 = 16;
 /// Races (conflicts at COPY_END, busy at COPY_BEGIN) after which a region
 /// is copied with the module's region hold.
 const HOT_RACES: u32 = 3;
+/// Held copies of a region that found it busy or would have waited for
+/// writeback before it is left to the switch window (until it commits).
+const HOLD_STRIKES: u32 = 3;
 /// Switch attempts in a row that may run out of the pause budget before
 /// the migration says that the budget cannot be met.
 const OVER_BUDGET_ATTEMPTS: u32 = 5;
@@ -401,9 +404,11 @@ pub struct Migration {
     free_failed: bool,
     /// Races per region (see [`HOT_RACES`]).
     raced: std::collections::HashMap<u64, u32>,
-    /// Hot regions whose held copy would have waited for the writeback of
-    /// cached pages: left to the switch window, never held again.
-    no_hold: std::collections::HashSet<u64>,
+    /// Held copies per hot region that found it busy (its writes did not
+    /// drain in time) or would have waited for the writeback of cached
+    /// pages: at [`HOLD_STRIKES`] it is left to the switch window, until it
+    /// commits.
+    hold_strikes: std::collections::HashMap<u64, u32>,
     /// The source's head, read and saved ahead of a hold: the count of
     /// writes to the head the module had seen when that read began.
     staged_head: Option<u64>,
@@ -560,7 +565,7 @@ impl Migration {
             migration_id: status.migration_id,
             free_failed: false,
             raced: std::collections::HashMap::new(),
-            no_hold: std::collections::HashSet::new(),
+            hold_strikes: std::collections::HashMap::new(),
             staged_head: None,
             window_fixed: None,
             window_copy: 0.0,
@@ -743,6 +748,7 @@ impl Migration {
                 committed += 1;
                 // A region unsynced later starts counting its races anew.
                 self.raced.remove(&e.region);
+                self.hold_strikes.remove(&e.region);
                 let n = self.geo.region_span(e.region).map_or(0, |(_, n)| n);
                 self.progress.region_committed(n);
                 match t {
@@ -1027,11 +1033,11 @@ impl Migration {
 
     /// Whether region `r` is hot (see [`HOT_RACES`]) and may be copied
     /// with the region hold: not a region of the head (the module refuses
-    /// it), nor one whose held copy would have waited for writeback.
+    /// it), nor one whose held copies kept failing (see [`HOLD_STRIKES`]).
     fn hot(&self, r: u64) -> bool {
         self.raced.get(&r).is_some_and(|&n| n >= HOT_RACES)
             && self.geo.head_len(r) == 0
-            && !self.no_hold.contains(&r)
+            && self.hold_strikes.get(&r).is_none_or(|&n| n < HOLD_STRIKES)
     }
 
     /// Copies the hot regions `hot` one at a time, each with the module's
@@ -1073,7 +1079,11 @@ impl Migration {
                     .map_err(|e| Error::joined(&e, "copy begin"))??;
             let op = ops[0];
             if op.result != abi::REGION_OK {
-                // Nothing is held (the module let it go).
+                // Nothing is held (the module let it go). Busy: its writes
+                // did not drain within the hold's limit, which they waited.
+                if op.result == abi::REGION_BUSY {
+                    *self.hold_strikes.entry(r).or_default() += 1;
+                }
                 self.count_refused(&ops)?;
                 continue;
             }
@@ -1097,10 +1107,10 @@ impl Migration {
                 Ok((buf, Ok(None))) => {
                     bufs = Some(buf);
                     self.end_hold(op)?;
-                    self.no_hold.insert(r);
+                    *self.hold_strikes.entry(r).or_default() += 1;
                     tracing::info!(
                         region = r,
-                        "the held copy's read would have waited; region left to the switch window"
+                        "the held copy's read would have waited; the hold ended"
                     );
                     continue;
                 }
