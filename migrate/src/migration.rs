@@ -419,6 +419,9 @@ pub struct Migration {
     window_copy: f64,
     /// Switch attempts in a row that ran out of the budget.
     over_budget: u32,
+    /// How late (ms) the hold's timer released writes in an attempt that
+    /// ran out of the budget: the module's longest hold past the timeout.
+    timer_late_ms: u32,
     /// Set when the module cancelled the last switch for want of time:
     /// how long that switch request took (s).
     switch_ran_out: Option<f64>,
@@ -571,6 +574,7 @@ impl Migration {
             window_copy: 0.0,
             over_budget: 0,
             switch_ran_out: None,
+            timer_late_ms: 0,
         })
     }
 
@@ -1328,11 +1332,12 @@ impl Migration {
 
     /// The hold's timeout for one attempt (ms): the kernel releases the
     /// writes at the budget, whatever the copier does, less a margin for
-    /// the timer's granularity and the retire marker's writes, which the
-    /// switch finishes once it has begun them.
+    /// the timer's granularity and its work item's latency (a fifth of the
+    /// budget, at least 10 ms, and at least twice the lateness seen).
     fn hold_ms(&self) -> u32 {
         let budget = self.opts.max_pause.as_millis();
-        let margin = (budget / 10).max(10);
+        // A fifth, at least 10 ms, and twice what a timer was seen late.
+        let margin = (budget / 5).max(10).max(2 * u128::from(self.timer_late_ms));
         let hold = if budget > 2 * margin {
             budget - margin
         } else {
@@ -1392,6 +1397,14 @@ impl Migration {
                 // have taken after the module cancelled it.
                 // (At most the hold: the module released the writes then.)
                 self.over_budget += 1;
+                // The timer's lateness on this machine: the writes it
+                // released waited past its timeout.
+                if let Ok(st) = self.tracker.status() {
+                    let late = (st.hold_longest_ns / 1_000_000).saturating_sub(u64::from(hold_ms));
+                    self.timer_late_ms = self
+                        .timer_late_ms
+                        .max(u32::try_from(late).unwrap_or(u32::MAX));
+                }
                 let fixed = (fixed + cancelled.unwrap_or(0.0)).min(f64::from(hold_ms) / 1e3);
                 self.window_fixed = Some(self.window_fixed.unwrap_or(0.0).max(fixed));
                 tracing::warn!(

@@ -1551,6 +1551,42 @@ async fn a_switch_cancelled_early_for_want_of_time_counts_against_the_budget() {
     assert_eq!(rig.sim.mode(), Mode::Clone, "still cloning, to resume");
 }
 
+/// The hold's timer may release the writes late (its work item runs when
+/// the machine gets to it): the hold is asked short enough that a timer
+/// 15 ms late still keeps a 100 ms budget, and after an attempt that saw
+/// it late, shorter still. (With a tenth of the budget as the margin, the
+/// writes were held 105 ms.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_hold_timer_still_keeps_the_budget() {
+    let rig = rig(45);
+    *rig.sim
+        .switch_cost
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(300);
+    *rig.sim.timer_late.lock().unwrap_or_else(|e| e.into_inner()) = Duration::from_millis(15);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&rig, stop.clone(), true);
+    let mut opts = options(&rig);
+    opts.max_pause = Duration::from_millis(100);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let m = migration(&rig, opts, cancel.clone());
+    let res = tokio::time::timeout(Duration::from_secs(30), tokio::spawn(m.run())).await;
+    cancel.store(true, Ordering::Relaxed);
+    finish(stop, threads);
+    let res = res
+        .unwrap_or_else(|_| panic!("the migration still tries after 30 s"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let longest = rig.sim.longest_hold();
+    assert!(
+        longest <= Duration::from_millis(100),
+        "writes were held {longest:?}, over --max-pause 100 ms"
+    );
+    assert!(
+        matches!(res, Err(MigrateError::SwitchOverBudget { .. })),
+        "{res:?}"
+    );
+}
+
 /// A switch that costs part of the budget still switches, within it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_that_fits_the_budget_switches_within_it() {

@@ -82,6 +82,9 @@ pub struct SimFilter {
     /// by the hold's deadline is cancelled, and so is one whose second
     /// part would end past it; once begun, the second part is finished.
     pub switch_cost: Mutex<Duration>,
+    /// How late the hold's timer releases the writes (a busy machine runs
+    /// the module's work item late).
+    pub timer_late: Mutex<Duration>,
     /// When the first hold began.
     pub first_hold_at: Mutex<Option<std::time::SystemTime>>,
     /// Called with the target file and the region after every committed
@@ -152,6 +155,7 @@ impl SimFilter {
             head_writes: AtomicU64::new(0),
             after_commit: Mutex::new(None),
             switch_cost: Mutex::new(Duration::ZERO),
+            timer_late: Mutex::new(Duration::ZERO),
             first_hold_at: Mutex::new(None),
         })
     }
@@ -532,13 +536,15 @@ impl Tracker for SimFilter {
             .unwrap_or_else(|e| e.into_inner())
             .get_or_insert_with(std::time::SystemTime::now);
         let gen = st.hold_gen;
-        // The kernel's timer: release and cancel if the switch does not come.
+        // The kernel's timer: release and cancel if the switch does not come
+        // (its work item may run late).
         let shared = self.shared.clone();
+        let fires = timeout + *self.timer_late.lock().unwrap_or_else(|e| e.into_inner());
         std::thread::spawn(move || {
-            std::thread::sleep(timeout);
+            std::thread::sleep(fires);
             let mut st = shared.0.lock().unwrap_or_else(|e| e.into_inner());
             if st.holding && st.hold_gen == gen {
-                st.end_hold_within(timeout);
+                st.end_hold_within(fires);
                 shared.1.notify_all();
             }
         });

@@ -1,7 +1,10 @@
 #!/bin/sh
 # live-kill-in-switch: the copier dies (SIGKILL) while writes are held for the switch.
 #
-# How: the filter is attached with a 1 s hold timeout (`migrate start --hold-timeout-ms 1000`),
+# How: the filter is attached with a 1 s hold timeout (`migrate start --hold-timeout-ms 1000`,
+# `--max-pause 1s`, so that the copier decides to switch with regions left to copy in the window
+# and the window is long enough to be caught: the head is saved and both devices flushed before
+# the hold, which leaves a short window otherwise; the debug kernel's run missed it at 200 ms),
 # and the scenario runs the copier in slices: SIGCONT, a few ms (a builtin loop), SIGSTOP,
 # then `migrate status --json` (its in-flight I/O completes meanwhile). When the status says "holding":true the copier is frozen inside its switch window
 # (after HOLD_WRITES, before SWITCH completed: the mode is still clone), and it gets SIGKILL
@@ -24,7 +27,7 @@ SW_ARGS="--hot $HOT --gap-us 500"
 live_begin /dev/vda
 
 step "migrate start --hold-timeout-ms 1000, run in ~20 ms slices until it is frozen while holding"
-migrate start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 200ms -v >/tmp/mig1.log 2>&1 &
+migrate start /dev/vda /dev/vdb --hold-timeout-ms 1000 --max-pause 1s -v >/tmp/mig1.log 2>&1 &
 mig=$!
 freeze_in_switch_window $mig /dev/vda
 hit=$HIT
