@@ -2,7 +2,8 @@
 # crash-in-switch: the machine resets inside the switch, after the retire marker reached the
 # source and before the target got its head: the target is a dm-delay device that holds each
 # write and flush for 5 s, and the reset comes while the target's head write waits there (seen
-# in dm-delay's counts: the switch's flush of the target, then a write alone).
+# in dm-delay's counts: the flush before the hold, the last region's write, the switch's flush
+# of the target, then a write alone).
 # Second boot: exactly one state: neither disk is recognisable or mounts (never both);
 # `migrate status --target` says the switch was interrupted; `migrate recover` writes the saved
 # head to the target (or, with RECOVER=rollback, back to the source), after which that disk
@@ -23,6 +24,10 @@ delay_counts() {
 _flush_queued() {
 	set -- $(delay_counts)
 	[ "${3:-0}" -ge 1 ]
+}
+_no_flush_queued() {
+	set -- $(delay_counts)
+	[ "${3:-1}" -eq 0 ]
 }
 _head_write_queued() {
 	set -- $(delay_counts)
@@ -47,6 +52,10 @@ if [ "$BLKMIG_BOOT" = 1 ]; then
 	step "migrate start: the switch"
 	migrate -v start /dev/vda /dev/mapper/slowtgt --max-pause 60s --hold-timeout-ms 40000 \
 		--state-dir "$CRASH_STATE" >/tmp/mig.log 2>&1 &
+	# migrate flushes both devices just before it holds writes, then copies the last region
+	# (a write) in the window, then the switch flushes the target: the second flush.
+	wait_until 60 "the flush before the hold" _flush_queued
+	wait_until 30 "that flush to end" _no_flush_queued
 	wait_until 60 "the switch's flush of the target" _flush_queued
 	echo "  dm-delay holds (reads writes flushes): $(delay_counts)"
 	wait_until 30 "the target's head write after the flush" _head_write_queued
