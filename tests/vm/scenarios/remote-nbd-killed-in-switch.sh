@@ -38,7 +38,9 @@ nbd_connect
 live_begin /dev/vda
 
 step "migrate start --hold-timeout-ms $HOLD_MS, frozen inside its switch window"
-migrate start /dev/vda /dev/nbd0 --hold-timeout-ms $HOLD_MS --max-pause 200ms >/tmp/mig.log 2>&1 &
+# --max-pause 1s: the copier holds with regions still to copy, so that its window (short since
+# the head is saved and both devices flushed before the hold) is long enough to be caught.
+migrate start /dev/vda /dev/nbd0 --hold-timeout-ms $HOLD_MS --max-pause 1s >/tmp/mig.log 2>&1 &
 mig=$!
 freeze_in_switch_window $mig /dev/vda
 echo "BLKMIG-NBD-KILLED-IN-SWITCH hit=$HIT slices=$SLICES"

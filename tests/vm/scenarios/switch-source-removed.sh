@@ -15,7 +15,9 @@ refs0=$(module_refs)
 pci=$(pci_of /dev/vda)
 
 step "migrate start --hold-timeout 2s, frozen inside its switch window"
-migrate start /dev/vda /dev/vdb --hold-timeout 2s --max-pause 200ms >/tmp/mig1.log 2>&1 &
+# --max-pause 1s: the copier holds with regions still to copy, so that its window (short since
+# the head is saved and both devices flushed before the hold) is long enough to be caught.
+migrate start /dev/vda /dev/vdb --hold-timeout 2s --max-pause 1s >/tmp/mig1.log 2>&1 &
 mig=$!
 freeze_in_switch_window $mig /dev/vda
 echo "BLKMIG-SOURCE-REMOVED-IN-SWITCH hit=$HIT"

@@ -17,7 +17,9 @@ pci=$(readlink -f /sys/block/vdb/device/..)
 live_begin /dev/vda
 
 step "migrate start --hold-timeout-ms 2000, frozen inside its switch window"
-migrate start /dev/vda /dev/vdb --hold-timeout-ms 2000 --max-pause 200ms >/tmp/mig1.log 2>&1 &
+# --max-pause 1s: the copier holds with regions still to copy, so that its window (short since
+# the head is saved and both devices flushed before the hold) is long enough to be caught.
+migrate start /dev/vda /dev/vdb --hold-timeout-ms 2000 --max-pause 1s >/tmp/mig1.log 2>&1 &
 mig=$!
 freeze_in_switch_window $mig /dev/vda
 hit=$HIT
