@@ -6,6 +6,9 @@
 #   scripts/build-kernel.sh              build if needed; print the kernel tree path on stdout
 #   scripts/build-kernel.sh --print-dir  print the path the tree has (or would have); no build
 #   scripts/build-kernel.sh --key        print the full cache key
+#   scripts/build-kernel.sh --make ARG.. run make in the built tree with the build's own variables
+#                                        (compiler, Rust, bindgen), under the lock; e.g.
+#                                        `--make bindeb-pkg` (scripts/package.sh)
 #
 # The tree lives in ${BLKMIG_CACHE:-/var/cache/blkmig}/kernel-<key16>; the key is the sha256 of
 # the linux-source package version, the toolchain versions, every kmod/patches/*.patch (sorted
@@ -91,6 +94,12 @@ case "${1:-}" in
 --key)
 	echo "$key"
 	exit 0
+	;;
+--make)
+	shift
+	[ -f "$stamp" ] || die "$dir is not built: run $0 first"
+	touch "$stamp"
+	exec flock "$lock" "${kmake[@]}" -C "$dir" "$@"
 	;;
 --locked) ;;
 "")

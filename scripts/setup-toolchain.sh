@@ -10,6 +10,7 @@ KERNEL_SOURCE_VERSION=6.12.117-1~deb12u1
 RUST_WEB_VERSION=1.85.0+dfsg3-1~deb12u3
 CLANG=19
 BINDGEN_VERSION=0.69.5
+CARGO_DEB_VERSION=3.8.0
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 tools="$here/target/tools"
@@ -39,6 +40,8 @@ if [ $need_kernel = 1 ]; then
 		nbd-server nbd-client # the remote-nbd* VM scenarios: server and client in the guest
 		lvm2 mdadm # bench/peers-vm.sh: pvmove and mdadm --replace in the guest
 		xfsprogs btrfs-progs # retire-signatures (with lvm2 and mdadm): each signature the marker covers
+		dpkg-dev debhelper rsync # scripts/package.sh: the kernel's bindeb-pkg, the module's package
+		mmdebstrap debian-archive-keyring # tests/vm/debian/: the Debian 12 guest image
 	)
 fi
 
@@ -66,6 +69,11 @@ if [ $need_kernel = 1 ]; then
 	if ! "$tools/bin/bindgen" --version 2>/dev/null | grep -q " $BINDGEN_VERSION\$"; then
 		log "building bindgen-cli $BINDGEN_VERSION"
 		cargo install --quiet --locked --root "$tools" bindgen-cli --version "$BINDGEN_VERSION"
+	fi
+	# scripts/package.sh: the `blkmig` package of migrate
+	if ! "$tools/bin/cargo-deb" --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+		log "building cargo-deb $CARGO_DEB_VERSION"
+		cargo install --quiet --locked --root "$tools" cargo-deb --version "$CARGO_DEB_VERSION"
 	fi
 fi
 
