@@ -64,10 +64,11 @@ else
 	done
 fi
 
-need_module=0 need_migrate=0
+need_module=0 need_migrate=0 need_image=0
 for n in "${names[@]}"; do
 	case " $(header "$vm/scenarios/$n.sh" needs) " in *" module "*) need_module=1 ;; esac
 	case " $(header "$vm/scenarios/$n.sh" needs) " in *" migrate "*) need_migrate=1 ;; esac
+	[ "$(header "$vm/scenarios/$n.sh" image)" = debian ] && need_image=1
 done
 
 mkdir -p "$logs" "$repo/target/vm"
@@ -128,6 +129,24 @@ if ! "$vm/mkinitramfs.sh" "$initrd" --module "$module_arg" --migrate "$migrate_a
 fi
 timings+=("initramfs: $(since "$t")s")
 
+# "# image: debian": the scenario boots a Debian 12 system from its first disk instead of the
+# initramfs: blkmig's packages (scripts/package.sh) installed by dpkg into the cached Debian root
+# filesystem (tests/vm/debian/), the packaged kernel, root=PARTUUID=. One disk per run, copied
+# for each such scenario.
+image_err=
+if [ $need_image = 1 ]; then
+	t=$(now)
+	if ! image_err=$("$vm/debian/build.sh" "$work/debian" 2>"$logs/build-image.log"); then
+		image_err="Debian image build failed (see $logs/build-image.log)"
+		log "$image_err"
+		tail -n 20 "$logs/build-image.log" >&2
+	else
+		# shellcheck source=/dev/null
+		. "$work/debian/boot.env" # DEBIAN_DISK, DEBIAN_KERNEL, DEBIAN_APPEND
+		timings+=("packages and Debian image: $(since "$t")s")
+	fi
+fi
+
 # --- scenarios ------------------------------------------------------------------------------
 # Kernel reports carry the console's timestamp (PRINTK_TIME), which keeps userspace output such
 # as e2fsck's "WARNING: Filesystem still has errors" from passing for one; a Rust panic in
@@ -143,6 +162,8 @@ for n in "${names[@]}"; do
 		reason="needs the debug kernel (tests/vm/run.sh --debug $n)"
 	case "$needs" in *" module "*) [ -n "$module_err" ] && reason=${reason:-$module_err} ;; esac
 	case "$needs" in *" migrate "*) [ -n "$migrate_err" ] && reason=${reason:-$migrate_err} ;; esac
+	image=$(header "$f" image)
+	[ -n "$image" ] && [ -n "$image_err" ] && reason=${reason:-$image_err}
 	t=$(now)
 	logf="$logs/$n.log"
 	if [ -z "$reason" ]; then
@@ -161,7 +182,11 @@ for n in "${names[@]}"; do
 			[ "$spec" = "$size" ] || props=",${spec#*:}"
 			img="$work/$n/vd$letter.img"
 			rm -f "$img"
-			truncate -s "$size" "$img"
+			if [ -n "$image" ] && [ $letter = a ]; then
+				cp --sparse=always "$DEBIAN_DISK" "$img"
+			else
+				truncate -s "$size" "$img"
+			fi
 			drives+=(-drive "file=$img,if=none,id=vd$letter,format=raw,cache=writeback,discard=unmap"
 				-device "virtio-blk-pci,drive=vd$letter,id=dev-vd$letter$props")
 			letter=$(echo "$letter" | tr 'a-y' 'b-z')
@@ -201,9 +226,11 @@ for n in "${names[@]}"; do
 				python3 "$vm/qmp-unplug.py" "$work/$n.qmp" "$work/$n.boot" $((limit + 60)) 2>>"$work/$n.log" &
 				qmp_pid=$!
 			fi
+			boot_args=(-kernel "$bzimage" -initrd "$initrd")
+			[ -n "$image" ] && boot_args=(-kernel "$DEBIAN_KERNEL")
 			timeout --foreground -k 5 $((limit + 60)) qemu-system-x86_64 -accel tcg -smp "$smp,sockets=$smp" -m "$mem" \
-				-nographic -no-reboot -kernel "$bzimage" -initrd "$initrd" \
-				-append "console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit blkmig.boot=$boot blkmig.boots=$boots blkmig.kernel=$BLKMIG_KERNEL_VARIANT${append:+ $append}" \
+				-nographic -no-reboot "${boot_args[@]}" \
+				-append "${image:+$DEBIAN_APPEND }console=ttyS0 panic=-1 blkmig.scenario=$n blkmig.timeout=$limit blkmig.boot=$boot blkmig.boots=$boots blkmig.kernel=$BLKMIG_KERNEL_VARIANT${append:+ $append}" \
 				"${qmp[@]}" "${drives[@]}" </dev/null >"$work/$n.boot" 2>&1
 			qrc=$?
 			if [ ${#qmp[@]} -gt 0 ]; then
