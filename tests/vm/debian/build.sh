@@ -28,12 +28,10 @@ t=$(now)
 rootfs=$("$here/rootfs.sh")
 log "root filesystem: $(($(now) - t))s: $rootfs"
 
-# The test tools: stampwriter (the writer and its checker) and the JSON checker, for Debian's
-# glibc (this machine's).
+# The test tools: stampwriter (the writer, its checker and `jsondoc`, the JSON checker), for
+# Debian's glibc (this machine's).
 (cd "$repo" && cargo build --release --locked -p blkmig-testtools) >&2
 files=("$repo/target/release/stampwriter:/usr/local/bin/stampwriter")
-[ -x "$repo/target/release/blkmig-jsondoc" ] &&
-	files+=("$repo/target/release/blkmig-jsondoc:/usr/local/bin/blkmig-jsondoc")
 files+=(
 	"$here/blkmig-scenario:/usr/local/sbin/blkmig-scenario"
 	"$here/blkmig-scenario.service:/etc/systemd/system/blkmig-scenario.service"

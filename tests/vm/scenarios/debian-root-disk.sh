@@ -29,9 +29,13 @@ STOP=/run/workload.stop
 PROBE=/root/blkmig-probe_1.0_all.deb
 STATE=/srv/blkmig-state
 
-jsondoc() { # KIND FILE: FILE's JSON against docs/json.md (when the checker is in the image)
-	command -v blkmig-jsondoc >/dev/null || return 0
-	blkmig-jsondoc /usr/share/doc/blkmig/json.md "$1" <"$2" || fail "migrate's $1 JSON does not match docs/json.md: $(head -c 300 "$2")"
+# jsondoc FILE KIND...: FILE's JSON lines against docs/json.md as the blkmig package installed it
+jsondoc() {
+	_f=$1
+	shift
+	stampwriter jsondoc /usr/share/doc/blkmig/json.md "$@" <"$_f" >/tmp/jsondoc.out 2>&1 ||
+		fail "migrate's JSON ($*) does not match docs/json.md: $(head -c 300 /tmp/jsondoc.out | tr '\n' ' ')"
+	echo "  JSON matches docs/json.md ($*)"
 }
 
 _cloning() { [ "$(status_mode /dev/vda)" = clone ]; }
@@ -48,7 +52,8 @@ if [ "$BLKMIG_BOOT" = 1 ]; then
 	[ "$(modinfo -n blkmig)" = "/lib/modules/$rel/extra/blkmig.ko" ] || fail "modinfo finds blkmig at '$(modinfo -n blkmig 2>&1)'"
 	must migrate --version
 	for f in /usr/share/man/man1/migrate.1.gz /usr/share/bash-completion/completions/migrate \
-		/usr/share/zsh/vendor-completions/_migrate /usr/share/fish/vendor_completions.d/migrate.fish; do
+		/usr/share/zsh/vendor-completions/_migrate /usr/share/fish/vendor_completions.d/migrate.fish \
+		/usr/share/doc/blkmig/json.md; do
 		[ -s "$f" ] || fail "the blkmig package did not install $f"
 	done
 
@@ -105,11 +110,11 @@ if [ "$BLKMIG_BOOT" = 1 ]; then
 	run_capture migrate status /dev/vda --json
 	[ "$RC" -eq 0 ] || fail "migrate status /dev/vda --json failed (exit $RC)"
 	grep -q '"mode":"redirect"' "$OUT" || fail "/dev/vda is not in redirect after the switch: $(head -c 300 "$OUT")"
-	jsondoc status "$OUT"
+	jsondoc "$OUT" status
 	run_capture migrate list --json
 	[ "$RC" -eq 0 ] || fail "migrate list --json failed (exit $RC)"
 	grep -q '/dev/vda' "$OUT" || fail "migrate list does not show /dev/vda"
-	jsondoc list "$OUT"
+	jsondoc "$OUT" list
 
 	step "stop the workload; note what boot 2 must find"
 	sleep 2
@@ -159,8 +164,8 @@ head=$STATE/$(devnum /dev/vda)/source-head.bin
 grep -qF "$head" "$OUT" || fail "migrate status /dev/vda does not name the saved head $head"
 [ "$(stat -c %s "$head")" = 131072 ] || fail "the saved head $head is not 128 KiB"
 run_capture migrate status /dev/vda --state-dir "$STATE" --json
-jsondoc status "$OUT"
+jsondoc "$OUT" status-offline
 run_capture migrate list
 grep -q '/dev/vda' "$OUT" || fail "migrate list does not show the retired /dev/vda"
 run_capture migrate list --json
-jsondoc list "$OUT"
+jsondoc "$OUT" list
