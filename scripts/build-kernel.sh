@@ -31,8 +31,20 @@ variant=${BLKMIG_KERNEL_VARIANT:-normal}
 case "$variant" in
 normal) extra_fragments=() ;;
 debug) extra_fragments=("$repo/tests/vm/kernel-debug.config") ;;
+host)
+	# A host's own configuration (e.g. /boot/config-$(uname -r)) with kmod/host-kernel.config
+	# over it, instead of the test kernel's allnoconfig and fragments: scripts/package.sh
+	# --host-config. All of the host's modules are built.
+	host_config=${BLKMIG_HOST_CONFIG:-}
+	if [ -z "$host_config" ] || [ ! -f "$host_config" ]; then
+		printf 'build-kernel: error: BLKMIG_KERNEL_VARIANT=host needs BLKMIG_HOST_CONFIG=<a kernel .config> (got "%s")\n' "$host_config" >&2
+		exit 1
+	fi
+	fragment="$repo/kmod/host-kernel.config"
+	extra_fragments=()
+	;;
 *)
-	printf 'build-kernel: error: BLKMIG_KERNEL_VARIANT=%s: use normal or debug\n' "$variant" >&2
+	printf 'build-kernel: error: BLKMIG_KERNEL_VARIANT=%s: use normal, debug or host\n' "$variant" >&2
 	exit 1
 	;;
 esac
@@ -78,6 +90,7 @@ compute_key() {
 		for f in "${extra_fragments[@]}"; do
 			printf 'extra-config %s %s\n' "$(basename "$f")" "$(sha256sum <"$f" | cut -d' ' -f1)"
 		done
+		[ "$variant" != host ] || printf 'host-config %s\n' "$(sha256sum <"$host_config" | cut -d' ' -f1)"
 		printf 'recipe %s\n' "$recipe"
 	} | sha256sum | cut -d' ' -f1
 }
@@ -147,16 +160,25 @@ for p in "${patches[@]}"; do
 	patch -d "$dir" -p1 --forward --batch <"$p" >>"$logfile" 2>&1 || fail "patch $(basename "$p") does not apply"
 done
 
-log "[$(ts)] configuring (allnoconfig + tiny configs + $(basename "$fragment") + $(basename "$vm_fragment"))"
-allconfig="$dir/.blkmig-allconfig"
-{
-	cat "$dir/kernel/configs/tiny-base.config"
-	grep -v '^CONFIG_KERNEL_XZ=' "$dir/kernel/configs/tiny.config"
-	cat "$dir/arch/x86/configs/tiny.config"
-	cat "$fragment" "$vm_fragment" "${extra_fragments[@]}"
-} >"$allconfig"
-"${kmake[@]}" -C "$dir" allnoconfig "KCONFIG_ALLCONFIG=$allconfig" >>"$logfile" 2>&1 ||
-	fail "make allnoconfig failed"
+if [ "$variant" = host ]; then
+	log "[$(ts)] configuring ($host_config + $(basename "$fragment"), olddefconfig)"
+	# Kconfig keeps the last value of a symbol given twice: the fragment's.
+	cat "$host_config" "$fragment" >"$dir/.config"
+	"${kmake[@]}" -C "$dir" olddefconfig >>"$logfile" 2>&1 || fail "make olddefconfig failed"
+	checked=("$fragment")
+else
+	log "[$(ts)] configuring (allnoconfig + tiny configs + $(basename "$fragment") + $(basename "$vm_fragment"))"
+	allconfig="$dir/.blkmig-allconfig"
+	{
+		cat "$dir/kernel/configs/tiny-base.config"
+		grep -v '^CONFIG_KERNEL_XZ=' "$dir/kernel/configs/tiny.config"
+		cat "$dir/arch/x86/configs/tiny.config"
+		cat "$fragment" "$vm_fragment" "${extra_fragments[@]}"
+	} >"$allconfig"
+	"${kmake[@]}" -C "$dir" allnoconfig "KCONFIG_ALLCONFIG=$allconfig" >>"$logfile" 2>&1 ||
+		fail "make allnoconfig failed"
+	checked=("$fragment" "$vm_fragment" "${extra_fragments[@]}")
+fi
 
 # Every option of the fragment must have landed in .config (Kconfig silently drops options
 # whose dependencies are missing).
@@ -172,13 +194,18 @@ while IFS= read -r line; do
 		! grep -q "^$opt=" "$dir/.config" || missing+=("$line (have: $(grep "^$opt=" "$dir/.config"))")
 		;;
 	esac
-done < <(cat "$fragment" "$vm_fragment" "${extra_fragments[@]}")
+done < <(cat "${checked[@]}")
 if [ ${#missing[@]} -gt 0 ]; then
 	for m in "${missing[@]}"; do log "config option did not land: $m"; done
 	if printf '%s\n' "${missing[@]}" | grep -q '^CONFIG_RUST='; then
 		"${kmake[@]}" -C "$dir" rustavailable >&2 || true
 	fi
-	fail "${#missing[@]} option(s) of $fragment / $vm_fragment are not in .config"
+	fail "${#missing[@]} option(s) of ${checked[*]} are not in .config"
+fi
+if [ "${BLKMIG_KERNEL_CONFIGURE_ONLY:-0}" = 1 ]; then
+	log "[$(ts)] configured (BLKMIG_KERNEL_CONFIGURE_ONLY=1: no build, no stamp): $dir/.config"
+	echo "$dir"
+	exit 0
 fi
 
 log "[$(ts)] building bzImage with -j$(nproc) (log: $logfile)"

@@ -10,8 +10,11 @@
 #   blkmig                    `migrate` in /usr/sbin, its man pages, bash/zsh/fish completions
 #       and docs (cargo-deb, metadata in migrate/Cargo.toml).
 #
-#   scripts/package.sh            all three
-#   scripts/package.sh --key      print the kernel packages' cache key
+#   scripts/package.sh                     all three, for the project's kernel configuration
+#   scripts/package.sh --host-config FILE  all three, for a host: its own kernel configuration
+#                                          (e.g. /boot/config-$(uname -r)) with
+#                                          kmod/host-kernel.config over it (docs/install.md)
+#   scripts/package.sh --key               print the kernel packages' cache key
 #
 # The kernel packages are cached beside the kernel tree (<cache>/kernel-<key16>.debs/), keyed by
 # the tree and the recipe below; the other two are rebuilt each time (seconds, incremental).
@@ -32,12 +35,27 @@ die() {
 now() { date +%s; }
 
 [ -n "$version" ] || die "no workspace version in Cargo.toml"
+usage="usage: $0 [--host-config FILE] [--key]"
+want_key=0
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--host-config)
+		[ $# -ge 2 ] || die "$usage"
+		[ -f "$2" ] || die "--host-config $2: no such file"
+		grep -q '^CONFIG_X86_64=y' "$2" || die "--host-config $2 is not an x86_64 kernel configuration"
+		export BLKMIG_KERNEL_VARIANT=host BLKMIG_HOST_CONFIG
+		BLKMIG_HOST_CONFIG=$(realpath "$2")
+		shift 2
+		;;
+	--key) want_key=1 && shift ;;
+	*) die "$usage" ;;
+	esac
+done
 kkey=$("$repo/scripts/build-kernel.sh" --key)
-if [ "${1:-}" = --key ]; then
+if [ $want_key = 1 ]; then
 	printf 'kernel %s recipe %s\n' "$kkey" "$recipe" | sha256sum | cut -c1-64
 	exit 0
 fi
-[ -z "${1:-}" ] || die "usage: $0 [--key]"
 for t in dpkg-deb dpkg-buildpackage; do
 	command -v "$t" >/dev/null || die "$t is missing: run scripts/setup-toolchain.sh"
 done
@@ -53,7 +71,7 @@ kdir=$("$repo/scripts/build-kernel.sh")
 release=$(cat "$kdir/include/config/kernel.release")
 case "$release" in *-blkmig) ;; *) die "kernel release $release does not end in -blkmig" ;; esac
 debs="$kdir.debs"
-pkey=$("$0" --key)
+pkey=$(printf 'kernel %s recipe %s\n' "$kkey" "$recipe" | sha256sum | cut -c1-64)
 if [ ! -f "$debs/.key" ] || [ "$(cat "$debs/.key")" != "$pkey" ]; then
 	log "kernel packages for $release: make bindeb-pkg (log: $kdir.debs.log)"
 	rm -rf "$debs"
