@@ -91,7 +91,10 @@ impl Doc {
             let c = cells(t);
             if !in_table {
                 if c.len() < 3 || c[0] != "field" || c[1] != "type" || c[2] != "required" {
-                    return Err(err(n, format!("the table of {k} must begin with | field | type | required |")));
+                    return Err(err(
+                        n,
+                        format!("the table of {k} must begin with | field | type | required |"),
+                    ));
                 }
                 in_table = true;
                 continue;
@@ -122,7 +125,10 @@ impl Doc {
                 for t in &f.types {
                     let t = t.strip_prefix("array of ").unwrap_or(t);
                     if !BASE.contains(&t) && !raw.contains_key(t) {
-                        return Err(err(*line, format!("{k}: field {}: unknown type {t:?}", f.path)));
+                        return Err(err(
+                            *line,
+                            format!("{k}: field {}: unknown type {t:?}", f.path),
+                        ));
                     }
                 }
             }
@@ -188,7 +194,14 @@ impl Doc {
         }
     }
 
-    fn value(&self, fields: &[Field], path: &str, types: &[String], v: &Value, out: &mut Vec<String>) {
+    fn value(
+        &self,
+        fields: &[Field],
+        path: &str,
+        types: &[String],
+        v: &Value,
+        out: &mut Vec<String>,
+    ) {
         let mut closest: Option<Vec<String>> = None;
         for t in types {
             let mut p = Vec::new();
@@ -204,9 +217,12 @@ impl Doc {
     }
 
     fn one(&self, fields: &[Field], path: &str, t: &str, v: &Value, out: &mut Vec<String>) {
-        let wrong = |out: &mut Vec<String>| out.push(format!("field {path} is {v}, not of type {t}"));
+        let wrong =
+            |out: &mut Vec<String>| out.push(format!("field {path} is {v}, not of type {t}"));
         if let Some(elem) = t.strip_prefix("array of ") {
-            let Value::Array(a) = v else { return wrong(out) };
+            let Value::Array(a) = v else {
+                return wrong(out);
+            };
             for e in a {
                 self.one(fields, &format!("{path}[]"), elem, e, out);
             }
@@ -294,14 +310,20 @@ mod tests {
 
     fn check(kind: &str, j: &str) -> Result<(), Vec<String>> {
         let doc = Doc::parse(DOC).unwrap_or_else(|e| panic!("{e}"));
-        doc.check(&[kind], &serde_json::from_str(j).unwrap_or_else(|e| panic!("{e}")))
+        doc.check(
+            &[kind],
+            &serde_json::from_str(j).unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 
     #[test]
     fn a_documented_output_passes() {
         assert_eq!(check("inner", r#"{"a": 1}"#), Ok(()));
         assert_eq!(
-            check("outer", r#"{"v": 1, "a": 2, "b": null, "list": [{"name": "x"}], "one": {"a": 3}}"#),
+            check(
+                "outer",
+                r#"{"v": 1, "a": 2, "b": null, "list": [{"name": "x"}], "one": {"a": 3}}"#
+            ),
             Ok(())
         );
     }
@@ -314,18 +336,33 @@ mod tests {
         assert!(e[0].contains("required field a is missing"), "{e:?}");
         let e = check("inner", r#"{"a": 1.5}"#).unwrap_err();
         assert!(e[0].contains("not of type integer"), "{e:?}");
-        let e = check("outer", r#"{"v": 1, "a": 2, "list": [{"nom": "x"}], "one": null}"#).unwrap_err();
-        assert!(e.iter().any(|p| p.contains("list[].nom is not documented")), "{e:?}");
-        assert!(e.iter().any(|p| p.contains("list[].name is missing")), "{e:?}");
+        let e = check(
+            "outer",
+            r#"{"v": 1, "a": 2, "list": [{"nom": "x"}], "one": null}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.iter().any(|p| p.contains("list[].nom is not documented")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|p| p.contains("list[].name is missing")),
+            "{e:?}"
+        );
         let e = check("outer", r#"{"v": 1, "a": 2, "list": [], "one": {"z": 1}}"#).unwrap_err();
-        assert!(e.iter().any(|p| p.contains("one (inner): field z")), "{e:?}");
+        assert!(
+            e.iter().any(|p| p.contains("one (inner): field z")),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn a_bad_document_is_refused() {
         assert!(Doc::parse("<!-- jsondoc: k -->\n| name | type |\n").is_err());
-        let e = Doc::parse("<!-- jsondoc: k -->\n| field | type | required |\n|-|-|-|\n| a | float | yes |\n")
-            .unwrap_err();
+        let e = Doc::parse(
+            "<!-- jsondoc: k -->\n| field | type | required |\n|-|-|-|\n| a | float | yes |\n",
+        )
+        .unwrap_err();
         assert!(e.what.contains("unknown type \"float\""), "{e}");
     }
 }

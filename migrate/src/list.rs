@@ -182,7 +182,11 @@ pub fn list(state_dir: &Path) -> Vec<Entry> {
         .iter()
         .filter_map(|sys| {
             let dev = fs::read_to_string(sys.join("dev")).ok()?.trim().to_owned();
-            let sectors: u64 = fs::read_to_string(sys.join("size")).ok()?.trim().parse().ok()?;
+            let sectors: u64 = fs::read_to_string(sys.join("size"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()?;
             let device = PathBuf::from(output::dev_path(&dev)?);
             (sectors > 0 && device.exists()).then(|| Entry {
                 found: examine(&device, state_dir, live),
@@ -230,12 +234,12 @@ pub fn examine(device: &Path, state_dir: &Path, live: bool) -> Found {
         })
     };
     found().unwrap_or_else(|e| {
-        let words: Vec<String> = std::iter::successors(
-            Some(&e as &(dyn std::error::Error + 'static)),
-            |e| e.source(),
-        )
-        .map(crate::error::describe)
-        .collect();
+        let words: Vec<String> =
+            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+            .map(crate::error::describe)
+            .collect();
         Found::Error(words.join(": "))
     })
 }

@@ -47,19 +47,46 @@ const EXIT_STATUS: &str = "Exit status:
      option, an invalid plan, a device that is missing, not a block device
      (live commands), in use, too small or of unusable geometry";
 
+const ABOUT: &str = "Move a live block device to another one, with no downtime";
+
 #[derive(Parser)]
-#[command(
-    name = "migrate",
-    version = VERSION.as_str(),
-    about = "Move a live block device to another one, with no downtime",
-    after_help = EXIT_STATUS
-)]
+#[command(name = "migrate", version = VERSION.as_str(), about = ABOUT, after_help = EXIT_STATUS)]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: AnyCmd,
+}
+
+/// `migrate` as the man pages and completions show it: without the
+/// commands only packaging uses.
+#[derive(Parser)]
+#[command(name = "migrate", version = VERSION.as_str(), about = ABOUT, after_help = EXIT_STATUS)]
+struct Documented {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
-    #[command(subcommand)]
-    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum AnyCmd {
+    #[command(flatten)]
+    Documented(Cmd),
+    /// Write the man pages and the shell completions into OUTDIR (man/,
+    /// completions/), for packaging.
+    #[command(hide = true)]
+    Assets {
+        /// Where to write them.
+        outdir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,13 +129,6 @@ enum Cmd {
         /// One JSON object on stdout, for automation.
         #[arg(long)]
         json: bool,
-    },
-    /// Write the man pages and the shell completions into OUTDIR (man/,
-    /// completions/), for packaging.
-    #[command(hide = true)]
-    Assets {
-        /// Where to write them.
-        outdir: PathBuf,
     },
     /// Show the state of the migration of SOURCE. With no filter attached
     /// (after a reboot), say what the disks hold: a retired source and its
@@ -596,7 +616,6 @@ fn report_text(r: &Report) -> String {
     t.join("\n")
 }
 
-
 async fn cmd_rebalance(a: RebalanceArgs) -> Result<ExitCode> {
     let every = a.interval;
     let plan = match Plan::load(&a.plan).and_then(|p| p.check_devices().map(|()| p)) {
@@ -903,7 +922,11 @@ fn cmd_list(all: bool, state_dir: &Path, json: bool) -> Result<()> {
     if entries.is_empty() {
         say!(
             "no block device has a blkmig filter attached or a migration on its disk{}",
-            if all { "" } else { " (--all lists every device)" }
+            if all {
+                ""
+            } else {
+                " (--all lists every device)"
+            }
         );
         return Ok(());
     }
@@ -1035,7 +1058,7 @@ fn init_tracing(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    init_tracing(cli.global.verbose);
     // Only the commands that copy need the async runtime.
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
@@ -1043,7 +1066,11 @@ fn main() -> ExitCode {
             .build()
             .context("cannot start the async runtime")
     };
-    let res = match cli.cmd {
+    let cmd = match cli.cmd {
+        AnyCmd::Documented(cmd) => cmd,
+        AnyCmd::Assets { outdir } => return exit(write_assets(&outdir)),
+    };
+    let res = match cmd {
         Cmd::Rebalance(a) => {
             return runtime()
                 .and_then(|rt| rt.block_on(cmd_rebalance(a)))
@@ -1068,7 +1095,6 @@ fn main() -> ExitCode {
             state_dir,
             json,
         } => cmd_list(all, &state_dir, json),
-        Cmd::Assets { outdir } => write_assets(&outdir),
         Cmd::Recover {
             source,
             target,
@@ -1076,6 +1102,11 @@ fn main() -> ExitCode {
             state_dir,
         } => cmd_recover(&source, &target, &state_dir, rollback),
     };
+    exit(res)
+}
+
+/// The exit status of a command's result, its error reported.
+fn exit(res: Result<()>) -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -1148,7 +1179,7 @@ fn write_assets(outdir: &Path) -> Result<()> {
     for d in [&man, &completions] {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    clap_mangen::generate_to(Cli::command(), &man)
+    clap_mangen::generate_to(Documented::command(), &man)
         .with_context(|| format!("cannot write the man pages to {}", man.display()))?;
     for (shell, file) in [
         (Shell::Bash, "migrate.bash"),
@@ -1157,10 +1188,14 @@ fn write_assets(outdir: &Path) -> Result<()> {
     ] {
         let path = completions.join(file);
         let mut text = Vec::new();
-        clap_complete::generate(shell, &mut Cli::command(), "migrate", &mut text);
+        clap_complete::generate(shell, &mut Documented::command(), "migrate", &mut text);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    say!("man pages in {}, completions in {}", man.display(), completions.display());
+    say!(
+        "man pages in {}, completions in {}",
+        man.display(),
+        completions.display()
+    );
     Ok(())
 }
 

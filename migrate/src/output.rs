@@ -91,7 +91,8 @@ pub fn rebalance(r: &crate::rebalance::Report) -> Value {
 /// A device path for a device number ("MAJ:MIN"), from sysfs: `/dev/NAME`,
 /// or `None` if no such device exists now.
 pub fn dev_path(dev: &str) -> Option<String> {
-    let uevent = std::fs::read_to_string(Path::new("/sys/dev/block").join(dev).join("uevent")).ok()?;
+    let uevent =
+        std::fs::read_to_string(Path::new("/sys/dev/block").join(dev).join("uevent")).ok()?;
     uevent
         .lines()
         .find_map(|l| l.strip_prefix("DEVNAME="))
