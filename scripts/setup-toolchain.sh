@@ -10,6 +10,7 @@ KERNEL_SOURCE_VERSION=6.12.117-1~deb12u1
 RUST_WEB_VERSION=1.85.0+dfsg3-1~deb12u3
 CLANG=19
 BINDGEN_VERSION=0.69.5
+CARGO_DEB_VERSION=3.8.0
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 tools="$here/target/tools"
@@ -76,6 +77,14 @@ fi
 if ! command -v cargo >/dev/null; then
 	log "no cargo found: blkmig's userspace needs a Rust toolchain >= 1.95 (rustup)"
 	exit 1
+fi
+
+if [ $need_kernel = 1 ]; then
+	# scripts/package.sh: the blkmig .deb
+	if ! "$tools/bin/cargo-deb" --version 2>/dev/null | grep -q "^$CARGO_DEB_VERSION\$"; then
+		log "building cargo-deb $CARGO_DEB_VERSION"
+		cargo install --quiet --locked --root "$tools" cargo-deb --version "$CARGO_DEB_VERSION"
+	fi
 fi
 
 if [ $need_user = 1 ]; then

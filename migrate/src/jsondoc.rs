@@ -202,8 +202,10 @@ impl Doc {
         v: &Value,
         out: &mut Vec<String>,
     ) {
+        // The problems against the closest alternative of the value's own
+        // JSON type (an object's against the kinds and `object`).
         let mut closest: Option<Vec<String>> = None;
-        for t in types {
+        for t in types.iter().filter(|t| same_shape(t, v)) {
             let mut p = Vec::new();
             self.one(fields, path, t, v, &mut p);
             if p.is_empty() {
@@ -213,7 +215,12 @@ impl Doc {
                 closest = Some(p);
             }
         }
-        out.extend(closest.unwrap_or_default());
+        out.extend(closest.unwrap_or_else(|| {
+            vec![format!(
+                "field {path} is {v}, not of type {}",
+                types.join(" or ")
+            )]
+        }));
     }
 
     fn one(&self, fields: &[Field], path: &str, t: &str, v: &Value, out: &mut Vec<String>) {
@@ -254,6 +261,19 @@ impl Doc {
         if !ok {
             wrong(out);
         }
+    }
+}
+
+/// Whether `v` has the JSON type of `t` (its fields aside).
+fn same_shape(t: &str, v: &Value) -> bool {
+    match t {
+        "integer" | "number" => v.is_number(),
+        "string" => v.is_string(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        "array" => v.is_array(),
+        t if t.starts_with("array of ") => v.is_array(),
+        _ => v.is_object(),
     }
 }
 

@@ -974,6 +974,42 @@ fn dio_write(dev: &Path, sector: u64, tag: &str, nsect: u64, bs: usize) -> Resul
     Ok(())
 }
 
+/// `jsondoc`: every line of standard input against the kinds of `doc`.
+fn jsondoc(doc: &Path, kinds: &[String]) -> Result<()> {
+    use std::io::BufRead;
+    let text =
+        std::fs::read_to_string(doc).with_context(|| format!("cannot read {}", doc.display()))?;
+    let doc = blkmig::jsondoc::Doc::parse(&text).with_context(|| format!("{}", doc.display()))?;
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    let (mut lines, mut bad) = (0, 0);
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("cannot read standard input")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        lines += 1;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("line {}: not JSON: {line}", i + 1))?;
+        if let Err(problems) = doc.check(&kinds, &v) {
+            bad += 1;
+            for p in problems {
+                eprintln!("line {}: {p}", i + 1);
+            }
+        }
+    }
+    if lines == 0 {
+        bail!("no JSON line on standard input");
+    }
+    if bad > 0 {
+        bail!(
+            "{bad} of {lines} lines do not match docs: {}",
+            kinds.join(", ")
+        );
+    }
+    println!("{lines} lines match {}", kinds.join(" or "));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1025,40 +1061,4 @@ mod tests {
         assert!(ok.is_ok(), "a correct file was reported bad: {ok:?}");
         assert!(stale.is_err(), "a stale block was not reported");
     }
-}
-
-/// `jsondoc`: every line of standard input against the kinds of `doc`.
-fn jsondoc(doc: &Path, kinds: &[String]) -> Result<()> {
-    use std::io::BufRead;
-    let text =
-        std::fs::read_to_string(doc).with_context(|| format!("cannot read {}", doc.display()))?;
-    let doc = blkmig::jsondoc::Doc::parse(&text).with_context(|| format!("{}", doc.display()))?;
-    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
-    let (mut lines, mut bad) = (0, 0);
-    for (i, line) in std::io::stdin().lock().lines().enumerate() {
-        let line = line.context("cannot read standard input")?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        lines += 1;
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("line {}: not JSON: {line}", i + 1))?;
-        if let Err(problems) = doc.check(&kinds, &v) {
-            bad += 1;
-            for p in problems {
-                eprintln!("line {}: {p}", i + 1);
-            }
-        }
-    }
-    if lines == 0 {
-        bail!("no JSON line on standard input");
-    }
-    if bad > 0 {
-        bail!(
-            "{bad} of {lines} lines do not match docs: {}",
-            kinds.join(", ")
-        );
-    }
-    println!("{lines} lines match {}", kinds.join(" or "));
-    Ok(())
 }
