@@ -81,7 +81,7 @@ fi
 
 if [ $need_kernel = 1 ]; then
 	# scripts/package.sh: the blkmig .deb
-	if ! "$tools/bin/cargo-deb" --version 2>/dev/null | grep -q "^$CARGO_DEB_VERSION\$"; then
+	if ! "$tools/bin/cargo-deb" --version 2>/dev/null | grep -q " $CARGO_DEB_VERSION\$"; then
 		log "building cargo-deb $CARGO_DEB_VERSION"
 		cargo install --quiet --locked --root "$tools" cargo-deb --version "$CARGO_DEB_VERSION"
 	fi

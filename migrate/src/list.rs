@@ -275,3 +275,23 @@ fn block_size(path: &Path) -> Option<u64> {
     let sectors: u64 = fs::read_to_string(sys).ok()?.trim().parse().ok()?;
     Some(sectors << 9)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_module_of_another_abi_is_warned_about() {
+        let ours = blkmig_core::abi::ABI_VERSION;
+        let st = |version| Status {
+            version,
+            ..Status::default()
+        };
+        assert_eq!(abi_warning(&st(ours)), None);
+        let w = abi_warning(&st(ours + 1)).unwrap_or_default();
+        assert!(
+            w.contains(&format!("ABI {}", ours + 1)) && w.contains(&format!("ABI {ours}")),
+            "{w}"
+        );
+    }
+}

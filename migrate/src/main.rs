@@ -1168,6 +1168,32 @@ fn exit_status(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// migrate.1 (with an EXIT STATUS section) and one page a subcommand
+/// (migrate-start.1, ...) in `dir`.
+fn write_man_pages(dir: &Path) -> std::io::Result<()> {
+    let mut cmd = <Documented as clap::CommandFactory>::command().disable_help_subcommand(true);
+    cmd.build();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        clap_mangen::Man::new(sub.clone()).generate_to(dir)?;
+    }
+    let man = clap_mangen::Man::new(cmd);
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    man.render_subcommands_section(&mut page)?;
+    page.extend_from_slice(b".SH \"EXIT STATUS\"\n.nf\n");
+    for line in EXIT_STATUS.lines().skip(1) {
+        page.extend_from_slice(line.replace('\\', "\\e").as_bytes());
+        page.push(b'\n');
+    }
+    page.extend_from_slice(b".fi\n");
+    man.render_version_section(&mut page)?;
+    std::fs::write(dir.join(man.get_filename()), page)
+}
+
 /// `migrate assets OUTDIR`: the man pages (OUTDIR/man/migrate.1 and one
 /// a subcommand) and the completions of bash, zsh and fish
 /// (OUTDIR/completions/).
@@ -1179,7 +1205,7 @@ fn write_assets(outdir: &Path) -> Result<()> {
     for d in [&man, &completions] {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
-    clap_mangen::generate_to(Documented::command(), &man)
+    write_man_pages(&man)
         .with_context(|| format!("cannot write the man pages to {}", man.display()))?;
     for (shell, file) in [
         (Shell::Bash, "migrate.bash"),

@@ -563,7 +563,8 @@ fn assets_are_the_man_pages_and_the_completions() {
         man.starts_with(".ie") && man.contains(".TH migrate 1"),
         "{man}"
     );
-    assert!(man.contains("Exit status"), "{man}");
+    assert!(man.contains(".SH \"EXIT STATUS\""), "{man}");
+    assert!(man.contains("2  usage error, or input refused"), "{man}");
     assert!(man.contains("module ABI"), "{man}");
     for sub in subcommands {
         assert!(
