@@ -86,6 +86,14 @@ if ! command -v cargo >/dev/null; then
 	exit 1
 fi
 
+if [ $need_kernel = 1 ]; then
+	# scripts/package.sh: the blkmig .deb
+	if ! "$tools/bin/cargo-deb" --version 2>/dev/null | grep -q " $CARGO_DEB_VERSION\$"; then
+		log "building cargo-deb $CARGO_DEB_VERSION"
+		cargo install --quiet --locked --root "$tools" cargo-deb --version "$CARGO_DEB_VERSION"
+	fi
+fi
+
 if [ $need_user = 1 ]; then
 	rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
 fi

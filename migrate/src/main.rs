@@ -28,18 +28,65 @@ macro_rules! say {
     }};
 }
 
+/// `migrate --version`: this version, the module ABI it speaks and the
+/// kernel it needs.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (module ABI {}, Linux 6.12 with the blkmig block-device filter patches)",
+        env!("CARGO_PKG_VERSION"),
+        abi::ABI_VERSION
+    )
+});
+
+/// What every exit status means (also in the man page).
+const EXIT_STATUS: &str = "Exit status:
+  0  success
+  1  the operation failed (an I/O error, a refusal by the kernel, a failed
+     or interrupted migration)
+  2  usage error, or input refused before anything was changed: a bad
+     option, an invalid plan, a device that is missing, not a block device
+     (live commands), in use, too small or of unusable geometry";
+
+const ABOUT: &str = "Move a live block device to another one, with no downtime";
+
 #[derive(Parser)]
-#[command(
-    name = "migrate",
-    version,
-    about = "Move a live block device to another one, with no downtime"
-)]
+#[command(name = "migrate", version = VERSION.as_str(), about = ABOUT, after_help = EXIT_STATUS)]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: AnyCmd,
+}
+
+/// `migrate` as the man pages and completions show it: without the
+/// commands only packaging uses.
+#[derive(Parser)]
+#[command(name = "migrate", version = VERSION.as_str(), about = ABOUT, after_help = EXIT_STATUS)]
+struct Documented {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
     /// Log more (repeat for more detail); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
-    #[command(subcommand)]
-    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum AnyCmd {
+    #[command(flatten)]
+    Documented(Cmd),
+    /// Write the man pages and the shell completions into OUTDIR (man/,
+    /// completions/), for packaging.
+    #[command(hide = true)]
+    Assets {
+        /// Where to write them.
+        outdir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -67,6 +114,21 @@ enum Cmd {
     Detach {
         /// The filtered source device.
         source: PathBuf,
+    },
+    /// List the block devices blkmig has to do with: each one with a filter
+    /// attached (mode, target, progress) and, with no filter, each retired
+    /// source, interrupted switch or interrupted copy found on the disks.
+    List {
+        /// Also list devices with nothing of blkmig on them (and those that
+        /// could not be read).
+        #[arg(long)]
+        all: bool,
+        /// Where `migrate start` saved the sources' heads.
+        #[arg(long, default_value = "/var/lib/blkmig")]
+        state_dir: PathBuf,
+        /// One JSON object on stdout, for automation.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the state of the migration of SOURCE. With no filter attached
     /// (after a reboot), say what the disks hold: a retired source and its
@@ -112,8 +174,8 @@ struct ProgressArgs {
     #[arg(short, long, conflicts_with = "json")]
     quiet: bool,
     /// Seconds between plain or JSON progress lines.
-    #[arg(short = 'i', long, default_value_t = 1.0)]
-    interval: f64,
+    #[arg(short = 'i', long, default_value = "1", value_parser = positive_seconds)]
+    interval: Duration,
 }
 
 #[derive(Args)]
@@ -195,8 +257,8 @@ struct RebalanceArgs {
     #[arg(short, long)]
     quiet: bool,
     /// Seconds between progress lines (one per running migration).
-    #[arg(short = 'i', long, default_value_t = 5.0)]
-    interval: f64,
+    #[arg(short = 'i', long, default_value = "5", value_parser = positive_seconds)]
+    interval: Duration,
     /// Check the plan and its devices, and start nothing.
     #[arg(long)]
     check: bool,
@@ -239,11 +301,13 @@ fn style(p: &ProgressArgs) -> Style {
     }
 }
 
-fn interval(secs: f64) -> Result<Duration> {
-    Duration::try_from_secs_f64(secs)
+/// `--interval`: a positive number of seconds.
+fn positive_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
         .ok()
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
         .filter(|d| !d.is_zero())
-        .with_context(|| format!("invalid --interval {secs}: must be a positive number of seconds"))
+        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
 }
 
 /// A flag that SIGINT and SIGTERM set. The handler only stores to the
@@ -276,7 +340,7 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
         rate_limit: a.rate_limit,
         sparse: a.sparse,
     };
-    let (style, every) = (style(&a.progress), interval(a.progress.interval)?);
+    let (style, every) = (style(&a.progress), a.progress.interval);
     tracing::info!(source = %a.source.display(), target = %a.target.display(),
         size = src.size().0, region = opts.region_size.0, depth = opts.queue_depth, "copy starts");
     let cancel = cancel_on_ctrl_c()?;
@@ -306,7 +370,7 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
     }
     let rate = report.bytes_total as f64 / report.seconds.max(1e-9);
     if style == Style::Json {
-        let j = serde_json::json!({
+        let j = blkmig::output::versioned(serde_json::json!({
             "event": "done",
             "bytes_total": report.bytes_total,
             "bytes_written": report.bytes_written,
@@ -316,7 +380,7 @@ async fn cmd_copy(a: CopyArgs) -> Result<()> {
             "rate_bytes_per_sec": rate as u64,
             "verified": verified.is_some(),
             "verify_seconds": verified.as_ref().map(|v| v.seconds),
-        });
+        }));
         out(&j.to_string())?;
     } else if style != Style::Quiet {
         say!(
@@ -398,7 +462,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     let cancel = cancel_on_ctrl_c()?;
     let progress = Progress::migration(ready.bytes(), ready.regions());
     let style = style(&a.progress);
-    let rep = Reporter::start(progress.clone(), style, interval(a.progress.interval)?);
+    let rep = Reporter::start(progress.clone(), style, a.progress.interval);
     let opts = MigrateOptions {
         queue_depth: a.queue_depth.into(),
         busy_queue_depth: a.busy_queue_depth.into(),
@@ -417,9 +481,7 @@ async fn cmd_start(a: StartArgs) -> Result<()> {
     let summary = res?;
     shown.context("cannot write progress to standard output")?;
     if style == Style::Json {
-        let mut j = serde_json::to_value(&summary)?;
-        j["event"] = "done".into();
-        out(&j.to_string())?;
+        out(&blkmig::output::start_done(&summary).to_string())?;
     }
     if style != Style::Quiet {
         say!(
@@ -554,16 +616,13 @@ fn report_text(r: &Report) -> String {
     t.join("\n")
 }
 
-/// Exit status of a refused plan: nothing was started.
-const EXIT_PLAN_REFUSED: u8 = 2;
-
 async fn cmd_rebalance(a: RebalanceArgs) -> Result<ExitCode> {
-    let every = interval(a.interval)?;
+    let every = a.interval;
     let plan = match Plan::load(&a.plan).and_then(|p| p.check_devices().map(|()| p)) {
         Ok(p) => p,
         Err(e) => {
             report_error(&anyhow::Error::new(e));
-            return Ok(ExitCode::from(EXIT_PLAN_REFUSED));
+            return Ok(ExitCode::from(EXIT_REFUSED));
         }
     };
     if a.check {
@@ -596,7 +655,7 @@ async fn cmd_rebalance(a: RebalanceArgs) -> Result<ExitCode> {
         t.abort();
     }
     if a.json {
-        out(&serde_json::to_string(&report)?)?;
+        out(&blkmig::output::rebalance(&report).to_string())?;
     } else {
         out(&report_text(&report))?;
     }
@@ -623,37 +682,6 @@ fn cmd_abort(source: &Path) -> Result<()> {
 }
 
 use migration::mode_name;
-
-fn status_json(st: &Status) -> serde_json::Value {
-    serde_json::json!({
-        "mode": mode_name(st.mode),
-        "holding": st.flags & abi::STATUS_HOLDING != 0,
-        "retire_failed": st.flags & abi::STATUS_RETIRE_FAILED != 0,
-        "target_head_dirty": st.flags & abi::STATUS_TARGET_HEAD_DIRTY != 0,
-        "head_writes": st.head_writes,
-        "region_bytes": 1u64 << st.region_shift,
-        "source_bytes": st.source_sectors << 9,
-        "target_bytes": st.target_sectors << 9,
-        "regions_total": st.regions_total,
-        "regions_synced": st.regions_synced,
-        "copy_conflicts": st.copy_conflicts,
-        "copy_busy": st.copy_busy,
-        "writes_seen": st.writes_seen,
-        "writes_mirrored": st.writes_mirrored,
-        "writes_held": st.writes_held,
-        "bios_redirected": st.bios_redirected,
-        "failure": st.failure,
-        "failure_text": migration::failure_text(st),
-        "failure_errno": st.failure_errno,
-        "target_dev": format!("{}:{}", st.target_major, st.target_minor),
-        "holds": st.holds,
-        "hold_longest_ns": st.hold_longest_ns,
-        "region_holds": st.region_holds,
-        "region_writes_held": st.region_writes_held,
-        "region_hold_longest_ns": st.region_hold_longest_ns,
-        "migration_id": format!("{:016x}", st.migration_id),
-    })
-}
 
 fn status_text(source: &Path, st: &Status) -> String {
     let pct = if st.regions_total == 0 {
@@ -721,25 +749,15 @@ fn status_text(source: &Path, st: &Status) -> String {
     t
 }
 
-/// `migrate status` with no filter attached: what the disks hold.
-fn status_offline(
+/// `migrate status` with no filter attached: what the disks hold, in words.
+fn offline_text(
     source: &Path,
     target: Option<&Path>,
     state_dir: &Path,
-    json: bool,
-) -> Result<()> {
+    finding: &blkmig::recover::Finding,
+) -> String {
     use blkmig::recover::Finding;
     use std::fmt::Write;
-    let finding = blkmig::recover::inspect(source, target, state_dir)?;
-    if json {
-        let mut j = serde_json::to_value(&finding)?;
-        j["mode"] = match finding {
-            Finding::SourceRemoved { .. } => "removed",
-            _ => "detached",
-        }
-        .into();
-        return out(&j.to_string());
-    }
     let src = source.display();
     let saved = |p: &Option<PathBuf>| match p {
         Some(p) => format!("its head is saved in {}", p.display()),
@@ -749,7 +767,7 @@ fn status_offline(
     if !matches!(finding, Finding::SourceRemoved { .. }) {
         let _ = writeln!(t, "source:  {src} (blkmig not attached)");
     }
-    match &finding {
+    match finding {
         Finding::SourceRemoved {
             source_dev,
             target,
@@ -834,7 +852,7 @@ fn status_offline(
             );
         }
     }
-    out(t.trim_end())
+    t.trim_end().to_owned()
 }
 
 fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -> Result<()> {
@@ -862,24 +880,154 @@ fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -
 }
 
 fn cmd_status(source: &Path, target: Option<&Path>, state_dir: &Path, json: bool) -> Result<()> {
-    use blkmig::filter::FilterError;
-    // No filter attached, no module, or no filter hook in this kernel
-    // (booted without the blkmig patches after the migration): read the
-    // disks.
-    let st = match Filtered::open(source).and_then(|f| f.status()) {
-        Ok(st) => st,
-        Err(FilterError::NoHook { .. } | FilterError::NoModule { .. }) => {
-            return status_offline(source, target, state_dir, json)
-        }
-        Err(e) if e.errno() == libc::ENOENT => {
-            return status_offline(source, target, state_dir, json)
-        }
-        Err(e) => return Err(e.into()),
-    };
+    use blkmig::list::Look;
+    let look = blkmig::list::look(source, target, state_dir)?;
+    if let Look::Live(st) = &look {
+        warn_abi(st);
+    }
     if json {
-        out(&status_json(&st).to_string())
-    } else {
-        out(status_text(source, &st).trim_end())
+        return out(&look.json().to_string());
+    }
+    out(&match &look {
+        Look::Live(st) => status_text(source, st).trim_end().to_owned(),
+        Look::Offline(f) => offline_text(source, target, state_dir, f),
+    })
+}
+
+/// Warns when the module that answered speaks another ABI.
+fn warn_abi(st: &Status) {
+    if let Some(w) = blkmig::list::abi_warning(st) {
+        say!("migrate: warning: {w}");
+    }
+}
+
+fn cmd_list(all: bool, state_dir: &Path, json: bool) -> Result<()> {
+    use blkmig::list::{Found, Look};
+    let entries: Vec<_> = blkmig::list::list(state_dir)
+        .into_iter()
+        .filter(|e| all || e.ours())
+        .collect();
+    if let Some(st) = entries.iter().find_map(|e| match &e.found {
+        Found::Look {
+            look: Look::Live(st),
+            ..
+        } => Some(st),
+        _ => None,
+    }) {
+        warn_abi(st);
+    }
+    if json {
+        return out(&blkmig::list::json(&entries).to_string());
+    }
+    if entries.is_empty() {
+        say!(
+            "no block device has a blkmig filter attached or a migration on its disk{}",
+            if all {
+                ""
+            } else {
+                " (--all lists every device)"
+            }
+        );
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "DEVICE".to_owned(),
+        "STATE".to_owned(),
+        "TARGET".to_owned(),
+        "PROGRESS".to_owned(),
+    ]];
+    for e in &entries {
+        let target = match &e.found {
+            Found::Look {
+                target: Some(t), ..
+            } => t.display().to_string(),
+            Found::Look {
+                look: Look::Live(st),
+                ..
+            } => format!("{}:{}", st.target_major, st.target_minor),
+            _ => "-".to_owned(),
+        };
+        rows.push([
+            e.device.display().to_string(),
+            e.state().to_owned(),
+            target,
+            list_detail(e),
+        ]);
+    }
+    let w: Vec<usize> = (0..3)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{:w0$}  {:w1$}  {:w2$}  {}",
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                w0 = w[0],
+                w1 = w[1],
+                w2 = w[2]
+            )
+            .trim_end()
+            .to_owned()
+        })
+        .collect();
+    out(&lines.join("\n"))
+}
+
+/// The last column of `migrate list`: progress, or what the disks say.
+fn list_detail(e: &blkmig::list::Entry) -> String {
+    use blkmig::list::{Found, Look};
+    use blkmig::recover::Finding;
+    let saved = |p: &Option<PathBuf>| match p {
+        Some(p) => format!("head saved in {}", p.display()),
+        None => "saved head not found".to_owned(),
+    };
+    match &e.found {
+        Found::Look {
+            look: Look::Live(st),
+            ..
+        } => {
+            let mut t = format!(
+                "{} of {} regions in sync ({}%), {} of {}",
+                st.regions_synced,
+                st.regions_total,
+                blkmig::output::synced_percent(st),
+                Bytes(st.regions_synced.saturating_mul(1 << st.region_shift).min(st.source_sectors << 9)),
+                Bytes(st.source_sectors << 9)
+            );
+            if st.failure != 0 {
+                t += &format!("; failure: {}", migration::failure_text(st));
+            }
+            t
+        }
+        Found::Look {
+            look: Look::Offline(f),
+            ..
+        } => match f {
+            Finding::SourceAuthoritative { started: Some(r) } => format!(
+                "started (migration {:016x}) and not switched: the source holds the filesystem; `migrate start` again",
+                r.migration_id
+            ),
+            Finding::SourceAuthoritative { started: None } => "-".to_owned(),
+            Finding::Retired { marker, saved_head } => format!(
+                "retired for device {} (target not found); {}",
+                marker.target_dev,
+                saved(saved_head)
+            ),
+            Finding::TargetAuthoritative { saved_head, .. } => {
+                format!("the target holds the filesystem; {}", saved(saved_head))
+            }
+            Finding::InterruptedSwitch { saved_head, .. } => format!(
+                "neither device mountable: `migrate recover {} TARGET`; {}",
+                e.device.display(),
+                saved(saved_head)
+            ),
+            Finding::SourceRemoved { target, .. } => format!("removed; target {}", target.display()),
+        },
+        Found::Error(err) => err.clone(),
     }
 }
 
@@ -910,7 +1058,7 @@ fn init_tracing(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    init_tracing(cli.global.verbose);
     // Only the commands that copy need the async runtime.
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
@@ -918,13 +1066,17 @@ fn main() -> ExitCode {
             .build()
             .context("cannot start the async runtime")
     };
-    let res = match cli.cmd {
+    let cmd = match cli.cmd {
+        AnyCmd::Documented(cmd) => cmd,
+        AnyCmd::Assets { outdir } => return exit(write_assets(&outdir)),
+    };
+    let res = match cmd {
         Cmd::Rebalance(a) => {
             return runtime()
                 .and_then(|rt| rt.block_on(cmd_rebalance(a)))
                 .unwrap_or_else(|e| {
                     report_error(&e);
-                    ExitCode::FAILURE
+                    ExitCode::from(exit_status(&e))
                 })
         }
         Cmd::Copy(a) => runtime().and_then(|rt| rt.block_on(cmd_copy(a))),
@@ -938,6 +1090,11 @@ fn main() -> ExitCode {
             state_dir,
             json,
         } => cmd_status(&source, target.as_deref(), &state_dir, json),
+        Cmd::List {
+            all,
+            state_dir,
+            json,
+        } => cmd_list(all, &state_dir, json),
         Cmd::Recover {
             source,
             target,
@@ -945,13 +1102,127 @@ fn main() -> ExitCode {
             state_dir,
         } => cmd_recover(&source, &target, &state_dir, rollback),
     };
+    exit(res)
+}
+
+/// The exit status of a command's result, its error reported.
+fn exit(res: Result<()>) -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report_error(&e);
-            ExitCode::FAILURE
+            ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// Exit status of a refused command line or input: nothing was changed.
+const EXIT_REFUSED: u8 = 2;
+
+/// The exit status of a failed command: [`EXIT_REFUSED`] when the input
+/// was refused before anything was changed (see [`EXIT_STATUS`]), else 1.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    use blkmig::error::{Error, Op};
+    use blkmig::filter::FilterError;
+    use blkmig::migration::MigrateError;
+    use blkmig::recover::RecoverError;
+    let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let device = |d: &Error| match d {
+        Error::Refused { .. } | Error::RegionSize { .. } => true,
+        Error::Io {
+            op: Op::Stat | Op::Open,
+            source,
+            ..
+        } => missing(source),
+        _ => false,
+    };
+    let filter = |f: &FilterError| match f {
+        FilterError::NotBlock { .. } => true,
+        FilterError::Open { source, .. } => missing(source),
+        _ => false,
+    };
+    let refused = e.chain().find_map(|c| {
+        if let Some(d) = c.downcast_ref::<Error>() {
+            return Some(device(d));
+        }
+        if let Some(f) = c.downcast_ref::<FilterError>() {
+            return Some(filter(f));
+        }
+        if let Some(m) = c.downcast_ref::<MigrateError>() {
+            return Some(match m {
+                MigrateError::Device(d) => device(d),
+                MigrateError::Filter(f) => filter(f),
+                MigrateError::OtherTarget { .. } | MigrateError::AlreadySwitched { .. } => true,
+                _ => false,
+            });
+        }
+        c.downcast_ref::<RecoverError>().map(|r| match r {
+            RecoverError::Device(d) => device(d),
+            _ => true,
+        })
+    });
+    if refused == Some(true) {
+        EXIT_REFUSED
+    } else {
+        1
+    }
+}
+
+/// migrate.1 (with an EXIT STATUS section) and one page a subcommand
+/// (migrate-start.1, ...) in `dir`.
+fn write_man_pages(dir: &Path) -> std::io::Result<()> {
+    let mut cmd = <Documented as clap::CommandFactory>::command().disable_help_subcommand(true);
+    cmd.build();
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        clap_mangen::Man::new(sub.clone()).generate_to(dir)?;
+    }
+    let man = clap_mangen::Man::new(cmd);
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    man.render_subcommands_section(&mut page)?;
+    page.extend_from_slice(b".SH \"EXIT STATUS\"\n.nf\n");
+    for line in EXIT_STATUS.lines().skip(1) {
+        page.extend_from_slice(line.replace('\\', "\\e").as_bytes());
+        page.push(b'\n');
+    }
+    page.extend_from_slice(b".fi\n");
+    man.render_version_section(&mut page)?;
+    std::fs::write(dir.join(man.get_filename()), page)
+}
+
+/// `migrate assets OUTDIR`: the man pages (OUTDIR/man/migrate.1 and one
+/// a subcommand) and the completions of bash, zsh and fish
+/// (OUTDIR/completions/).
+fn write_assets(outdir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let man = outdir.join("man");
+    let completions = outdir.join("completions");
+    for d in [&man, &completions] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    write_man_pages(&man)
+        .with_context(|| format!("cannot write the man pages to {}", man.display()))?;
+    for (shell, file) in [
+        (Shell::Bash, "migrate.bash"),
+        (Shell::Zsh, "_migrate"),
+        (Shell::Fish, "migrate.fish"),
+    ] {
+        let path = completions.join(file);
+        let mut text = Vec::new();
+        clap_complete::generate(shell, &mut Documented::command(), "migrate", &mut text);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    say!(
+        "man pages in {}, completions in {}",
+        man.display(),
+        completions.display()
+    );
+    Ok(())
 }
 
 /// `migrate: ` and the error with its causes, each once, on stderr.
@@ -977,7 +1248,7 @@ mod tests {
 
     #[test]
     fn status_shows_the_holds_and_the_migration_id() {
-        let j = status_json(&status());
+        let j = blkmig::output::status(&status());
         assert_eq!(j["holds"], 3);
         assert_eq!(j["hold_longest_ns"], 5_000_000_000u64);
         assert_eq!(j["migration_id"], "5eed000000000001");

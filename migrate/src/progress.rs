@@ -48,6 +48,8 @@ pub struct Progress {
 /// One progress sample, as printed in JSON.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct Sample {
+    /// [`crate::output::SCHEMA_VERSION`].
+    pub schema_version: u32,
     /// `"progress"`.
     pub event: &'static str,
     /// What is in progress: `"copy"`, `"verify"`.
@@ -165,6 +167,7 @@ impl Progress {
         let left = self.total.saturating_sub(done);
         let eta = (rate >= 1.0 && done > 0).then(|| (left as f64 / rate).ceil() as u64);
         Sample {
+            schema_version: crate::output::SCHEMA_VERSION,
             event: "progress",
             phase: self.what,
             bytes_done: done,
@@ -430,6 +433,7 @@ mod tests {
         p.add(100);
         let v: serde_json::Value = serde_json::to_value(p.sample()).unwrap_or_default();
         for k in [
+            "schema_version",
             "event",
             "phase",
             "bytes_done",

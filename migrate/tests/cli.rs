@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pattern;
+use common::{check_json_lines, pattern};
 
 fn migrate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_migrate"))
@@ -123,8 +123,15 @@ fn the_hold_timeout_is_a_bounded_duration() {
         ["--hold-timeout-ms", "800"],
     ] {
         let o = run(&["attach", s(&src), s(&tgt), ok[0], ok[1]]);
-        // Accepted: it gets as far as looking at the (file) source.
-        assert_eq!(o.status.code(), Some(1), "{ok:?}: {}", stderr(&o));
+        // Accepted: it gets as far as looking at the (file) source, and
+        // refuses that.
+        assert_eq!(o.status.code(), Some(2), "{ok:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("is not a block device"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!stderr(&o).contains("--hold-timeout"), "{}", stderr(&o));
     }
     for bad in ["61s", "0s", "fast"] {
         let o = run(&["attach", s(&src), s(&tgt), "--hold-timeout", bad]);
@@ -144,7 +151,7 @@ fn live_commands_on_a_file_say_it_is_not_a_block_device() {
     ] {
         let o = run(&args);
         let err = stderr(&o);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("is not a block device"), "{args:?}: {err}");
         assert!(!err.contains("kernel"), "{args:?}: {err}");
     }
@@ -155,7 +162,7 @@ fn the_errno_is_printed_once() {
     let im = Images::new(1 << 20);
     let o = run(&["copy", "/nonexistent/disk.img", s(&im.tgt())]);
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.matches("ENOENT").count(), 1, "{err}");
     assert!(!err.contains("os error"), "{err}");
     assert!(err.contains("No such file or directory"), "{err}");
@@ -414,4 +421,173 @@ fn a_toml_plan_is_refused_with_the_format_named() {
     let o = run(&["rebalance", s(&plan)]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("plans are JSON"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_usage_error_exits_2() {
+    for args in [
+        vec!["frobnicate"],
+        vec!["status"],
+        vec!["list", "--no-such-option"],
+        vec!["copy", "a", "b", "--interval", "0"],
+        vec!["rebalance", "plan.json", "-i", "-1"],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--help"), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_missing_device_exits_2_naming_it() {
+    let im = Images::new(1 << 20);
+    let gone = "/nonexistent/blkmig-disk";
+    for args in [
+        vec!["status", gone],
+        vec!["status", gone, "--json"],
+        vec!["start", gone, s(&im.tgt())],
+        vec!["attach", gone, s(&im.tgt())],
+        vec!["abort", gone],
+        vec!["detach", gone],
+        vec!["copy", gone, s(&im.tgt())],
+        vec!["copy", s(&im.src()), gone],
+        vec!["recover", gone, s(&im.tgt())],
+    ] {
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(gone), "{args:?}: {err}");
+        assert!(err.contains("ENOENT"), "{args:?}: {err}");
+        assert!(
+            o.stdout.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+}
+
+#[test]
+fn the_exit_status_is_in_the_help() {
+    let o = run(&["--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    for line in [
+        "Exit status:",
+        "0  success",
+        "1  the operation failed",
+        "2  usage error",
+    ] {
+        assert!(help.contains(line), "{help}");
+    }
+    assert!(
+        !help.contains("assets"),
+        "a packaging command in the help: {help}"
+    );
+}
+
+#[test]
+fn the_version_names_the_module_abi_and_the_kernel() {
+    let o = run(&["--version"]);
+    let v = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    let want = format!(
+        "migrate {} (module ABI {}, Linux 6.12",
+        env!("CARGO_PKG_VERSION"),
+        blkmig::core::abi::ABI_VERSION
+    );
+    assert!(v.starts_with(&want), "{v}");
+}
+
+#[test]
+fn copy_json_is_as_documented() {
+    let im = Images::new(4 << 20);
+    let o = run(&[
+        "copy",
+        s(&im.src()),
+        s(&im.tgt()),
+        "--json",
+        "--verify",
+        "-i",
+        "0.01",
+        "--rate-limit",
+        "40M",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = check_json_lines(&["progress", "copy-done"], &o.stdout);
+    assert!(lines.len() > 1, "no progress line");
+    let last = &lines[lines.len() - 1];
+    assert_eq!(last["event"], "done");
+    assert_eq!(last["schema_version"], 1);
+    assert_eq!(last["verified"], true);
+    assert!(lines[..lines.len() - 1]
+        .iter()
+        .all(|l| l["event"] == "progress" && l["schema_version"] == 1));
+}
+
+#[test]
+fn list_json_is_as_documented() {
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    for all in [false, true] {
+        let mut args = vec!["list", "--json", "--state-dir", s(state.path())];
+        if all {
+            args.push("--all");
+        }
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let lines = check_json_lines(&["list"], &o.stdout);
+        assert_eq!(lines.len(), 1, "one object");
+        assert!(lines[0]["devices"].is_array());
+    }
+}
+
+#[test]
+fn assets_are_the_man_pages_and_the_completions() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let o = run(&["assets", s(dir.path())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read =
+        |p: &str| fs::read_to_string(dir.path().join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    let subcommands = [
+        "copy",
+        "start",
+        "abort",
+        "rebalance",
+        "attach",
+        "detach",
+        "list",
+        "status",
+        "recover",
+    ];
+    let man = read("man/migrate.1");
+    assert!(
+        man.starts_with(".ie") && man.contains(".TH migrate 1"),
+        "{man}"
+    );
+    assert!(man.contains(".SH \"EXIT STATUS\""), "{man}");
+    assert!(man.contains("2  usage error, or input refused"), "{man}");
+    assert!(man.contains("module ABI"), "{man}");
+    for sub in subcommands {
+        assert!(
+            man.contains(&format!("migrate\\-{sub}(1)")),
+            "{sub} not in {man}"
+        );
+        let page = read(&format!("man/migrate-{sub}.1"));
+        assert!(page.contains(".SH SYNOPSIS"), "{sub}: {page}");
+    }
+    assert!(read("man/migrate-start.1").contains("max\\-pause"));
+    assert!(!dir.path().join("man/migrate-assets.1").exists());
+    let bash = read("completions/migrate.bash");
+    assert!(bash.contains("--max-pause"), "{bash}");
+    assert!(bash.contains("complete -F _migrate"), "{bash}");
+    let zsh = read("completions/_migrate");
+    assert!(zsh.starts_with("#compdef migrate"), "{zsh}");
+    assert!(zsh.contains("--max-pause"), "{zsh}");
+    let fish = read("completions/migrate.fish");
+    assert!(fish.contains("-l max-pause"), "{fish}");
+    for c in [&bash, &zsh, &fish] {
+        assert!(!c.contains("assets"), "a packaging command in a completion");
+        for sub in subcommands {
+            assert!(c.contains(sub), "{sub} not in a completion");
+        }
+    }
 }

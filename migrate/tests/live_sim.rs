@@ -18,7 +18,7 @@ use blkmig::filter::{FilterError, Request};
 use blkmig::migration::{head_path, MigrateError, MigrateOptions, Migration};
 use blkmig::progress::Progress;
 use blkmig::tracker::Tracker;
-use common::{pattern, SimFilter, SimFreeSpace};
+use common::{check_json, pattern, SimFilter, SimFreeSpace};
 
 const SIZE: u64 = 24 << 20;
 const SHIFT: u32 = 16; // 64 KiB regions: 384 of them
@@ -468,6 +468,42 @@ async fn migrates_under_writes_and_switches() {
     check_switched(&rig);
     let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
     assert!(st.writes_mirrored > 0, "no write was ever mirrored");
+}
+
+/// What `migrate start --json` prints (its progress lines and its last
+/// line) and what `status --json` prints of the switched filter are as
+/// docs/json.md describes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_of_a_migration_is_as_documented() {
+    let rig = rig(21);
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    let progress = Progress::migration(SIZE, st.regions_total);
+    let m = Migration::new(
+        rig.sim.clone(),
+        rig.src.clone(),
+        rig.tgt.clone(),
+        &st,
+        options(&rig),
+        progress.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let first = serde_json::to_value(progress.sample()).unwrap_or_default();
+    let s = m.run().await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.switched);
+    let last = serde_json::to_value(progress.sample()).unwrap_or_default();
+    for v in [&first, &last] {
+        check_json(&["progress"], v);
+    }
+    assert!(last.get("unsynced_regions").is_some(), "{last}");
+    check_json(&["start-done"], &blkmig::output::start_done(&s));
+    let st = rig.sim.status().unwrap_or_else(|e| panic!("{e}"));
+    let j = blkmig::output::status(&st);
+    check_json(&["status"], &j);
+    assert_eq!(j["mode"], "redirect");
+    assert_eq!(j["synced_percent"], 100.0);
+    // The kinds are told apart: a status is not a summary.
+    assert!(common::json_doc().check(&["start-done"], &j).is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

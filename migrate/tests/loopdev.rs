@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{enabled, pattern, run};
+use common::{check_json_lines, enabled, pattern, run};
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -414,4 +414,105 @@ fn live_commands_name_the_missing_hook_or_module() {
     assert!(o.status.success(), "{}", err(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains(r#""mode":"detached""#), "{out}");
+}
+
+/// Writes a retire marker over the head of `src`, naming `tgt` as the
+/// target, as the switch does.
+fn retire(src: &Loop, tgt: &Loop, id: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = fs::metadata(&tgt.dev)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .rdev();
+    let tsize = fs::metadata(&tgt.file)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .len();
+    let mut m = vec![0u8; 4096];
+    m[..16].copy_from_slice(&blkmig::core::abi::RETIRE_MAGIC);
+    m[16..20].copy_from_slice(&blkmig::core::abi::ABI_VERSION.to_ne_bytes());
+    m[20..24].copy_from_slice(&(libc::major(rdev)).to_ne_bytes());
+    m[24..28].copy_from_slice(&(libc::minor(rdev)).to_ne_bytes());
+    m[32..40].copy_from_slice(&1_700_000_000u64.to_ne_bytes());
+    m[40..48].copy_from_slice(&(tsize >> 9).to_ne_bytes());
+    m[48..56].copy_from_slice(&id.to_ne_bytes());
+    m[56..64].copy_from_slice(&65536u64.to_ne_bytes());
+    write_dev(&src.dev, &m);
+}
+
+fn write_dev(dev: &str, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("{dev}: {e}"));
+    f.write_all_at(data, 0)
+        .unwrap_or_else(|e| panic!("{dev}: {e}"));
+    f.sync_all().unwrap_or_else(|e| panic!("{dev}: {e}"));
+}
+
+/// `migrate list --json`'s entry for `dev`, if it lists it.
+fn listed(state: &Path, dev: &str) -> Option<serde_json::Value> {
+    let o = migrate(&["list", "--json", "--state-dir", &state.to_string_lossy()]);
+    assert!(o.status.success(), "{}", err(&o));
+    let v = check_json_lines(&["list"], &o.stdout).remove(0);
+    v["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|e| e["device"] == dev).cloned())
+}
+
+/// Offline `status --json` and `list --json` on a plain device, a retired
+/// source whose target's head is blank (an interrupted switch) and one
+/// whose target holds the filesystem: as docs/json.md says, and each state
+/// named.
+#[test]
+fn offline_status_and_list_see_a_retired_source() {
+    if !enabled() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let sd = state.path().to_string_lossy().into_owned();
+    let tgt = Loop::new(&vec![0u8; 4 << 20], false);
+    let src = Loop::new(&pattern(4 << 20, 5), false);
+    let status = |extra: &[&str]| {
+        let mut args = vec!["status", src.dev.as_str(), "--json", "--state-dir", &sd];
+        args.extend_from_slice(extra);
+        let o = migrate(&args);
+        assert!(o.status.success(), "{}", err(&o));
+        check_json_lines(&["status-offline"], &o.stdout).remove(0)
+    };
+    let v = status(&[]);
+    assert_eq!(
+        (v["mode"].as_str(), v["state"].as_str()),
+        (Some("detached"), Some("source_authoritative")),
+        "{v}"
+    );
+    assert_eq!(
+        listed(state.path(), &src.dev),
+        None,
+        "a plain device is listed"
+    );
+
+    retire(&src, &tgt, 0x5eed);
+    let v = status(&[]);
+    assert_eq!(v["state"], "retired", "{v}");
+    assert_eq!(v["marker"]["migration_id"], 0x5eed, "{v}");
+    assert_eq!(v["saved_head"], serde_json::Value::Null, "{v}");
+    let v = status(&["--target", &tgt.dev]);
+    assert_eq!(v["state"], "interrupted_switch", "{v}");
+    let e = listed(state.path(), &src.dev).unwrap_or_else(|| panic!("{} not listed", src.dev));
+    assert_eq!(e["state"], "interrupted_switch", "{e}");
+    assert_eq!(e["target"], tgt.dev.as_str(), "{e}");
+    assert_eq!(e["status"]["state"], "interrupted_switch", "{e}");
+    let o = migrate(&["list", "--state-dir", &sd]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with(&src.dev)
+            && l.contains("interrupted_switch")
+            && l.contains("migrate recover")),
+        "{text}"
+    );
+
+    // The switch completed: the target's head is written.
+    write_dev(&tgt.dev, &pattern(4096, 9));
+    let e = listed(state.path(), &src.dev).unwrap_or_else(|| panic!("{} not listed", src.dev));
+    assert_eq!(e["state"], "switched", "{e}");
 }

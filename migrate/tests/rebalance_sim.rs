@@ -381,6 +381,8 @@ async fn at_most_concurrency_migrations_run_at_once_under_writes() {
         .results
         .iter()
         .all(|o| o.migration.as_ref().is_some_and(|s| s.switched)));
+    // `migrate rebalance --json` prints this report as docs/json.md says.
+    common::check_json(&["rebalance"], &blkmig::output::rebalance(&r));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,6 +397,7 @@ async fn a_failed_migration_does_not_stop_the_others_and_is_named() {
     writers
         .into_iter()
         .for_each(|w| w.join().unwrap_or_else(|_| panic!("writer")));
+    common::check_json(&["rebalance"], &blkmig::output::rebalance(&r));
     assert_eq!(
         verdicts(&r),
         vec![Verdict::Switched, Verdict::Failed, Verdict::Switched],

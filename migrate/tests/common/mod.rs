@@ -736,3 +736,32 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&o.stdout).trim().to_owned()
 }
+
+/// docs/json.md, the documented shape of every JSON output.
+pub fn json_doc() -> blkmig::jsondoc::Doc {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/json.md");
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    blkmig::jsondoc::Doc::parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Checks `v` against the documented `kinds`; fails naming every problem.
+pub fn check_json(kinds: &[&str], v: &serde_json::Value) {
+    if let Err(p) = json_doc().check(kinds, v) {
+        panic!("not as docs/json.md says: {p:#?}\nin {v}");
+    }
+}
+
+/// Checks every line of `stdout` against the documented `kinds`; there
+/// must be at least one.
+pub fn check_json_lines(kinds: &[&str], stdout: &[u8]) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "no JSON line");
+    for v in &lines {
+        check_json(kinds, v);
+    }
+    lines
+}

@@ -10,6 +10,8 @@
 //!
 //! `verify` checks, after the migration, that every block of the file holds
 //! exactly its last stamp from the log.
+//!
+//! `jsondoc` checks `migrate`'s JSON output against `docs/json.md`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -126,6 +128,24 @@ enum Cmd {
     Abi {
         #[command(subcommand)]
         req: AbiReq,
+    },
+    /// Check JSON lines on standard input (the output of `migrate ...
+    /// --json`) against the tables of docs/json.md: each line must match one
+    /// of KINDS. Fails (exit status 1), naming each field, when a line has a
+    /// field the document does not name, lacks a required one, or has a
+    /// value of another type; also when no line was read.
+    ///
+    /// Example: `migrate status /dev/vdb --json | stampwriter jsondoc
+    /// docs/json.md status status-offline`. The kinds: progress, copy-done,
+    /// start-done, status, status-offline, list, rebalance (and those they
+    /// include).
+    #[command(verbatim_doc_comment)]
+    Jsondoc {
+        /// The document (docs/json.md).
+        doc: PathBuf,
+        /// The kinds a line may be.
+        #[arg(required = true)]
+        kinds: Vec<String>,
     },
     /// Check that every block holds its last stamp.
     Verify {
@@ -898,6 +918,7 @@ fn main() -> Result<()> {
             stop,
         } => poll_read(&dev, offset, len, &stop),
         Cmd::Verify { file, log } => verify(&file, &log),
+        Cmd::Jsondoc { doc, kinds } => jsondoc(&doc, &kinds),
         Cmd::Abi { req } => abi_probe(req),
         Cmd::DioWrite {
             dev,
@@ -950,6 +971,42 @@ fn dio_write(dev: &Path, sector: u64, tag: &str, nsect: u64, bs: usize) -> Resul
     println!(
         "dio-write: {nsect} sectors of pattern {tag} at sector {sector}, {bs}-byte O_DIRECT writes"
     );
+    Ok(())
+}
+
+/// `jsondoc`: every line of standard input against the kinds of `doc`.
+fn jsondoc(doc: &Path, kinds: &[String]) -> Result<()> {
+    use std::io::BufRead;
+    let text =
+        std::fs::read_to_string(doc).with_context(|| format!("cannot read {}", doc.display()))?;
+    let doc = blkmig::jsondoc::Doc::parse(&text).with_context(|| format!("{}", doc.display()))?;
+    let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+    let (mut lines, mut bad) = (0, 0);
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("cannot read standard input")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        lines += 1;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("line {}: not JSON: {line}", i + 1))?;
+        if let Err(problems) = doc.check(&kinds, &v) {
+            bad += 1;
+            for p in problems {
+                eprintln!("line {}: {p}", i + 1);
+            }
+        }
+    }
+    if lines == 0 {
+        bail!("no JSON line on standard input");
+    }
+    if bad > 0 {
+        bail!(
+            "{bad} of {lines} lines do not match docs: {}",
+            kinds.join(", ")
+        );
+    }
+    println!("{lines} lines match {}", kinds.join(" or "));
     Ok(())
 }
 
