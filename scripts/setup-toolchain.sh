@@ -70,11 +70,6 @@ if [ $need_kernel = 1 ]; then
 		log "building bindgen-cli $BINDGEN_VERSION"
 		cargo install --quiet --locked --root "$tools" bindgen-cli --version "$BINDGEN_VERSION"
 	fi
-	# scripts/package.sh: the `blkmig` package of migrate
-	if ! "$tools/bin/cargo-deb" --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
-		log "building cargo-deb $CARGO_DEB_VERSION"
-		cargo install --quiet --locked --root "$tools" cargo-deb --version "$CARGO_DEB_VERSION"
-	fi
 fi
 
 if ! command -v cargo >/dev/null && [ -f "$HOME/.cargo/env" ]; then
