@@ -45,7 +45,8 @@ const EXIT_STATUS: &str = "Exit status:
      or interrupted migration)
   2  usage error, or input refused before anything was changed: a bad
      option, an invalid plan, a device that is missing, not a block device
-     (live commands), in use, too small or of unusable geometry";
+     (live commands), in use or already being migrated, too small or of
+     unusable geometry";
 
 const ABOUT: &str = "Move a live block device to another one, with no downtime";
 
@@ -858,11 +859,12 @@ fn offline_text(
 fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -> Result<()> {
     use blkmig::recover::Recovered;
     if let Ok(st) = Filtered::open(source).and_then(|f| f.status()) {
-        anyhow::bail!(
+        return Err(Refused(format!(
             "blkmig is attached to {} ({} mode): the migration is live, there is nothing to recover (see `migrate status`)",
             source.display(),
             migration::mode_name(st.mode)
-        );
+        ))
+        .into());
     }
     match blkmig::recover::recover(source, target, state_dir, rollback)? {
         Recovered::Finished => say!(
@@ -1119,6 +1121,11 @@ fn exit(res: Result<()>) -> ExitCode {
 /// Exit status of a refused command line or input: nothing was changed.
 const EXIT_REFUSED: u8 = 2;
 
+/// A refusal `main` words itself (exits with [`EXIT_REFUSED`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
 /// The exit status of a failed command: [`EXIT_REFUSED`] when the input
 /// was refused before anything was changed (see [`EXIT_STATUS`]), else 1.
 fn exit_status(e: &anyhow::Error) -> u8 {
@@ -1128,7 +1135,7 @@ fn exit_status(e: &anyhow::Error) -> u8 {
     use blkmig::recover::RecoverError;
     let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let device = |d: &Error| match d {
-        Error::Refused { .. } | Error::RegionSize { .. } => true,
+        Error::Refused { .. } | Error::RegionSize { .. } | Error::Memory { .. } => true,
         Error::Io {
             op: Op::Stat | Op::Open,
             source,
@@ -1137,11 +1144,14 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         _ => false,
     };
     let filter = |f: &FilterError| match f {
-        FilterError::NotBlock { .. } => true,
+        FilterError::NotBlock { .. } | FilterError::AlreadyAttached { .. } => true,
         FilterError::Open { source, .. } => missing(source),
         _ => false,
     };
     let refused = e.chain().find_map(|c| {
+        if c.is::<Refused>() {
+            return Some(true);
+        }
         if let Some(d) = c.downcast_ref::<Error>() {
             return Some(device(d));
         }
@@ -1244,6 +1254,38 @@ mod tests {
             region_shift: 20,
             ..Status::default()
         }
+    }
+
+    #[test]
+    fn refused_input_exits_2_and_a_failed_operation_1() {
+        use blkmig::error::{Error, Op, Refusal};
+        use blkmig::filter::{FilterError, Request};
+        use blkmig::migration::MigrateError;
+        use blkmig::recover::RecoverError;
+        let p = Path::new("/dev/sdx");
+        let gone = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        let io = |op| Error::io(op, p, 0, std::io::Error::from_raw_os_error(libc::EIO));
+        let code = |e: anyhow::Error| exit_status(&e.context("in context"));
+        assert_eq!(code(Error::refused(p, Refusal::Busy).into()), 2);
+        assert_eq!(code(Error::io(Op::Stat, p, 0, gone()).into()), 2);
+        assert_eq!(
+            code(MigrateError::Device(Error::refused(p, Refusal::NotBlock)).into()),
+            2
+        );
+        assert_eq!(code(RecoverError::NotRetired(p.into()).into()), 2);
+        assert_eq!(code(Refused("attached".into()).into()), 2);
+        assert_eq!(code(FilterError::NotBlock { path: p.into() }.into()), 2);
+        assert_eq!(code(io(Op::Read).into()), 1);
+        assert_eq!(code(MigrateError::Device(io(Op::Write)).into()), 1);
+        assert_eq!(code(RecoverError::Device(io(Op::Write)).into()), 1);
+        assert_eq!(code(Error::Interrupted.into()), 1);
+        let kernel = FilterError::Refused {
+            path: p.into(),
+            request: Request::Attach,
+            errno: libc::EBUSY,
+        };
+        assert_eq!(code(MigrateError::Filter(kernel).into()), 1);
+        assert_eq!(code(anyhow::anyhow!("cannot write to standard output")), 1);
     }
 
     #[test]
