@@ -1237,8 +1237,7 @@ fn write_assets(outdir: &Path) -> Result<()> {
 
 /// `migrate: ` and the error with its causes, each once, on stderr.
 fn report_error(e: &anyhow::Error) {
-    let words: Vec<String> = e.chain().map(blkmig::error::describe).collect();
-    say!("migrate: {}", words.join(": "));
+    say!("migrate: {}", blkmig::error::chain_text(e.as_ref()));
 }
 
 #[cfg(test)]
