@@ -685,11 +685,7 @@ fn cmd_abort(source: &Path) -> Result<()> {
 use migration::mode_name;
 
 fn status_text(source: &Path, st: &Status) -> String {
-    let pct = if st.regions_total == 0 {
-        100.0
-    } else {
-        st.regions_synced as f64 * 100.0 / st.regions_total as f64
-    };
+    let pct = blkmig::output::synced_percent(st);
     let mut t = format!(
         "source:  {} ({})\n",
         source.display(),
@@ -1007,7 +1003,7 @@ fn list_detail(e: &blkmig::list::Entry) -> String {
         }
         Found::Look {
             look: Look::Offline(f),
-            ..
+            target,
         } => match f {
             Finding::SourceAuthoritative { started: Some(r) } => format!(
                 "started (migration {:016x}) and not switched: the source holds the filesystem; `migrate start` again",
@@ -1023,8 +1019,9 @@ fn list_detail(e: &blkmig::list::Entry) -> String {
                 format!("the target holds the filesystem; {}", saved(saved_head))
             }
             Finding::InterruptedSwitch { saved_head, .. } => format!(
-                "neither device mountable: `migrate recover {} TARGET`; {}",
+                "neither device mountable: `migrate recover {} {}`; {}",
                 e.device.display(),
+                target.as_deref().unwrap_or(Path::new("TARGET")).display(),
                 saved(saved_head)
             ),
             Finding::SourceRemoved { target, .. } => format!("removed; target {}", target.display()),
