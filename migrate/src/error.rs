@@ -262,6 +262,14 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// An error and its causes in words, each once, joined by `: `.
+pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let words: Vec<String> = std::iter::successors(Some(e), |e| e.source())
+        .map(describe)
+        .collect();
+    words.join(": ")
+}
+
 fn at_offset(op: Op, offset: u64) -> String {
     match op {
         Op::Read | Op::Write | Op::Zero => format!(" at offset {offset}"),

@@ -233,15 +233,7 @@ pub fn examine(device: &Path, state_dir: &Path, live: bool) -> Found {
             target,
         })
     };
-    found().unwrap_or_else(|e| {
-        let words: Vec<String> =
-            std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
-                e.source()
-            })
-            .map(crate::error::describe)
-            .collect();
-        Found::Error(words.join(": "))
-    })
+    found().unwrap_or_else(|e| Found::Error(crate::error::chain_text(&e)))
 }
 
 /// The target a retired source switched to, if a device of the size its

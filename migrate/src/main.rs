@@ -45,7 +45,8 @@ const EXIT_STATUS: &str = "Exit status:
      or interrupted migration)
   2  usage error, or input refused before anything was changed: a bad
      option, an invalid plan, a device that is missing, not a block device
-     (live commands), in use, too small or of unusable geometry";
+     (live commands), in use or already being migrated, too small or of
+     unusable geometry";
 
 const ABOUT: &str = "Move a live block device to another one, with no downtime";
 
@@ -684,11 +685,7 @@ fn cmd_abort(source: &Path) -> Result<()> {
 use migration::mode_name;
 
 fn status_text(source: &Path, st: &Status) -> String {
-    let pct = if st.regions_total == 0 {
-        100.0
-    } else {
-        st.regions_synced as f64 * 100.0 / st.regions_total as f64
-    };
+    let pct = blkmig::output::synced_percent(st);
     let mut t = format!(
         "source:  {} ({})\n",
         source.display(),
@@ -858,11 +855,12 @@ fn offline_text(
 fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -> Result<()> {
     use blkmig::recover::Recovered;
     if let Ok(st) = Filtered::open(source).and_then(|f| f.status()) {
-        anyhow::bail!(
+        return Err(Refused(format!(
             "blkmig is attached to {} ({} mode): the migration is live, there is nothing to recover (see `migrate status`)",
             source.display(),
             migration::mode_name(st.mode)
-        );
+        ))
+        .into());
     }
     match blkmig::recover::recover(source, target, state_dir, rollback)? {
         Recovered::Finished => say!(
@@ -1005,7 +1003,7 @@ fn list_detail(e: &blkmig::list::Entry) -> String {
         }
         Found::Look {
             look: Look::Offline(f),
-            ..
+            target,
         } => match f {
             Finding::SourceAuthoritative { started: Some(r) } => format!(
                 "started (migration {:016x}) and not switched: the source holds the filesystem; `migrate start` again",
@@ -1021,8 +1019,9 @@ fn list_detail(e: &blkmig::list::Entry) -> String {
                 format!("the target holds the filesystem; {}", saved(saved_head))
             }
             Finding::InterruptedSwitch { saved_head, .. } => format!(
-                "neither device mountable: `migrate recover {} TARGET`; {}",
+                "neither device mountable: `migrate recover {} {}`; {}",
                 e.device.display(),
+                target.as_deref().unwrap_or(Path::new("TARGET")).display(),
                 saved(saved_head)
             ),
             Finding::SourceRemoved { target, .. } => format!("removed; target {}", target.display()),
@@ -1119,6 +1118,11 @@ fn exit(res: Result<()>) -> ExitCode {
 /// Exit status of a refused command line or input: nothing was changed.
 const EXIT_REFUSED: u8 = 2;
 
+/// A refusal `main` words itself (exits with [`EXIT_REFUSED`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
 /// The exit status of a failed command: [`EXIT_REFUSED`] when the input
 /// was refused before anything was changed (see [`EXIT_STATUS`]), else 1.
 fn exit_status(e: &anyhow::Error) -> u8 {
@@ -1128,7 +1132,7 @@ fn exit_status(e: &anyhow::Error) -> u8 {
     use blkmig::recover::RecoverError;
     let missing = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
     let device = |d: &Error| match d {
-        Error::Refused { .. } | Error::RegionSize { .. } => true,
+        Error::Refused { .. } | Error::RegionSize { .. } | Error::Memory { .. } => true,
         Error::Io {
             op: Op::Stat | Op::Open,
             source,
@@ -1137,11 +1141,14 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         _ => false,
     };
     let filter = |f: &FilterError| match f {
-        FilterError::NotBlock { .. } => true,
+        FilterError::NotBlock { .. } | FilterError::AlreadyAttached { .. } => true,
         FilterError::Open { source, .. } => missing(source),
         _ => false,
     };
     let refused = e.chain().find_map(|c| {
+        if c.is::<Refused>() {
+            return Some(true);
+        }
         if let Some(d) = c.downcast_ref::<Error>() {
             return Some(device(d));
         }
@@ -1227,8 +1234,7 @@ fn write_assets(outdir: &Path) -> Result<()> {
 
 /// `migrate: ` and the error with its causes, each once, on stderr.
 fn report_error(e: &anyhow::Error) {
-    let words: Vec<String> = e.chain().map(blkmig::error::describe).collect();
-    say!("migrate: {}", words.join(": "));
+    say!("migrate: {}", blkmig::error::chain_text(e.as_ref()));
 }
 
 #[cfg(test)]
@@ -1244,6 +1250,38 @@ mod tests {
             region_shift: 20,
             ..Status::default()
         }
+    }
+
+    #[test]
+    fn refused_input_exits_2_and_a_failed_operation_1() {
+        use blkmig::error::{Error, Op, Refusal};
+        use blkmig::filter::{FilterError, Request};
+        use blkmig::migration::MigrateError;
+        use blkmig::recover::RecoverError;
+        let p = Path::new("/dev/sdx");
+        let gone = || std::io::Error::from_raw_os_error(libc::ENOENT);
+        let io = |op| Error::io(op, p, 0, std::io::Error::from_raw_os_error(libc::EIO));
+        let code = |e: anyhow::Error| exit_status(&e.context("in context"));
+        assert_eq!(code(Error::refused(p, Refusal::Busy).into()), 2);
+        assert_eq!(code(Error::io(Op::Stat, p, 0, gone()).into()), 2);
+        assert_eq!(
+            code(MigrateError::Device(Error::refused(p, Refusal::NotBlock)).into()),
+            2
+        );
+        assert_eq!(code(RecoverError::NotRetired(p.into()).into()), 2);
+        assert_eq!(code(Refused("attached".into()).into()), 2);
+        assert_eq!(code(FilterError::NotBlock { path: p.into() }.into()), 2);
+        assert_eq!(code(io(Op::Read).into()), 1);
+        assert_eq!(code(MigrateError::Device(io(Op::Write)).into()), 1);
+        assert_eq!(code(RecoverError::Device(io(Op::Write)).into()), 1);
+        assert_eq!(code(Error::Interrupted.into()), 1);
+        let kernel = FilterError::Refused {
+            path: p.into(),
+            request: Request::Attach,
+            errno: libc::EBUSY,
+        };
+        assert_eq!(code(MigrateError::Filter(kernel).into()), 1);
+        assert_eq!(code(anyhow::anyhow!("cannot write to standard output")), 1);
     }
 
     #[test]

@@ -507,7 +507,7 @@ fn offline_status_and_list_see_a_retired_source() {
     assert!(
         text.lines().any(|l| l.starts_with(&src.dev)
             && l.contains("interrupted_switch")
-            && l.contains("migrate recover")),
+            && l.contains(&format!("migrate recover {} {}", src.dev, tgt.dev))),
         "{text}"
     );
 
