@@ -143,6 +143,8 @@ install -m 0644 "$vm/lib.sh" "$root/tests/lib.sh"
 [ -f "$vm/remote-lib.sh" ] && install -m 0644 "$vm/remote-lib.sh" "$root/tests/remote-lib.sh"
 [ -f "$vm/parts-lib.sh" ] && install -m 0644 "$vm/parts-lib.sh" "$root/tests/parts-lib.sh"
 for s in "$vm"/scenarios/*.sh; do install -m 0755 "$s" "$root/tests/scenarios/"; done
+# The JSON outputs' documentation, which scenarios check real outputs against (stampwriter jsondoc).
+install -m 0644 "$repo/docs/json.md" "$root/tests/json.md"
 
 # /dev/console must exist before /init runs, or init has no stdout.
 mknod -m 0600 "$root/dev/console" c 5 1 2>/dev/null || log "warning: cannot mknod /dev/console (not root?); /init reopens it"

@@ -165,7 +165,8 @@ grep -qF "$head" "$OUT" || fail "migrate status /dev/vda does not name the saved
 [ "$(stat -c %s "$head")" = 131072 ] || fail "the saved head $head is not 128 KiB"
 run_capture migrate status /dev/vda --state-dir "$STATE" --json
 jsondoc "$OUT" status-offline
-run_capture migrate list
-grep -q '/dev/vda' "$OUT" || fail "migrate list does not show the retired /dev/vda"
-run_capture migrate list --json
+run_capture migrate list --state-dir "$STATE"
+grep -E '^/dev/vda +switched +/dev/vdb ' "$OUT" | grep -qF "$head" ||
+	fail "migrate list does not show /dev/vda switched to /dev/vdb with its saved head $head"
+run_capture migrate list --state-dir "$STATE" --json
 jsondoc "$OUT" list

@@ -27,6 +27,10 @@ run_json() {
 	RUN_SECS=$(echo "$_t0 $(cs_now)" | awk '{ printf "%.1f", ($2 - $1) / 100 }')
 	sed 's/^/  /' /tmp/"$_name".err
 	[ "$_rc" -eq 0 ] || fail "migrate start $* failed (exit $_rc): $(errtail /tmp/"$_name".err)"
+	# Every line, from the real module, as docs/json.md documents it.
+	stampwriter jsondoc /tests/json.md progress start-done </tmp/"$_name".json >/tmp/jsondoc.out 2>&1 ||
+		fail "migrate start --json ($_name) does not match docs/json.md: $(errtail /tmp/jsondoc.out)"
+	grep -q '"event":"progress"' /tmp/"$_name".json || fail "migrate start --json ($_name) printed no progress line"
 	_done=$(grep '"bytes_copied"' /tmp/"$_name".json | tail -n1)
 	RUN_BYTES=$(echo "$_done" | sed -n 's/.*"bytes_copied":\([0-9]*\).*/\1/p')
 	RUN_SKIPPED=$(echo "$_done" | sed -n 's/.*"bytes_skipped_free":\([0-9]*\).*/\1/p')
