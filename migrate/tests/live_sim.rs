@@ -1241,9 +1241,12 @@ async fn the_reported_pause_includes_a_failed_attempts_hold() {
     assert!(s.failed_switches >= 1, "{s:?}");
     assert!(s.holds >= 2, "{s:?}");
     let pause = s.pause_ms.unwrap_or_else(|| panic!("no pause in {s:?}"));
+    // The slow attempt held writes for 400 ms; a write that arrived just after
+    // the hold began waited a little less (399.87 ms was seen). The window that
+    // completed is a few ms: anything near 400 is the failed attempt's hold.
     assert!(
-        pause >= 400.0,
-        "a write waited 400 ms in the failed attempt, the summary says {pause} ms"
+        pause >= 350.0,
+        "writes waited about 400 ms in the failed attempt, the summary says {pause} ms"
     );
     let window = s
         .switch_window_ms
