@@ -422,6 +422,12 @@ pub struct Migration {
     /// How late (ms) the hold's timer released writes in an attempt that
     /// ran out of the budget: the module's longest hold past the timeout.
     timer_late_ms: u32,
+    /// How long (ms) the flushes of both devices just before the last hold
+    /// took: the switch's last writes (the retire marker and the target's
+    /// head, each durable before the next) cost about as much, and the
+    /// module, which begins them only if they should end by the hold's
+    /// deadline, finishes them past it if they take longer.
+    flush_ms: u32,
     /// Set when the module cancelled the last switch for want of time:
     /// how long that switch request took (s).
     switch_ran_out: Option<f64>,
@@ -575,6 +581,7 @@ impl Migration {
             over_budget: 0,
             switch_ran_out: None,
             timer_late_ms: 0,
+            flush_ms: 0,
         })
     }
 
@@ -1322,30 +1329,25 @@ impl Migration {
     /// flushes the target and writes the marker and the target's head with
     /// FUA while writes are held, and those flushes then have only what
     /// was written since to make durable, not the whole copy's backlog.
-    async fn flush_ahead(&self) -> Result<(), MigrateError> {
+    /// Their time is kept (`flush_ms`) for the hold's margin.
+    async fn flush_ahead(&mut self) -> Result<(), MigrateError> {
         let (src, tgt) = (self.src.clone(), self.tgt.clone());
+        let t0 = Instant::now();
         tokio::task::spawn_blocking(move || tgt.flush().and_then(|()| src.flush()))
             .await
             .map_err(|e| Error::joined(&e, "flush"))??;
+        self.flush_ms = u32::try_from(t0.elapsed().as_millis()).unwrap_or(u32::MAX);
         Ok(())
     }
 
-    /// The hold's timeout for one attempt (ms): the kernel releases the
-    /// writes at the budget, whatever the copier does, less a margin for
-    /// the timer's granularity and its work item's latency (a fifth of the
-    /// budget, at least 10 ms, and at least twice the lateness seen).
+    /// The hold's timeout for one attempt (ms): see [`hold_timeout_ms`].
     fn hold_ms(&self) -> u32 {
-        let budget = self.opts.max_pause.as_millis();
-        // A fifth, at least 10 ms, and twice what a timer was seen late.
-        let margin = (budget / 5).max(10).max(2 * u128::from(self.timer_late_ms));
-        let hold = if budget > 2 * margin {
-            budget - margin
-        } else {
-            (budget / 2).max(1)
-        };
-        u32::try_from(hold)
-            .unwrap_or(u32::MAX)
-            .min(self.opts.hold_timeout_ms)
+        hold_timeout_ms(
+            self.opts.max_pause.as_millis(),
+            self.timer_late_ms,
+            self.flush_ms,
+        )
+        .min(self.opts.hold_timeout_ms)
     }
 
     /// One switch attempt: hold, copy the rest, save the head, switch.
@@ -1659,9 +1661,53 @@ impl Migration {
     }
 }
 
+/// The hold's timeout (ms) for a budget of `budget_ms`: the kernel releases
+/// the writes at it, whatever the copier does, so it is the budget less a
+/// margin for what may still hold them past it: the timer's granularity and
+/// its work item's latency (a fifth of the budget, at least 10 ms, and at
+/// least twice the lateness seen), and the switch's last writes, which end
+/// past the deadline when they take longer than the module expects (as
+/// long as the devices' flushes before the hold, `flush_ms`). A margin of
+/// half the budget or more leaves half the budget.
+fn hold_timeout_ms(budget_ms: u128, timer_late_ms: u32, flush_ms: u32) -> u32 {
+    let margin = (budget_ms / 5)
+        .max(10)
+        .max(2 * u128::from(timer_late_ms))
+        .max(u128::from(flush_ms));
+    let hold = if budget_ms > 2 * margin {
+        budget_ms - margin
+    } else {
+        (budget_ms / 2).max(1)
+    };
+    u32::try_from(hold).unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hold_ends_short_of_the_budget_by_the_larger_margin() {
+        // (budget, timer late, flushes) -> hold
+        for (budget, late, flush, want) in [
+            (100, 0, 0, 80),
+            (100, 0, 5, 80),
+            (100, 15, 0, 70),
+            (100, 0, 29, 71),
+            (100, 30, 29, 50),
+            (100, 0, 60, 50),
+            (30, 0, 0, 20),
+            (15, 0, 0, 7),
+            (1, 0, 0, 1),
+            (5000, 0, 40, 4000),
+        ] {
+            assert_eq!(
+                hold_timeout_ms(budget, late, flush),
+                want,
+                "budget {budget} ms, timer {late} ms late, flushes {flush} ms"
+            );
+        }
+    }
 
     #[test]
     fn the_copy_keeps_its_busy_depth_while_the_source_is_written() {
