@@ -170,7 +170,18 @@ live_check_pause() {
 	_budget=$(max_pause_ms "$@")
 	[ "${LIVE_PAUSE_UNBOUNDED:-0}" = 1 ] ||
 		awk -v p="$MIG_PAUSE_MS" -v b="$_budget" 'BEGIN { exit !(p <= b) }' ||
-		fail "writes were held ${MIG_PAUSE_MS} ms, over --max-pause ${_budget} ms: $(errtail "$_log")"
+		fail "writes were held ${MIG_PAUSE_MS} ms, over --max-pause ${_budget} ms ($(hold_story)): $(errtail "$_log")"
+}
+
+# hold_story: what the module said of the last holds (a timer that released writes past its
+# deadline, a switch whose last writes ended past it, a switch that released them late when it
+# gave up), for a pause over its budget.
+hold_story() {
+	dmesg | sed -n -e 's/.*blkmig: \(write hold timed out[^:]*\):.*/\1/p' \
+		-e 's/.*blkmig: \(switch cancelled.*\)/\1/p' \
+		-e 's/.*blkmig: switch ended: \(writes released .*\)/\1/p' \
+		-e 's/.*blkmig: switched: every bio now goes to the target\(.*\)/switched\1/p' |
+		tail -n 4 | paste -sd ';' -
 }
 
 # live_finish SRC TGT: after the switch: redirect, the writer keeps writing for 2 s through the

@@ -72,7 +72,7 @@ ok=$(echo "${_est:-1e9}" | awk -v b="$BUDGET_MS" '{ print ($1 <= b) ? "yes" : "n
 [ "$ok" = yes ] || _bad="${_bad}the switch was decided at an estimated pause of ${_est:-?} ms, over the $BUDGET_MS ms budget; "
 [ "${_rwait:-0}" -lt 100000000 ] || _bad="${_bad}a write waited ${_rwait} ns in a region hold; "
 ok=$(echo "$MIG_PAUSE_MS" | awk -v b="$BUDGET_MS" '{ print ($1 <= b) ? "yes" : "no" }')
-[ "$ok" = yes ] || _bad="${_bad}the module measured a pause of $MIG_PAUSE_MS ms, over the $BUDGET_MS ms budget"
+[ "$ok" = yes ] || _bad="${_bad}the module measured a pause of $MIG_PAUSE_MS ms, over the $BUDGET_MS ms budget ($(hold_story); $(echo "$_done" | sed -n 's/.*\("holds":[0-9]*\).*/\1/p'), $(echo "$_done" | sed -n 's/.*\("failed_switches":[0-9]*\).*/\1/p'), $(echo "$_done" | sed -n 's/.*\("switch_window_ms":[0-9.]*\).*/\1/p'))"
 [ -z "$_bad" ] || fail "$_bad"
 _st_holds=$(status_field /dev/vda region_holds)
 expect_eq "$_st_holds" "$_holds" "region_holds of STATUS vs. the summary"
