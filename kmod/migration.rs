@@ -113,6 +113,14 @@ fn now_ns() -> i64 {
     Ktime::ktime_get().to_ns()
 }
 
+/// Whether `deadline_ns` is more than a tick away. A timer that fires
+/// within the last tick before its deadline ends the wait then: armed
+/// again, it would fire on the next tick, later past the deadline than it
+/// is early now.
+fn before_last_tick(deadline_ns: i64) -> bool {
+    now_ns().saturating_add(i64::from(bindings::TICK_NSEC)) < deadline_ns
+}
+
 /// Milliseconds from now until `deadline_ns` (0 if it has passed).
 fn ms_until(deadline_ns: i64) -> u64 {
     let left = deadline_ns - now_ns();
@@ -369,8 +377,9 @@ pub(crate) struct Migration {
     #[pin]
     tsubmit_work: DelayedWork,
     wq: WorkQueue,
-    /// A workqueue (with its own rescuer) for `submit_work` alone: a
-    /// submission that blocks never delays the hold's timer.
+    /// A workqueue (with its own rescuer, high priority and unbound, as
+    /// `wq`) for `submit_work` alone: a submission that blocks never
+    /// delays the hold's timer.
     io_wq: WorkQueue,
     /// The same for `tsubmit_work`: a source submission that blocks never
     /// delays the target's.
@@ -959,6 +968,7 @@ impl Migration {
     /// The hold's timer: at the deadline, a hold the switch has not taken
     /// over ends; after a failure, held writes go to the source.
     fn hold_expired(&self) {
+        let mut timed_out = None;
         let held = {
             let mut h = self.hold.lock();
             let mode = self.mode_raw();
@@ -967,8 +977,9 @@ impl Migration {
                 return;
             }
             if mode == Mode::Clone as u32 {
-                if now_ns() < h.deadline_ns {
-                    // Early (the timer rounds to jiffies): wait the rest.
+                if before_last_tick(h.deadline_ns) {
+                    // Early (the timer is armed short of long deadlines):
+                    // wait the rest.
                     let left = u32::try_from(ms_until(h.deadline_ns)).unwrap_or(u32::MAX);
                     drop(h);
                     self.hold_work.schedule(&self.wq, left.max(1));
@@ -979,12 +990,19 @@ impl Migration {
                     }
                     return;
                 }
-                pr_warn!("write hold timed out: writes released, switch cancelled\n");
+                timed_out = Some(now_ns().saturating_sub(h.deadline_ns).max(0) / 1000);
             }
             self.holding.store(false, Ordering::SeqCst);
             self.take_held(&mut h)
         };
         self.dispatch(held);
+        // Said once the writes are on their way: a console write is slow.
+        if let Some(late_us) = timed_out {
+            pr_warn!(
+                "write hold timed out ({} us past its deadline): writes released, switch cancelled\n",
+                late_us
+            );
+        }
     }
 
     fn hold_writes(&self, buf: UserSlice, len: u32) -> Result {
@@ -1047,15 +1065,24 @@ impl Migration {
     /// failure came in meanwhile, and releases the held bios. Returns
     /// whether the mode is `to` now.
     fn leave_switching(&self, to: Mode) -> bool {
-        let reached = self.end_switch_mode(to);
+        let (reached, deadline) = self.end_switch_mode(to);
+        let late_us = now_ns().saturating_sub(deadline) / 1000;
         self.release();
+        if late_us > 0 {
+            pr_info!(
+                "switch ended: writes released {} us past the hold's deadline\n",
+                late_us
+            );
+        }
         reached
     }
 
     /// Moves out of SWITCHING to `to`, or out of SWITCHING_FAILED to
-    /// FAILED (recording the failure). Returns whether the mode is `to`.
-    fn end_switch_mode(&self, to: Mode) -> bool {
-        let _h = self.hold.lock();
+    /// FAILED (recording the failure). Returns whether the mode is `to`,
+    /// and the deadline of the hold the switch ran in.
+    fn end_switch_mode(&self, to: Mode) -> (bool, i64) {
+        let h = self.hold.lock();
+        let deadline = h.deadline_ns;
         if self
             .mode
             .compare_exchange(
@@ -1066,7 +1093,7 @@ impl Migration {
             )
             .is_ok()
         {
-            return true;
+            return (true, deadline);
         }
         if self
             .mode
@@ -1082,7 +1109,8 @@ impl Migration {
                 .unwrap_or(Failure::TargetWrite);
             self.record_failure(why, self.pending_errno.load(Ordering::SeqCst));
         }
-        false
+        drop(h);
+        (false, deadline)
     }
     /// Runs one I/O of the switch (`bio`, if it could be made) through the
     /// worker and waits for it, at most until `deadline_ns`.
@@ -1394,6 +1422,7 @@ impl Migration {
                 )
                 .is_ok()
         };
+        let late_us = now_ns().saturating_sub(deadline) / 1000;
         if !switched {
             // SWITCHING_FAILED: every bio stays held, and reads of the head
             // wait, until the head is back; then FAILED. A head the target
@@ -1407,7 +1436,17 @@ impl Migration {
             return Err(EIO);
         }
         self.release();
-        pr_info!("switched: every bio now goes to the target\n");
+        // The switch's last writes may end past the deadline (the guard
+        // before the marker is an estimate): said, so that a pause over
+        // the copier's budget can be told from a late timer.
+        if late_us > 0 {
+            pr_info!(
+                "switched: every bio now goes to the target ({} us past the hold's deadline)\n",
+                late_us
+            );
+        } else {
+            pr_info!("switched: every bio now goes to the target\n");
+        }
         Ok(())
     }
 
@@ -1878,6 +1917,7 @@ impl Migration {
     /// The region hold's timer: ends it at its deadline, after a failure,
     /// and when a detach begins.
     fn region_expired(&self) {
+        let timed_out;
         let held = {
             let mut h = self.hold.lock();
             if h.region.region == NO_REGION {
@@ -1885,10 +1925,10 @@ impl Migration {
             }
             if self.mode_raw() == Mode::Clone as u32
                 && !self.detaching.load(Ordering::SeqCst)
-                && now_ns() < h.region.deadline_ns
+                && before_last_tick(h.region.deadline_ns)
             {
-                // Early (jiffies), or the timer of an earlier hold: wait
-                // the rest.
+                // Early (the timer is armed short of long deadlines), or
+                // the timer of an earlier hold: wait the rest.
                 let left = u32::try_from(ms_until(h.region.deadline_ns)).unwrap_or(u32::MAX);
                 drop(h);
                 self.region_work.schedule(&self.wq, left.max(1));
@@ -1899,13 +1939,16 @@ impl Migration {
                 }
                 return;
             }
-            if self.mode_raw() == Mode::Clone as u32 && !self.detaching.load(Ordering::SeqCst) {
-                pr_warn!("region hold timed out: writes to the region released\n");
-            }
+            timed_out =
+                self.mode_raw() == Mode::Clone as u32 && !self.detaching.load(Ordering::SeqCst);
             self.end_region_hold(&mut h)
         };
         self.events.wake_all();
         self.region_dispatch(held);
+        // Said once the writes are on their way: a console write is slow.
+        if timed_out {
+            pr_warn!("region hold timed out: writes to the region released\n");
+        }
     }
 
     fn synced_map(&self, buf: UserSlice, len: &mut u32) -> Result {
@@ -2061,9 +2104,9 @@ impl Filter for Migration {
         for _ in 0..npages {
             head_pages.push(Page::alloc_page(zeroed)?, flags::GFP_KERNEL)?;
         }
-        let wq = WorkQueue::new()?;
-        let io_wq = WorkQueue::new()?;
-        let tio_wq = WorkQueue::new()?;
+        let wq = WorkQueue::new(c_str!("blkmig"))?;
+        let io_wq = WorkQueue::new(c_str!("blkmig_io"))?;
+        let tio_wq = WorkQueue::new(c_str!("blkmig_tio"))?;
         let m = KBox::try_pin_init(
             try_pin_init!(&this in Self {
                 target,

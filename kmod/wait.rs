@@ -3,13 +3,18 @@
 //!
 //! Every wait of the module is [`WaitQueue::wait_until`] with a timeout, on
 //! a condition that a completion (a bio's end, a count reaching zero) makes
-//! true and then wakes the queue. Nothing polls. [`DelayedWork`] is the
-//! kernel timer that ends a write hold at its deadline, in process context
-//! on the module's own workqueue.
+//! true and then wakes the queue. Nothing polls (a wait longer than the
+//! timer wheel's first level checks its condition again at its steps).
+//! [`DelayedWork`] is the kernel timer that ends a write hold at its
+//! deadline, in process context on the module's own workqueue. Neither is
+//! late by more than the timer wheel's first level allows (under two
+//! jiffies), whatever the timeout.
 
 use core::{cell::UnsafeCell, mem::MaybeUninit, ptr};
 
-use kernel::{bindings, c_str, init::pin_init_from_closure, prelude::*, types::Opaque};
+use kernel::{
+    bindings, c_str, init::pin_init_from_closure, prelude::*, time::Ktime, types::Opaque,
+};
 
 /// A lockdep class key (`struct lock_class_key`) in static storage, as
 /// lockdep requires.
@@ -113,9 +118,10 @@ impl WaitQueue {
     /// have passed (`Some(false)`) or, in a killable state, a fatal signal
     /// is pending (`None`).
     fn wait(&self, timeout_ms: u64, state: u32, cond: impl Fn() -> bool) -> Option<bool> {
-        let ms = u32::try_from(timeout_ms).unwrap_or(u32::MAX);
-        // `schedule_timeout` takes a C `long`, `isize` in the kernel's bindings.
-        let mut left = isize::try_from(kernel::time::msecs_to_jiffies(ms)).unwrap_or(isize::MAX);
+        let ns = i64::try_from(timeout_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1_000_000);
+        let end_ns = Ktime::ktime_get().to_ns().saturating_add(ns);
         let mut entry = MaybeUninit::<bindings::wait_queue_entry>::zeroed();
         let entry = entry.as_mut_ptr();
         // SAFETY: `entry` is valid for writes and is not moved until
@@ -135,16 +141,52 @@ impl WaitQueue {
                 // Only a killable sleep is ended by a (fatal) signal.
                 break None;
             }
-            if left <= 0 {
+            let left_ns = end_ns.saturating_sub(Ktime::ktime_get().to_ns());
+            if left_ns <= 0 {
                 break Some(false);
             }
+            // What is left of the timeout, from its fixed end (a sleep may
+            // end a jiffy after its expiry: counted from the clock, that
+            // cannot add up over the steps), at most the wheel's first
+            // level at a time: a longer sleep would be rounded up past the
+            // end (see `armed_delay`).
+            let ms = u32::try_from(left_ns.saturating_add(999_999) / 1_000_000).unwrap_or(u32::MAX);
+            let jiffies = kernel::time::msecs_to_jiffies(ms).min(WHEEL_FINE - 1);
+            // `schedule_timeout` takes a C `long`, `isize` in the kernel's
+            // bindings; `jiffies` is under `WHEEL_FINE`.
+            let step = isize::try_from(jiffies).unwrap_or(1);
             // SAFETY: Process context (caller's requirement), task state
             // set by `prepare_to_wait_event`.
-            left = unsafe { bindings::schedule_timeout(left) };
+            unsafe { bindings::schedule_timeout(step) };
         };
         // SAFETY: `entry` was queued on this head by `prepare_to_wait_event`.
         unsafe { bindings::finish_wait(self.head.get(), entry) };
         done
+    }
+}
+
+/// Delays shorter than this many jiffies sit in the timer wheel's first
+/// level, whose timers fire within a jiffy of their expiry; longer ones
+/// land in coarser levels that round them up by up to a granularity of
+/// theirs (`LVL_START` and `calc_index()` in `kernel/time/timer.c`).
+pub(crate) const WHEEL_FINE: usize = 63;
+
+/// The delay to arm for `jiffies`. The wheel fires a timer a jiffy after
+/// its expiry at the earliest, and `jiffies` is rounded up from the
+/// caller's milliseconds already: in the first level the delay is armed a
+/// jiffy short, so that the timer fires within the tick before the
+/// deadline (which the work functions take as the deadline). Beyond the
+/// first level, short by an eighth of `jiffies` and a jiffy: a level whose
+/// granularity is `8^n` jiffies holds delays of at least `63 * 8^(n-1)`,
+/// and an eighth of those plus one exceeds `8^n`, so the rounding cannot
+/// make the timer late, only early. Less than two jiffies: as asked.
+const fn armed_delay(jiffies: usize) -> usize {
+    if jiffies < 2 {
+        jiffies
+    } else if jiffies < WHEEL_FINE {
+        jiffies - 1
+    } else {
+        jiffies - jiffies / 8 - 1
     }
 }
 
@@ -201,10 +243,15 @@ impl DelayedWork {
         unsafe { pin_init_from_closure(init) }
     }
 
-    /// Runs the work on `wq` in `ms` milliseconds, or moves it there if it
-    /// is pending already.
+    /// Runs the work on `wq` in about `ms` milliseconds, or moves it there
+    /// if it is pending already. It may run early, by up to an eighth of
+    /// the delay: the work function checks its own deadline and arms again
+    /// for the rest. The wheel rounds a delay of [`WHEEL_FINE`] jiffies or
+    /// more up by 8 jiffies or more (32 ms at 250 Hz for a 1 s hold), so
+    /// such a delay is armed short of that rounding, and a shorter one a
+    /// jiffy short of the wheel's own (see `armed_delay`).
     pub(crate) fn schedule(&self, wq: &WorkQueue, ms: u32) {
-        let delay = kernel::time::msecs_to_jiffies(ms);
+        let delay = armed_delay(kernel::time::msecs_to_jiffies(ms));
         // SAFETY: The work is initialised (type invariant); `wq` is live.
         unsafe {
             bindings::mod_delayed_work_on(
@@ -236,7 +283,10 @@ impl DelayedWork {
 }
 
 /// A workqueue of the module's own, usable in memory reclaim (it has a
-/// rescuer thread): held writes are resubmitted from it.
+/// rescuer thread) and served by high-priority workers, as `kblockd` is:
+/// held writes are resubmitted from it, and a writer waits for that. It is
+/// unbound: its work runs on whichever CPU is free, not behind a busy task
+/// on the CPU whose timer queued it.
 ///
 /// # Invariants
 ///
@@ -249,19 +299,19 @@ unsafe impl Send for WorkQueue {}
 unsafe impl Sync for WorkQueue {}
 
 impl WorkQueue {
-    /// Allocates a workqueue for memory reclaim. Its work items run
-    /// concurrently (the default `max_active`): one that blocks, such as a
-    /// submission to a frozen queue, never delays another, such as the end
-    /// of a hold.
-    pub(crate) fn new() -> Result<Self> {
-        // SAFETY: The format string is static and has no conversions.
-        let wq = unsafe {
-            bindings::alloc_workqueue(
-                c_str!("blkmig").as_char_ptr(),
-                bindings::wq_flags_WQ_MEM_RECLAIM,
-                0,
-            )
-        };
+    /// Allocates a high-priority, unbound workqueue for memory reclaim,
+    /// named `name` (no `%` conversions). Its work items run concurrently
+    /// (the default `max_active`): one that sleeps, such as a submission
+    /// to a frozen queue, never delays another, such as the end of a hold.
+    /// High priority: the end of a hold is not kept waiting behind the
+    /// busy tasks whose writes it releases.
+    pub(crate) fn new(name: &'static CStr) -> Result<Self> {
+        let flags = bindings::wq_flags_WQ_UNBOUND
+            | bindings::wq_flags_WQ_MEM_RECLAIM
+            | bindings::wq_flags_WQ_HIGHPRI;
+        // SAFETY: `name` is a static string used as the format string; the
+        // module's names have no conversions.
+        let wq = unsafe { bindings::alloc_workqueue(name.as_char_ptr(), flags, 0) };
         if wq.is_null() {
             return Err(ENOMEM);
         }
