@@ -60,6 +60,17 @@ pub fn module_loaded() -> bool {
     Path::new("/sys/module/blkmig").exists()
 }
 
+/// How many filters the loaded module may have attached: its reference
+/// count, which every attached filter holds (the hook pins the filter's
+/// module until it detaches); `None` if unknown.
+pub fn filters_attached() -> Option<u64> {
+    fs::read_to_string("/sys/module/blkmig/refcnt")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A warning when the module that answered STATUS speaks another ABI
 /// than this `migrate`.
 pub fn abi_warning(st: &Status) -> Option<String> {
@@ -175,12 +186,10 @@ pub fn list(state_dir: &Path) -> Vec<Entry> {
     };
     let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
     names.sort();
-    // Without the module no device can have a filter: only the disks are
-    // read (no device is opened for writing).
-    let live = module_loaded();
-    names
+    let mut devices: Vec<(usize, PathBuf, String, u64)> = names
         .iter()
-        .filter_map(|sys| {
+        .enumerate()
+        .filter_map(|(i, sys)| {
             let dev = fs::read_to_string(sys.join("dev")).ok()?.trim().to_owned();
             let sectors: u64 = fs::read_to_string(sys.join("size"))
                 .ok()?
@@ -188,14 +197,49 @@ pub fn list(state_dir: &Path) -> Vec<Entry> {
                 .parse()
                 .ok()?;
             let device = PathBuf::from(output::dev_path(&dev)?);
-            (sectors > 0 && device.exists()).then(|| Entry {
-                found: examine(&device, state_dir, live),
+            (sectors > 0 && device.exists()).then_some((i, device, dev, sectors))
+        })
+        .collect();
+    // Asking a filter means opening the device for writing (the hook's
+    // ioctls need it), and udev probes a device again when such an open is
+    // closed. So only as many devices are asked as the module may have
+    // filters attached: none without the module or with no reference on
+    // it; the devices with a state record first. The others are only read.
+    let mut unfound = if module_loaded() {
+        filters_attached().unwrap_or(u64::MAX)
+    } else {
+        0
+    };
+    let known = |dev: &str| {
+        let name = dev.replace(':', "-");
+        state_dir.join(name).is_dir()
+    };
+    devices.sort_by_key(|(i, _, dev, _)| (!known(dev), *i));
+    let mut entries: Vec<(usize, Entry)> = devices
+        .into_iter()
+        .map(|(i, device, dev, sectors)| {
+            let found = examine(&device, state_dir, unfound > 0);
+            if matches!(
+                found,
+                Found::Look {
+                    look: Look::Live(_),
+                    ..
+                }
+            ) {
+                unfound = unfound.saturating_sub(1);
+            }
+            let entry = Entry {
+                found,
                 device,
                 dev,
                 size_bytes: sectors << 9,
-            })
+            };
+            (i, entry)
         })
-        .collect()
+        .collect();
+    // Back in the order of /sys/class/block.
+    entries.sort_by_key(|(i, _)| *i);
+    entries.into_iter().map(|(_, e)| e).collect()
 }
 
 /// What blkmig finds on `device`; `live`: ask the filter first.

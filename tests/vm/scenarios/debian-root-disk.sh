@@ -40,6 +40,21 @@ jsondoc() {
 
 _cloning() { [ "$(status_mode /dev/vda)" = clone ]; }
 
+# uevent_changes CMD...: runs CMD and prints the block devices that got a "change" uevent
+# meanwhile (udev synthesizes one when a device opened for writing is closed: a tool that opens
+# disks it has no business writing makes udev probe them again).
+uevent_changes() {
+	udevadm monitor --kernel --subsystem-match=block >/tmp/uevents 2>&1 &
+	_mon=$!
+	sleep 1
+	"$@" >/dev/null 2>&1
+	udevadm settle -t 10
+	sleep 1
+	kill "$_mon"
+	wait "$_mon" 2>/dev/null
+	sed -n 's|^KERNEL\[[0-9. ]*\] *change *[^ ]*/\([^/ ]*\) (block)$|\1|p' /tmp/uevents | sort -u | tr '\n' ' '
+}
+
 if [ "$BLKMIG_BOOT" = 1 ]; then
 	step "boot 1: Debian runs from /dev/vda1, blkmig installed by its packages"
 	expect_eq "$(findmnt -no SOURCE /)" /dev/vda1 "the root filesystem's device"
@@ -115,6 +130,14 @@ if [ "$BLKMIG_BOOT" = 1 ]; then
 	[ "$RC" -eq 0 ] || fail "migrate list --json failed (exit $RC)"
 	grep -q '/dev/vda' "$OUT" || fail "migrate list does not show /dev/vda"
 	jsondoc "$OUT" list
+	# One filter attached (the module's reference count says so): list asks vda, the source
+	# with a state record, and opens no other disk for writing.
+	expect_eq "$(cat /sys/module/blkmig/refcnt)" 1 "the module's references (one filter attached)"
+	_ch=$(uevent_changes migrate list --state-dir "$STATE")
+	echo "  devices that got a change uevent during migrate list: ${_ch:-none}"
+	for _d in $_ch; do
+		case $_d in vda | vda[0-9]*) ;; *) fail "migrate list opened $_d for writing (udev probed it again): only the source has a filter" ;; esac
+	done
 
 	step "stop the workload; note what boot 2 must find"
 	sleep 2
@@ -170,3 +193,9 @@ grep -E '^/dev/vda +switched +/dev/vdb ' "$OUT" | grep -qF "$head" ||
 	fail "migrate list does not show /dev/vda switched to /dev/vdb with its saved head $head"
 run_capture migrate list --state-dir "$STATE" --json
 jsondoc "$OUT" list
+# The module is loaded (at boot, by the package) with no filter attached: list opens no disk for
+# writing.
+expect_eq "$(cat /sys/module/blkmig/refcnt)" 0 "the module's references (no filter attached)"
+_ch=$(uevent_changes migrate list --state-dir "$STATE")
+[ -z "$_ch" ] || fail "migrate list opened disks for writing with no filter attached (udev probed them again): $_ch"
+echo "ok: migrate list opened no disk for writing"
