@@ -38,6 +38,46 @@ mod migration;
 mod sys;
 mod wait;
 
+/// The module's version in its `.modinfo` (what `MODULE_VERSION()` writes
+/// in C): `abi<N>`, the control ABI it speaks, which the kernel shows in
+/// `/sys/module/blkmig/version`. User space reads it there to refuse an
+/// attach to a module of another ABI with a clear message, and to warn,
+/// without a filter to ask.
+#[link_section = ".modinfo"]
+#[used]
+static MODINFO_VERSION: [u8; 24] = modinfo_version(abi::ABI_VERSION);
+
+/// `version=abi<N>` and NUL bytes (the kernel skips the padding between
+/// `.modinfo` strings).
+const fn modinfo_version(abi: u32) -> [u8; 24] {
+    const PREFIX: &[u8] = b"version=abi";
+    let mut out = [0u8; 24];
+    let mut i = 0;
+    while i < PREFIX.len() {
+        out[i] = PREFIX[i];
+        i += 1;
+    }
+    // The digits, most significant first: at most 10 for a `u32`, and the
+    // prefix's 11 bytes and a NUL leave room for them.
+    let mut digits = [0u8; 10];
+    let mut n = abi;
+    let mut d = 0;
+    loop {
+        digits[d] = b'0' + (n % 10) as u8;
+        d += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    while d > 0 {
+        d -= 1;
+        out[i] = digits[d];
+        i += 1;
+    }
+    out
+}
+
 module! {
     type: BlkMig,
     name: "blkmig",

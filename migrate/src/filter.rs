@@ -90,6 +90,17 @@ pub enum FilterError {
         /// The device asked.
         path: PathBuf,
     },
+    /// The loaded module speaks another control ABI than this migrate.
+    #[error("{path}: cannot attach blkmig: the loaded blkmig module speaks ABI {module}, this migrate ABI {ours}: install the module built with this migrate (the blkmig-module package of the same version) (EPROTO)",
+        path = .path.display())]
+    OtherAbi {
+        /// The source.
+        path: PathBuf,
+        /// The loaded module's ABI (`/sys/module/blkmig/version`).
+        module: u32,
+        /// This migrate's.
+        ours: u32,
+    },
     /// blkmig is attached already.
     #[error("{path}: cannot attach blkmig: it is already attached to this device, in {mode} mode, migrating to device {major}:{minor} (EALREADY)",
         path = .path.display())]
@@ -124,6 +135,7 @@ impl FilterError {
             FilterError::NotBlock { .. } => libc::ENOTBLK,
             FilterError::NoHook { .. } => libc::ENOTTY,
             FilterError::NoModule { .. } => libc::ENOENT,
+            FilterError::OtherAbi { .. } => libc::EPROTO,
             FilterError::AlreadyAttached { .. } => libc::EALREADY,
             FilterError::Refused { errno, .. } => *errno,
         }
@@ -231,6 +243,18 @@ pub struct Filtered {
     file: File,
 }
 
+/// The control ABI the loaded blkmig module speaks, from its version
+/// (`/sys/module/blkmig/version`, `abi<N>`); `None` without the module, or
+/// for a module that does not say (older than ABI 4's version entry).
+pub fn module_abi() -> Option<u32> {
+    parse_module_version(&std::fs::read_to_string("/sys/module/blkmig/version").ok()?)
+}
+
+/// The ABI in a module version string (`abi<N>`).
+fn parse_module_version(v: &str) -> Option<u32> {
+    v.trim().strip_prefix("abi")?.parse().ok()
+}
+
 impl Filtered {
     /// Opens `path` for filter requests, after checking that it is a block
     /// device, that this kernel has the filter hook, and that the blkmig
@@ -291,8 +315,17 @@ impl Filtered {
         }
     }
 
-    /// Attaches blkmig, migrating to `target`.
+    /// Attaches blkmig, migrating to `target`. Refused before the request
+    /// if the loaded module says it speaks another ABI (the module would
+    /// refuse the options with a bare EINVAL).
     pub fn attach(&self, target: &Probe, opts: AttachOptions) -> Result<(), FilterError> {
+        if let Some(module) = module_abi().filter(|&v| v != abi::ABI_VERSION) {
+            return Err(FilterError::OtherAbi {
+                path: self.path.clone(),
+                module,
+                ours: abi::ABI_VERSION,
+            });
+        }
         let DevId::Block { major, minor } = target.id else {
             return Err(FilterError::NotBlock {
                 path: target.path.clone(),
@@ -474,5 +507,20 @@ impl Tracker for Filtered {
 
     fn release(&self) -> Result<(), FilterError> {
         self.ctl_none(CtlCmd::Release)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_module_version_names_its_abi() {
+        assert_eq!(parse_module_version("abi4\n"), Some(4));
+        assert_eq!(parse_module_version("abi12"), Some(12));
+        assert_eq!(parse_module_version("4"), None);
+        assert_eq!(parse_module_version("abi"), None);
+        assert_eq!(parse_module_version("abix"), None);
+        assert_eq!(parse_module_version(""), None);
     }
 }

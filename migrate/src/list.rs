@@ -74,11 +74,16 @@ pub fn filters_attached() -> Option<u64> {
 /// A warning when the module that answered STATUS speaks another ABI
 /// than this `migrate`.
 pub fn abi_warning(st: &Status) -> Option<String> {
+    abi_mismatch(st.version)
+}
+
+/// A warning when the loaded module speaks ABI `module`, not this
+/// `migrate`'s.
+pub fn abi_mismatch(module: u32) -> Option<String> {
     let ours = blkmig_core::abi::ABI_VERSION;
-    (st.version != ours).then(|| {
+    (module != ours).then(|| {
         format!(
-            "the loaded blkmig module speaks ABI {}, this migrate ABI {ours}: install the module built with this migrate (the blkmig-module package of the same version)",
-            st.version
+            "the loaded blkmig module speaks ABI {module}, this migrate ABI {ours}: install the module built with this migrate (the blkmig-module package of the same version)"
         )
     })
 }

@@ -880,8 +880,9 @@ fn cmd_recover(source: &Path, target: &Path, state_dir: &Path, rollback: bool) -
 fn cmd_status(source: &Path, target: Option<&Path>, state_dir: &Path, json: bool) -> Result<()> {
     use blkmig::list::Look;
     let look = blkmig::list::look(source, target, state_dir)?;
-    if let Look::Live(st) = &look {
-        warn_abi(st);
+    match &look {
+        Look::Live(st) => warn_abi(st),
+        Look::Offline(_) => warn_module_abi(),
     }
     if json {
         return out(&look.json().to_string());
@@ -895,6 +896,14 @@ fn cmd_status(source: &Path, target: Option<&Path>, state_dir: &Path, json: bool
 /// Warns when the module that answered speaks another ABI.
 fn warn_abi(st: &Status) {
     if let Some(w) = blkmig::list::abi_warning(st) {
+        say!("migrate: warning: {w}");
+    }
+}
+
+/// Warns when the loaded module says (its version) it speaks another ABI,
+/// with no filter to answer.
+fn warn_module_abi() {
+    if let Some(w) = blkmig::filter::module_abi().and_then(blkmig::list::abi_mismatch) {
         say!("migrate: warning: {w}");
     }
 }
@@ -913,6 +922,8 @@ fn cmd_list(all: bool, state_dir: &Path, json: bool) -> Result<()> {
         _ => None,
     }) {
         warn_abi(st);
+    } else {
+        warn_module_abi();
     }
     if json {
         return out(&blkmig::list::json(&entries).to_string());

@@ -1,5 +1,7 @@
 #!/bin/sh
 # attach-abi: the filter's ABI refusals, with raw requests (stampwriter abi):
+# - the loaded module names its ABI in /sys/module/blkmig/version (`abi<N>`), the one
+#   `migrate --version` names (migrate refuses to attach a module of another ABI by it);
 # - a filter request on a file opened read-only is refused with EBADF (a filter sees and may
 #   change every write: as for BLKDISCARD);
 # - a nonzero reserved field (HOLD_WRITES) and an undefined flag (COPY_BEGIN) are refused with
@@ -14,6 +16,8 @@
 . /tests/lib.sh
 
 load_module
+_abi=$(migrate --version | sed -n 's/.*module ABI \([0-9]*\).*/\1/p')
+expect_eq "$(cat /sys/module/blkmig/version)" "abi$_abi" "the module's version in sysfs vs. migrate --version's ABI"
 must migrate attach /dev/vda /dev/vdb
 expect_eq "$(stampwriter abi status-read-only /dev/vda)" EBADF "STATUS on a read-only file"
 expect_eq "$(stampwriter abi hold-reserved /dev/vda)" EINVAL "HOLD_WRITES with reserved != 0"
