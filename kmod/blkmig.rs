@@ -43,12 +43,14 @@ mod wait;
 /// `/sys/module/blkmig/version`. User space reads it there to refuse an
 /// attach to a module of another ABI with a clear message, and to warn,
 /// without a filter to ask.
+#[cfg(MODULE)]
 #[link_section = ".modinfo"]
-#[used]
+#[used(compiler)]
 static MODINFO_VERSION: [u8; 24] = modinfo_version(abi::ABI_VERSION);
 
 /// `version=abi<N>` and NUL bytes (the kernel skips the padding between
 /// `.modinfo` strings).
+#[cfg(MODULE)]
 const fn modinfo_version(abi: u32) -> [u8; 24] {
     const PREFIX: &[u8] = b"version=abi";
     let mut out = [0u8; 24];

@@ -60,9 +60,10 @@ pub fn module_loaded() -> bool {
     Path::new("/sys/module/blkmig").exists()
 }
 
-/// How many filters the loaded module may have attached: its reference
+/// At most how many filters the loaded module has attached: its reference
 /// count, which every attached filter holds (the hook pins the filter's
-/// module until it detaches); `None` if unknown.
+/// module until it detaches; an attach in progress counts too); `None` if
+/// unknown.
 pub fn filters_attached() -> Option<u64> {
     fs::read_to_string("/sys/module/blkmig/refcnt")
         .ok()?
@@ -210,11 +211,10 @@ pub fn list(state_dir: &Path) -> Vec<Entry> {
     // closed. So only as many devices are asked as the module may have
     // filters attached: none without the module or with no reference on
     // it; the devices with a state record first. The others are only read.
-    let mut unfound = if module_loaded() {
-        filters_attached().unwrap_or(u64::MAX)
-    } else {
-        0
-    };
+    let loaded = module_loaded();
+    let attached = || filters_attached().unwrap_or(u64::MAX);
+    let mut limit = if loaded { attached() } else { 0 };
+    let mut found = 0;
     let known = |dev: &str| {
         let name = dev.replace(':', "-");
         state_dir.join(name).is_dir()
@@ -223,18 +223,23 @@ pub fn list(state_dir: &Path) -> Vec<Entry> {
     let mut entries: Vec<(usize, Entry)> = devices
         .into_iter()
         .map(|(i, device, dev, sectors)| {
-            let found = examine(&device, state_dir, unfound > 0);
+            // The count again once it is reached: a filter attached
+            // meanwhile is still asked.
+            if loaded && found >= limit {
+                limit = attached();
+            }
+            let look = examine(&device, state_dir, found < limit);
             if matches!(
-                found,
+                look,
                 Found::Look {
                     look: Look::Live(_),
                     ..
                 }
             ) {
-                unfound = unfound.saturating_sub(1);
+                found += 1;
             }
             let entry = Entry {
-                found,
+                found: look,
                 device,
                 dev,
                 size_bytes: sectors << 9,
